@@ -21,11 +21,17 @@ class EncodeConfig:
     min_frames: int = 4
     use_token_compression: bool = False  # differential frame pruning (stages 3-4)
     compression_threshold: float = 0.1  # keep a merged token when mean|x_i - x_{i-1}| * 255 > threshold
-    decode_scale: bool = True  # let FFmpeg's scaler shrink frames at decode (False: native size, exact parity)
-    frame_cache_dir: str | None = None  # directory written by `prepare`; read instead of decoding when present
+    decode_scale: bool = (
+        True  # let FFmpeg's scaler shrink frames at decode (False: native size, exact parity)
+    )
+    frame_cache_dir: str | None = (
+        None  # directory written by `prepare`; read instead of decoding when present
+    )
     # --- text -----------------------------------------------------------------------------------------------
     max_length: int = 16384  # tokens per sample, visual tokens included
-    length_policy: str = "rebudget"  # over max_length: "rebudget" (shrink visual budget, else drop), "drop", "truncate"
+    length_policy: str = (
+        "rebudget"  # over max_length: "rebudget" (shrink visual budget, else drop), "drop", "truncate"
+    )
     system_prompt: str | None = None  # used when a record has none
 
     def __post_init__(self):

@@ -38,15 +38,13 @@ log = logging.getLogger(__name__)
 class ModelConfig:
     preset: str = "tiny"  # shape for random init: tiny | videollama3_2b | videollama3_7b
     tokenizer: str = "tiny"  # tiny (small trained BPE) | qwen (real Qwen2 ids) | a local tokenizer directory
-    init_from: str | None = (
-        None  # a directory (native / official format); None = random weights from `preset`
-    )
+    init_from: str | None = None  # native / official-format directory; None = random `preset` weights
     init_kind: str = "auto"  # auto | random | native | official | assemble
     vision_from: str | None = None  # assemble: SigLIP vision-model directory
     llm_from: str | None = None  # assemble: Qwen2 causal-LM directory
     attn_implementation: str = "auto"  # auto | sdpa | eager | varlen | flash_attention_2
     dtype: str = "float32"  # weights' dtype in memory (mixed precision is the trainer's business)
-    projector_init_std: float = 0.02
+    projector_init_std: float = 0.02  # std of the projector's normal init (biases 0)
     seed: int = 0  # random init
 
     def __post_init__(self):

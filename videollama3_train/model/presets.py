@@ -91,7 +91,9 @@ def build_model_config(
         )
     vocab = vocab_size or t.vocab_size
     if max(image_token_id, video_token_id) >= vocab:
-        raise ValueError(f"vocab_size {vocab} does not cover the media token ids {image_token_id}, {video_token_id}")
+        raise ValueError(
+            f"vocab_size {vocab} does not cover the media token ids {image_token_id}, {video_token_id}"
+        )
     vision_config = VideoLlama3VisionConfig(
         hidden_size=v.hidden_size,
         intermediate_size=v.intermediate_size,

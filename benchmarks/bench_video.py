@@ -1,0 +1,413 @@
+"""B1: reading one video's training frames -- ours vs the official approach vs the frame cache.
+
+For each generated clip (25 fps, textured motion, H.264, fixed keyframe interval) three methods produce the same
+thing, the frames of one training sample at their final size (fps 1, at most 180 frames, 10240-token budget,
+merge 2):
+
+* ``official``: decode the WHOLE clip at native resolution (PyAV, threaded), convert one frame per second to RGB
+  and keep them all, subsample evenly to 180, then resize each kept frame with PIL bicubic. This is the official
+  pipeline (an ffmpeg subprocess piping every 1-fps native frame into numpy) minus its pipe copy, so it is a
+  favourable emulation. Keeping every 1-fps native frame is what makes its memory grow with the clip length; when
+  that would exceed ``--official-mem-gb`` the run keeps only the frames that survive subsampling instead (an
+  optimistic lower bound, marked ``*`` in the table, with the faithful projection beside it).
+* ``ours``: ``media.decode_video`` on the sampled times: seeks across keyframe gaps, converts only kept frames and
+  lets FFmpeg's scaler shrink them at conversion (decode-time scaling, as ``encode_record`` asks for), then the
+  same PIL bicubic resize to the exact target.
+* ``cache``: ``frame_cache.read_cached_frames`` of an entry built beforehand by ``build_frame_cache`` (the
+  ``prepare`` step, timed separately as ``prepare``: one decode, paid once per dataset, not per epoch).
+
+Every measurement runs in a fresh subprocess so its peak RSS (``ru_maxrss``) is its own; imports are outside
+the timed region but inside the RSS (a bare child with numpy + PyAV is ~``base`` MB, printed below the table).
+
+    nice -n 10 python benchmarks/bench_video.py --quick          # 720p, 1 and 10 min
+    nice -n 10 python benchmarks/bench_video.py                  # 720p + 1080p, 1 and 10 min, GOP 2 s and 8 s
+    nice -n 10 python benchmarks/bench_video.py --minutes 60 --resolutions 720p
+
+Clips are cached under ``benchmarks/.cache/`` (built by remuxing one encoded 16 s segment, so an hour-long clip
+costs seconds to make; decoding cost per frame is that of the segment's content).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache"
+RESOLUTIONS = {"720p": (1280, 720), "1080p": (1920, 1080)}
+SOURCE_FPS = 25
+SEGMENT_S = 16  # a multiple of every keyframe interval used, so GOPs stay regular across the seams
+SAMPLING = {"fps": 1.0, "max_frames": 180, "min_frames": 4}
+MAX_VISUAL_TOKENS, PATCH, MERGE = 10240, 14, 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# clip generation
+# ---------------------------------------------------------------------------------------------------------------
+def _texture(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A smooth random colour texture (blobs plus fine grain), 2x the frame so it can scroll."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+    big = np.asarray(Image.fromarray(coarse).resize((2 * width, 2 * height), Image.Resampling.BICUBIC))
+    grain = rng.integers(-12, 13, big.shape, dtype=np.int16)
+    return np.clip(big.astype(np.int16) + grain, 0, 255).astype(np.uint8)
+
+
+def _encode_segment(path: Path, width: int, height: int, gop_s: int) -> None:
+    """SEGMENT_S seconds of scrolling texture with a moving square, x264 veryfast CRF 23, fixed GOP."""
+    import av
+
+    tex = _texture(width, height)
+    n, gop = SEGMENT_S * SOURCE_FPS, gop_s * SOURCE_FPS
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=Fraction(SOURCE_FPS))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {
+            "preset": "veryfast",
+            "crf": "23",
+            "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0",
+        }
+        side = height // 6
+        for i in range(n):
+            y, x = (3 * i) % height, (5 * i) % width
+            frame = tex[y : y + height, x : x + width].copy()
+            sx = (i * 12) % (width - side)
+            frame[height // 2 - side // 2 : height // 2 + side // 2, sx : sx + side] = (230, 40, 40)
+            vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            vf.pts = i
+            for packet in stream.encode(vf):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def _remux_repeat(segment: Path, path: Path, repeats: int) -> None:
+    """Concatenate ``repeats`` copies of ``segment`` by stream copy, shifting timestamps (no re-encode)."""
+    import av
+
+    tmp = path.with_suffix(".tmp.mp4")
+    with av.open(str(segment)) as src, av.open(str(tmp), "w") as out:
+        ins = src.streams.video[0]
+        outs = out.add_stream_from_template(ins)
+        shift = None
+        for k in range(repeats):
+            src.seek(0)
+            for pkt in src.demux(ins):
+                if pkt.dts is None:
+                    continue  # the demuxer's flush packet
+                if shift is None:
+                    shift = round(SEGMENT_S / float(ins.time_base))
+                pkt.pts += k * shift
+                pkt.dts += k * shift
+                pkt.stream = outs
+                out.mux(pkt)
+    os.replace(tmp, path)
+
+
+def make_clip(res: str, minutes: float, gop_s: int) -> Path:
+    """Cached clip ``<res>_<minutes>min_gop<gop>s.mp4``; generated on first use."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    width, height = RESOLUTIONS[res]
+    path = CACHE / f"{res}_{minutes:g}min_gop{gop_s}s.mp4"
+    if path.exists():
+        return path
+    segment = CACHE / f"segment_{res}_gop{gop_s}s.mp4"
+    if not segment.exists():
+        print(f"  encoding {segment.name} ...", file=sys.stderr, flush=True)
+        _encode_segment(segment, width, height, gop_s)
+    repeats = max(1, math.ceil(minutes * 60 / SEGMENT_S))
+    print(f"  remuxing {path.name} ({repeats} x {SEGMENT_S}s) ...", file=sys.stderr, flush=True)
+    _remux_repeat(segment, path, repeats)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the plan shared by every method (computed in the parent, so children do not import transformers)
+# ---------------------------------------------------------------------------------------------------------------
+def plan(path: Path) -> dict:
+    """Sampled times, final target size and decode-time size of one clip, as ``encode_record`` derives them."""
+    from videollama3_train.data import media
+    from videollama3_train.data.vision import per_item_tokens, target_size
+
+    info = media.probe_video(path)
+    times = media.sample_frame_times(info, **SAMPLING)
+    tokens = per_item_tokens(len(times), MAX_VISUAL_TOKENS, 16, 16384)
+    th, tw = target_size(info.height, info.width, merge_size=MERGE, max_tokens=tokens, min_tokens=16)
+    # encode.py's decode-time size: the smallest even size of the same aspect that still covers the target,
+    # used when the target is under half the native size.
+    scale = max(th / info.height, tw / info.width)
+    decode = None
+    if scale < 0.5:
+        decode = (
+            min(info.height, max(th, 2 * math.ceil(info.height * scale / 2))),
+            min(info.width, max(tw, 2 * math.ceil(info.width * scale / 2))),
+        )
+    return {
+        "path": str(path),
+        "frames": len(times),
+        "target": [th, tw],
+        "decode": decode,
+        "native": [info.height, info.width],
+        "duration": info.duration,
+        "tokens_per_frame": tokens,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# methods (run inside a child process)
+# ---------------------------------------------------------------------------------------------------------------
+def _pil_resize(frames: list[np.ndarray] | np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    h, w = size
+    out = np.empty((len(frames), h, w, 3), np.uint8)
+    for i, f in enumerate(frames):
+        out[i] = np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BICUBIC))
+    return out
+
+
+def run_official(p: dict, mem_limit_gb: float) -> dict:
+    import av
+
+    h, w = p["native"]
+    duration = p["duration"]
+    n_fps = max(1, int(math.floor(duration * SAMPLING["fps"] + 1e-6)))
+    projected_gb = n_fps * h * w * 3 / 2**30
+    faithful = projected_gb <= mem_limit_gb
+    n_keep = min(n_fps, SAMPLING["max_frames"])
+    keep_idx = set(np.linspace(0, n_fps - 1, n_keep).round().astype(int).tolist())
+    kept: list[np.ndarray] = []
+    index = 0  # index of the next 1-fps frame
+    next_t = 0.0
+    with av.open(p["path"]) as c:
+        s = c.streams.video[0]
+        s.thread_type = "AUTO"
+        tb = float(s.time_base)
+        start = None
+        for frame in c.decode(s):  # every frame of the clip is decoded
+            t = frame.pts * tb
+            start = t if start is None else start
+            if t - start + 1e-6 < next_t or index >= n_fps:
+                continue
+            if faithful or index in keep_idx:
+                kept.append(
+                    frame.to_ndarray(format="rgb24")
+                )  # native resolution, as the ffmpeg pipe delivers
+            index += 1
+            next_t = index / SAMPLING["fps"]
+    if faithful:  # subsample to max_frames afterwards, as the official code does
+        sel = np.linspace(0, len(kept) - 1, min(len(kept), SAMPLING["max_frames"])).round().astype(int)
+        kept = [kept[i] for i in sel]
+    out = _pil_resize(kept, tuple(p["target"]))
+    return {"frames": len(out), "faithful": faithful, "projected_gb": projected_gb}
+
+
+def run_ours(p: dict) -> dict:
+    from videollama3_train.data import media
+
+    info = media.probe_video(p["path"])
+    times = media.sample_frame_times(info, **SAMPLING)
+    frames, _ = media.decode_video(p["path"], times, size=p["decode"], info=info)
+    out = _pil_resize(frames, tuple(p["target"])) if list(frames.shape[1:3]) != p["target"] else frames
+    return {"frames": len(out)}
+
+
+def run_cache(p: dict, cache_dir: str) -> dict:
+    from videollama3_train.data import frame_cache
+
+    got = frame_cache.lookup_frames(cache_dir, p["path"], **SAMPLING, size=tuple(p["target"]))
+    if got is None:
+        raise RuntimeError("cache miss: the entry should have been built by the parent")
+    return {"frames": len(got[0])}
+
+
+def run_prepare(p: dict, cache_dir: str) -> dict:
+    from videollama3_train.data import frame_cache
+
+    cap = p["tokens_per_frame"] * (PATCH * MERGE) ** 2
+    counts = frame_cache.build_frame_cache(
+        [(p["path"], None, None)],
+        cache_dir,
+        **SAMPLING,
+        max_pixels_per_frame=cap,
+        overwrite=True,
+        progress=False,
+    )
+    if counts["written"] != 1:
+        raise RuntimeError(f"prepare failed: {counts}")
+    return {"frames": p["frames"]}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set, from ``VmHWM``.
+
+    Not ``ru_maxrss``: Linux carries it across ``execve`` from the pre-exec image, and ``subprocess`` may vfork
+    from the (large) parent, so a fresh child would report the parent's peak.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # non-Linux fallback (KiB on Linux)
+
+
+def child(method: str, plan_json: str, arg: str) -> None:
+    """Entry of a measurement subprocess: prints one JSON line with seconds and peak RSS."""
+    import av  # noqa: F401 -- imported before timing, like a warm data worker
+
+    from videollama3_train.data import frame_cache, media  # noqa: F401
+
+    p = json.loads(plan_json)
+    t0 = time.perf_counter()
+    if method == "official":
+        res = run_official(p, float(arg))
+    elif method == "ours":
+        res = run_ours(p)
+    elif method == "cache":
+        res = run_cache(p, arg)
+    elif method == "prepare":
+        res = run_prepare(p, arg)
+    elif method == "base":
+        res = {"frames": 0}
+    else:
+        raise SystemExit(f"unknown method {method}")
+    res["seconds"] = time.perf_counter() - t0
+    res["rss_mb"] = peak_rss_mb()
+    print(json.dumps(res))
+
+
+def measure(method: str, p: dict, arg: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", method, json.dumps(p), arg],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{method} on {p['path']} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------------------------
+def machine() -> str:
+    with open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "unknown")
+    import av
+
+    return (
+        f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, PyAV {av.__version__} "
+        f"(FFmpeg {av.ffmpeg_version_info}), {time.strftime('%Y-%m-%d')}"
+    )
+
+
+def compare_formats(clip: Path) -> None:
+    """Cache entry size, write and read time per codec, on one clip's sampled frames at their stored size."""
+    import tempfile
+
+    from videollama3_train.data import frame_cache, media
+
+    p = plan(clip)
+    info = media.probe_video(clip)
+    times = media.sample_frame_times(info, **SAMPLING)
+    size = frame_cache.stored_size(info.height, info.width, p["tokens_per_frame"] * (PATCH * MERGE) ** 2)
+    frames, stamps = media.decode_video(clip, times, size=size, info=info)
+    print(f"\n{clip.name}: {len(frames)} frames stored at {size[1]}x{size[0]}")
+    print("| codec | MB per entry | KB per frame | write s | read s (stored size) | read s (half size) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    half = (size[0] // 2, size[1] // 2)
+    with tempfile.TemporaryDirectory(dir=CACHE) as d:
+        for codec in frame_cache.CODECS:
+            t0 = time.perf_counter()
+            path = frame_cache.write_cached_frames(d, "ab" * 32, frames, stamps, info, codec=codec)
+            write_s = time.perf_counter() - t0
+            reads = []
+            for s in (None, half):
+                best = math.inf
+                for _ in range(3):  # best of 3: the page cache is warm after the first, as in training
+                    t0 = time.perf_counter()
+                    frame_cache.read_cached_frames(d, "ab" * 32, size=s)
+                    best = min(best, time.perf_counter() - t0)
+                reads.append(best)
+            mb = path.stat().st_size / 2**20
+            print(
+                f"| {codec} | {mb:.1f} | {mb * 1024 / len(frames):.0f} | {write_s:.2f} | {reads[0]:.3f} "
+                f"| {reads[1]:.3f} |"
+            )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child", nargs=3, metavar=("METHOD", "PLAN", "ARG"), help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="720p only, 1 and 10 minute clips, GOP 2 s and 8 s")
+    ap.add_argument("--minutes", type=float, nargs="+", default=[1, 10])
+    ap.add_argument("--resolutions", nargs="+", default=list(RESOLUTIONS), choices=list(RESOLUTIONS))
+    ap.add_argument("--gops", type=int, nargs="+", default=[2, 8], help="keyframe intervals in seconds")
+    ap.add_argument("--formats", action="store_true", help="only compare cache codecs (size, write, read)")
+    ap.add_argument("--official-mem-gb", type=float, default=6.0, help="above this, official keeps only 180")
+    args = ap.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    if args.quick:
+        args.resolutions, args.minutes = ["720p"], [1, 10]
+
+    print(f"machine: {machine()}", flush=True)
+    if args.formats:
+        for res in args.resolutions:
+            compare_formats(make_clip(res, args.minutes[0], args.gops[0]))
+        return
+    base = measure("base", {"path": ""}, "")
+    cache_dir = str(CACHE / "frame_cache")
+    rows = []
+    for res in args.resolutions:
+        for minutes in args.minutes:
+            for gop in args.gops:
+                clip = make_clip(res, minutes, gop)
+                p = plan(clip)
+                name = f"{res} {minutes:g} min, GOP {gop} s"
+                print(f"{name}: {p['frames']} frames -> {p['target'][1]}x{p['target'][0]}", file=sys.stderr)
+                results = {
+                    "official": measure("official", p, str(args.official_mem_gb)),
+                    "ours": measure("ours", p, ""),
+                    "prepare": measure("prepare", p, cache_dir),
+                }
+                results["cache"] = measure("cache", p, cache_dir)
+                for method, r in results.items():
+                    rows.append((name, method, r, results["official"]["seconds"]))
+                    print(
+                        f"  {method:9s} {r['seconds']:8.2f} s {r['rss_mb']:8.0f} MB",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+
+    print("\n| clip | method | seconds | peak RSS MB | speedup vs official |")
+    print("|---|---|---:|---:|---:|")
+    for name, method, r, ref in rows:
+        rss = f"{r['rss_mb']:.0f}"
+        if method == "official" and not r.get("faithful", True):
+            rss += f"* (faithful: >= {r['projected_gb'] * 1024:.0f})"
+        label = method + (" (once per dataset)" if method == "prepare" else "")
+        print(f"| {name} | {label} | {r['seconds']:.2f} | {rss} | {ref / r['seconds']:.1f}x |")
+    print(
+        f"\nbase: a child that only imports numpy + PyAV + our data modules peaks at {base['rss_mb']:.0f} MB. "
+        "Target: fps 1, <= 180 frames, 10240 visual tokens per sample, merge 2."
+    )
+
+
+if __name__ == "__main__":
+    main()

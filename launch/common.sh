@@ -1,0 +1,83 @@
+# shellcheck shell=bash
+# Helpers sourced by the launch scripts: world size, grad_accum for a global batch, and one function that starts
+# one training run with the launcher chosen by $LAUNCHER. Not meant to be run directly.
+
+LAUNCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_DIR="$(cd "$LAUNCH_DIR/.." && pwd)"
+PYTHON="${PYTHON:-python}"
+ENTRY="${ENTRY:-videollama3_train.train}"  # the Hydra entry point every launcher runs as a module
+
+die() {
+  echo "error: $*" >&2
+  exit 1
+}
+
+# GPUs on this node: $NPROC_PER_NODE, else what nvidia-smi lists, else 1 (CPU smoke runs).
+gpus_per_node() {
+  if [[ -n "${NPROC_PER_NODE:-}" ]]; then
+    echo "$NPROC_PER_NODE"
+  elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    nvidia-smi -L | grep -c '^GPU'
+  else
+    echo 1
+  fi
+}
+
+# Total "slots=N" of a DeepSpeed hostfile (comments and blank lines ignored).
+hostfile_slots() {
+  local hostfile="$1"
+  [[ -f "$hostfile" ]] || die "hostfile $hostfile not found"
+  awk '!/^[[:space:]]*(#|$)/ { for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) { sub("slots=", "", $i); n += $i } }
+       END { print n + 0 }' "$hostfile"
+}
+
+# Processes (GPUs) of the whole job for the current $LAUNCHER; $WORLD_SIZE wins when set.
+world_size() {
+  if [[ -n "${WORLD_SIZE:-}" ]]; then
+    echo "$WORLD_SIZE"
+    return
+  fi
+  case "${LAUNCHER:-torchrun}" in
+    torchrun | accelerate) gpus_per_node ;;
+    torchrun_multinode) echo $(( ${NNODES:-1} * $(gpus_per_node) )) ;;
+    slurm) echo $(( ${SLURM_NNODES:-${NNODES:-1}} * $(gpus_per_node) )) ;;
+    deepspeed) hostfile_slots "${HOSTFILE:-$LAUNCH_DIR/hostfile}" ;;
+    *) die "unknown LAUNCHER=${LAUNCHER}; use torchrun | torchrun_multinode | slurm | deepspeed | accelerate" ;;
+  esac
+}
+
+# grad_accum = max(1, round(GLOBAL_BATCH / (world_size * SAMPLES_PER_MICRO_BATCH))).
+# A micro-batch is one packed row (data.max_tokens tokens), which holds a variable number of samples;
+# SAMPLES_PER_MICRO_BATCH is the average you expect (about 4 for 16k-token rows of typical SFT data).
+grad_accum_for() {
+  local global="$1" world="$2" per_micro="$3"
+  (( world > 0 && per_micro > 0 )) || die "world size ($world) and SAMPLES_PER_MICRO_BATCH ($per_micro) must be > 0"
+  local denom=$(( world * per_micro ))
+  local ga=$(( (global + denom / 2) / denom ))
+  (( ga >= 1 )) || ga=1
+  echo "$ga"
+}
+
+# Print a command, then run it unless DRY_RUN=1.
+run_cmd() {
+  printf '+'
+  printf ' %q' "$@"
+  printf '\n'
+  [[ "${DRY_RUN:-0}" == 1 ]] || "$@"
+}
+
+# Start one training run (Hydra overrides as arguments) with the launcher named by $LAUNCHER.
+launch_train() {
+  case "${LAUNCHER:-torchrun}" in
+    torchrun) run_cmd bash "$LAUNCH_DIR/torchrun_single.sh" "$@" ;;
+    torchrun_multinode) run_cmd bash "$LAUNCH_DIR/torchrun_multinode.sh" "$@" ;;
+    # Inside an sbatch allocation: one task per node, each starting torchrun for its node's GPUs.
+    slurm) run_cmd srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash "$LAUNCH_DIR/torchrun_multinode.sh" "$@" ;;
+    deepspeed) run_cmd bash "$LAUNCH_DIR/deepspeed_hostfile.sh" "$@" ;;
+    accelerate)
+      run_cmd "$PYTHON" -m accelerate.commands.launch --config_file "${ACCELERATE_CONFIG:-$LAUNCH_DIR/accelerate_config.yaml}" \
+        --num_processes "$(world_size)" -m "$ENTRY" "$@"
+      ;;
+    *) die "unknown LAUNCHER=${LAUNCHER}; use torchrun | torchrun_multinode | slurm | deepspeed | accelerate" ;;
+  esac
+}

@@ -1,0 +1,324 @@
+"""The training loop on the tiny model, single process, CPU, fp32.
+
+Gradient checks use AdamW's first step with ``lr = eps = 1e4``: the update is ``lr * g / (|g| + eps)``, a monotone,
+nearly linear function of the gradient ``g`` (plain AdamW's first step is ``lr * sign(g)`` and would hide any
+scaling error), so comparing updates compares gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from dist_worker import ListLoader, grad_check_batches, make_sample, pack, tiny_setup, train_batches
+
+from videollama3_train.trainer import TrainConfig, find_latest_checkpoint, fit
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(tmp_path: Path, **kw) -> TrainConfig:
+    base = dict(
+        lr_vision=1e-3,
+        lr_projector=1e-3,
+        lr_llm=1e-3,
+        precision="fp32",
+        output_dir=str(tmp_path / "run"),
+        save_every=0,
+        log_every=1,
+        lr_schedule="constant",
+        warmup_ratio=0.0,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _losses(output_dir: str | Path) -> dict[int, float]:
+    """Loss per step from metrics.jsonl (a step logged twice, e.g. before a crash and after resume: last wins)."""
+    out = {}
+    for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            out[row["step"]] = row["loss"]
+    return out
+
+
+def _reference_grads(model: torch.nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
+    """d(sum of token losses over all micro-batches / all label tokens)/dparams, from full fp32 logits."""
+    model.zero_grad()
+    total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    keys = (
+        "input_ids",
+        "position_ids",
+        "pixel_values",
+        "image_grid_thw",
+        "image_merge_sizes",
+        "pixel_values_videos",
+        "video_grid_thw",
+        "video_merge_sizes",
+        "video_compression_mask",
+    )
+    for b in batches:
+        logits = model(**{k: b[k] for k in keys if k in b}, use_cache=False).logits.float()
+        loss = F.cross_entropy(logits[0, :-1], b["labels"][0, 1:], ignore_index=-100, reduction="sum")
+        (loss / total).backward()
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def _adam_first_update(g: torch.Tensor, lr: float, eps: float) -> torch.Tensor:
+    return -lr * g / (g.abs() + eps)
+
+
+def test_loss_decreases_on_repeated_batch(tmp_path: Path) -> None:
+    model, tok = tiny_setup()
+    batch = train_batches(tok, n=1)[0]
+    cfg = _cfg(tmp_path, max_steps=12, lr_vision=1e-3, lr_projector=3e-3, lr_llm=3e-3)
+    metrics = fit(model, ListLoader([batch] * 12), cfg)
+    losses = _losses(cfg.output_dir)
+    assert len(losses) == 12 and metrics["step"] == 12
+    assert losses[12] < losses[1] - 1.0, losses
+    assert metrics["grad_norm"] > 0 and metrics["lr/llm"] == pytest.approx(3e-3)
+    assert "loss/dataset/alpha" in metrics and "loss/modality/image" in metrics
+
+
+def test_gradients_normalised_once_over_the_global_batch(tmp_path: Path) -> None:
+    """grad_accum 4 over micro-batches with 2..17 label tokens: the update equals that of the global token mean."""
+    model, tok = tiny_setup()
+    batches = grad_check_batches(tok)
+    reference = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lr = eps = 1e4
+    cfg = _cfg(
+        tmp_path,
+        lr_vision=lr,
+        lr_projector=lr,
+        lr_llm=lr,
+        adam_eps=eps,
+        max_grad_norm=0.0,
+        grad_accum=4,
+        max_steps=1,
+    )
+    fit(model, ListLoader(batches), cfg)
+    grads = _reference_grads(reference, batches)
+    after = model.state_dict()
+    for k, g in grads.items():
+        torch.testing.assert_close(
+            after[k] - before[k], _adam_first_update(g, lr, eps), atol=1e-5, rtol=1e-4, msg=k
+        )
+
+
+def test_gradient_clipping_applies(tmp_path: Path) -> None:
+    model, tok = tiny_setup()
+    batches = grad_check_batches(tok)
+    reference = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lr = eps = 1e4
+    cfg = _cfg(
+        tmp_path,
+        lr_vision=lr,
+        lr_projector=lr,
+        lr_llm=lr,
+        adam_eps=eps,
+        max_grad_norm=0.05,
+        grad_accum=4,
+        max_steps=1,
+    )
+    metrics = fit(model, ListLoader(batches), cfg)
+    grads = _reference_grads(reference, batches)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+    assert metrics["grad_norm"] == pytest.approx(
+        norm.item(), rel=1e-4
+    )  # the logged norm is the pre-clip norm
+    assert norm > 0.05
+    scale = 0.05 / norm
+    after = model.state_dict()
+    for k, g in grads.items():
+        torch.testing.assert_close(
+            after[k] - before[k], _adam_first_update(g * scale, lr, eps), atol=1e-6, rtol=1e-4
+        )
+
+
+@pytest.mark.parametrize("frozen", ["vision", "llm"])
+def test_frozen_groups_get_no_update(tmp_path: Path, frozen: str) -> None:
+    model, tok = tiny_setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = _cfg(tmp_path, max_steps=2, **{f"lr_{frozen}": None})
+    fit(model, ListLoader(train_batches(tok, n=2)), cfg)
+    prefixes = {"vision": ("model.vision_model.",), "llm": ("model.language_model.", "lm_head.")}
+    for k, v in model.state_dict().items():
+        changed = not torch.equal(v, before[k])
+        if k.startswith(prefixes[frozen]):
+            assert not changed, f"frozen {k} changed"
+        elif k.startswith("model.projector.") and k.endswith("weight"):
+            assert changed, f"trainable {k} did not change"
+
+
+def test_resume_repeats_the_same_losses(tmp_path: Path) -> None:
+    """2 epochs of 4 steps, cosine + warmup. Run all 8; separately run, crash during step 4, restart from the
+    step-3 checkpoint with fresh objects: steps 4..8 (crossing the epoch boundary) give identical losses."""
+    kw = dict(grad_accum=2, epochs=2, lr_schedule="cosine", warmup_ratio=0.2, save_every=3, keep_last=2)
+    model, tok = tiny_setup()
+    full = _cfg(tmp_path / "a", **kw)
+    fit(model, ListLoader(train_batches(tok)), full)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_4(metrics: dict) -> None:
+        if metrics["step"] == 4:
+            raise Crash
+
+    part = _cfg(tmp_path / "b", **kw)
+    model, tok = tiny_setup()
+    with pytest.raises(Crash):
+        fit(model, ListLoader(train_batches(tok)), part, on_step=crash_at_4)
+    assert find_latest_checkpoint(part.output_dir).name == "step-00000003"
+
+    # "Process restart": everything rebuilt from scratch; fit finds the checkpoint itself.
+    model, tok = tiny_setup(seed=123)  # different init: the weights must come from the checkpoint
+    loader = ListLoader(train_batches(tok))
+    metrics = fit(model, loader, part)
+    assert loader.served == 5 * 2  # steps 4..8 only: no replay of consumed micro-batches
+    a, b = _losses(full.output_dir), _losses(part.output_dir)
+    assert [b[s] for s in range(4, 9)] == [a[s] for s in range(4, 9)]
+    assert metrics["step"] == 8
+    ckpts = sorted(p.name for p in (Path(part.output_dir) / "checkpoints").iterdir())
+    assert ckpts == ["step-00000006", "step-00000008"]  # keep_last=2, no .tmp left behind
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path: Path) -> None:
+    model, tok = tiny_setup()
+    cfg = _cfg(tmp_path, max_steps=2, save_every=1)
+    fit(model, ListLoader(train_batches(tok, n=2)), cfg)
+    root = Path(cfg.output_dir) / "checkpoints"
+    (root / "step-00000009.tmp").mkdir()  # a save interrupted by a crash
+    torn = root / "step-00000007"
+    torn.mkdir()  # renamed dir without the COMPLETE marker cannot happen, but must not be trusted either
+    assert find_latest_checkpoint(cfg.output_dir).name == "step-00000002"
+
+
+def test_sigterm_checkpoints_and_exits_zero(tmp_path: Path) -> None:
+    model, tok = tiny_setup()
+    cfg = _cfg(tmp_path, max_steps=8, save_every=0)
+
+    def term_at_2(metrics: dict) -> None:
+        if metrics["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(SystemExit) as exc:
+        fit(model, ListLoader(train_batches(tok)), cfg, on_step=term_at_2)
+    assert exc.value.code == 0
+    latest = find_latest_checkpoint(cfg.output_dir)
+    assert latest is not None and latest.name in ("step-00000002", "step-00000003")
+    assert signal.getsignal(signal.SIGTERM) is not None
+
+
+def _nan_batch(tok, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    b = pack([make_sample(tok, gen, modality="image", n_prompt=4, n_answer=4)])
+    b["pixel_values"] = b["pixel_values"].clone()
+    b["pixel_values"][0, 0] = float("nan")
+    return b
+
+
+def test_nonfinite_steps_are_skipped_then_abort(tmp_path: Path) -> None:
+    model, tok = tiny_setup()
+    good = train_batches(tok, n=2)
+    snapshots: dict[int, torch.Tensor] = {}
+
+    def snap(metrics: dict) -> None:
+        snapshots[metrics["step"]] = model.model.projector.readout[0].weight.detach().clone()
+
+    cfg = _cfg(tmp_path, max_steps=3, nan_tolerance=2)
+    metrics = fit(model, ListLoader([good[0], _nan_batch(tok, 0), good[1]]), cfg, on_step=snap)
+    assert metrics["skipped_nonfinite"] == 1
+    assert torch.equal(snapshots[2], snapshots[1])  # the NaN step changed nothing
+    assert not torch.equal(snapshots[3], snapshots[2])  # and training went on
+    assert torch.isfinite(snapshots[3]).all()
+
+    model, tok = tiny_setup()
+    cfg = _cfg(tmp_path / "abort", max_steps=5, nan_tolerance=2)
+    loader = ListLoader([good[0], _nan_batch(tok, 0), good[1], _nan_batch(tok, 1), _nan_batch(tok, 2)])
+    with pytest.raises(FloatingPointError, match="2 consecutive steps"):
+        fit(model, loader, cfg)
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="nothing would train"):
+        TrainConfig(lr_vision=None, lr_projector=None, lr_llm=None)
+    with pytest.raises(ValueError, match="backend"):
+        TrainConfig(backend="fsdp")
+    with pytest.raises(ValueError, match="grad_accum"):
+        TrainConfig(grad_accum=0)
+    with pytest.raises(ValueError, match="lr_llm"):
+        TrainConfig(lr_llm=-1.0)
+
+
+def _worker(out: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        str(REPO / "tests" / "dist_worker.py"),
+        "--out",
+        str(out),
+        "--plan",
+        "repeat",
+        "--lr",
+        "1e-3",
+        "--eps",
+        "1e-8",
+        "--max-grad-norm",
+        "1.0",
+        "--grad-accum",
+        "2",
+        "--steps",
+        "6",
+        "--save-every",
+        "2",
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
+    """kill -9 a training process after step 5 (checkpoints at 2 and 4), resume in a new process: the losses of
+    steps 5 and 6 and the final weights equal those of an uninterrupted process."""
+    clean = _worker(tmp_path / "clean")
+    victim = _worker(tmp_path / "victim", "--stall-after", "5")
+    deadline = time.monotonic() + 300
+    log = []
+    for line in victim.stdout:
+        log.append(line)
+        if "STALLING" in line:
+            break
+        assert time.monotonic() < deadline, "".join(log)
+    victim.kill()  # SIGKILL: no handler, no cleanup
+    victim.wait(timeout=30)
+    assert find_latest_checkpoint(tmp_path / "victim").name == "step-00000004"
+
+    resumed = _worker(tmp_path / "victim")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert "at step 4" in out
+    clean_out, _ = clean.communicate(timeout=300)
+    assert clean.returncode == 0, clean_out
+
+    a, b = _losses(tmp_path / "clean"), _losses(tmp_path / "victim")
+    assert [b[s] for s in (5, 6)] == [a[s] for s in (5, 6)]
+    pa = torch.load(tmp_path / "clean" / "params_after.pt", weights_only=True)
+    pb = torch.load(tmp_path / "victim" / "params_after.pt", weights_only=True)
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k

@@ -1,0 +1,128 @@
+"""The run configuration: one dataclass per component, composed here and registered with Hydra's ConfigStore.
+
+Configs flow one way: YAML (``configs/``) -> these dataclasses (validated in ``__post_init__``) -> ``build_*``
+factories -> objects. Every field documents its unit and meaning where it is defined; ``docs/config.md`` lists them
+all. Because the schema is structured, a misspelt key or a wrong type stops Hydra at start with the key's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .data.config import EncodeConfig
+from .model.core import ModelConfig
+from .trainer.config import TrainConfig
+
+STAGES = ("encoder_adaptation", "alignment", "multitask_sft", "video_finetune")
+
+
+@dataclass
+class DatasetConfig:
+    path: str = "???"  # annotation file: JSON list or JSONL, official or chat-messages schema
+    root: str | None = (
+        None  # media root the record paths are relative to; None = the annotation file's folder
+    )
+    weight: float | None = None  # share of the epoch's samples (0 < weight <= 1); excludes `repeat`
+    repeat: int | None = None  # whole copies per epoch; None with no weight = once
+    max_samples: int | None = None  # cap on records used (a seeded subset)
+
+
+@dataclass
+class DataConfig:
+    name: str = "file"  # label of the mixture (logs)
+    path: str | None = None  # shorthand for a one-dataset mixture (data=file data.path=... data.root=...)
+    root: str | None = None  # media root of `path`
+    datasets: dict[str, DatasetConfig] = field(default_factory=dict)  # named datasets of a mixture
+    heldout_path: str | None = None  # held-out annotations (loss + generation accuracy), optional
+    heldout_root: str | None = None  # media root of heldout_path; None = its folder
+    heldout_max_samples: int = 64  # held-out records evaluated per evaluation
+    max_tokens: int = 16384  # packing budget: tokens per micro-batch (one packed row)
+    max_patches: int = 65536  # packing budget: vision-tower patches per micro-batch
+    buffer_size: int = 2048  # samples per shuffle buffer of the best-fit-decreasing packer
+    seed: int = 0  # mixture and packing order (same seed -> same micro-batches)
+    num_workers: int = 2  # decoding worker processes per rank (0 = in the main process)
+    prefetch_factor: int = 2  # micro-batches prefetched per worker
+    cost_workers: int = 2  # processes of the cost pre-pass
+    cost_cache: bool = True  # cache the cost table beside the annotations (keyed by file and encode config)
+    max_bad_fraction: float = 0.01  # abort when more than this fraction of samples fail to decode
+
+    def __post_init__(self):
+        if self.path is None and not self.datasets:
+            raise ValueError("no data: set data.path (and data.root) or data.datasets")
+        if self.max_tokens < 16 or self.max_patches < 4:
+            raise ValueError("data.max_tokens / data.max_patches are far too small")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+
+    def dataset_dict(self) -> dict[str, DatasetConfig]:
+        """All datasets of the mixture, the `path` shorthand included (as dataset 'main')."""
+        out = dict(self.datasets)
+        if self.path is not None:
+            out = {"main": DatasetConfig(path=self.path, root=self.root), **out}
+        return out
+
+
+@dataclass
+class LoggerConfig:
+    wandb: str = "offline"  # W&B mode: online | offline | disabled
+    project: str = "videollama3-train"  # W&B project
+    run_name: str | None = None  # W&B run name; None = <stage>-<output_dir name>
+
+    def __post_init__(self):
+        if self.wandb not in ("online", "offline", "disabled"):
+            raise ValueError(f"logger.wandb must be online, offline or disabled, got {self.wandb!r}")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # optimizer steps between held-out evaluations (0 = only before and after the stage)
+    max_new_tokens: int = 8  # generation length for held-out accuracy
+    log_generations: int = 4  # generations written to the log per evaluation
+    before: bool = True  # evaluate before training starts (baseline accuracy)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False  # train LoRA adapters instead of full weights (merged on export)
+    r: int = 16  # adapter rank
+    alpha: int = 32  # adapter scale numerator (scale = alpha / r)
+    dropout: float = 0.05  # adapter dropout probability
+    vision: bool = False  # also put adapters on the vision tower's linear layers
+
+
+@dataclass
+class RunConfig:
+    stage: str = "multitask_sft"  # one of the four stage names, or 'custom'
+    output_dir: str = "???"  # run directory (checkpoints, export/, metrics, resolved config)
+    init_from: str | None = None  # shorthand for model.init_from (e.g. the previous stage's export/)
+    lr_scale: float = 1.0  # multiplies every group's learning rate (presets for random weights raise it)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(path="data/sample/train.jsonl"))
+    trainer: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self):
+        if self.stage not in (*STAGES, "custom"):
+            raise ValueError(f"stage must be one of {list(STAGES)} or 'custom', got {self.stage!r}")
+        if not self.lr_scale > 0:
+            raise ValueError(f"lr_scale must be positive, got {self.lr_scale}")
+
+    @property
+    def lrs(self) -> dict[str, float | None]:
+        return {g: None if lr is None else lr * self.lr_scale for g, lr in self.trainer.lrs.items()}
+
+
+@dataclass
+class PipelineConfig(RunConfig):
+    stages: list[str] = field(default_factory=lambda: list(STAGES))  # stages to chain, in order
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(name="pipeline_schema", node=PipelineConfig)

@@ -1,0 +1,589 @@
+"""Mixtures, the cost pre-pass and the packer that turns an epoch of samples into balanced micro-batches.
+
+The pipeline for one epoch (``build_epoch_plan`` runs all of it):
+
+1. ``compute_costs`` measures every record once (``(num_tokens, num_patches)`` without decoding pixels), in
+   parallel, and caches the table as ``.npy`` beside the annotations. A record that raises ``DataError`` gets
+   cost ``-1`` and its reason is kept: it is reported, never silently lost and never decoded later.
+2. ``plan_mixture`` draws the epoch's sample list ``(dataset, record)`` from the datasets' weights / repeats /
+   caps.
+3. ``pack`` fills micro-batches under a token budget *and* a vision-patch budget (best-fit-decreasing inside a
+   shuffle buffer), then deals them to data-parallel ranks so that every rank has the same number of
+   micro-batches and about the same tokens and patches per step.
+
+Unlike the official VideoLLaMA3 code, which concatenates whatever lands in one batch (REFERENCE §4), this is
+bin packing: rows are ~98% full, and the straggler rank of a step carries at most a few percent more work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DataError
+
+logger = logging.getLogger(__name__)
+
+TOKENS, PATCHES = 0, 1  # columns of a cost table
+
+
+# ============================================================================================================
+# Mixtures
+# ============================================================================================================
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset of a mixture.
+
+    ``weight``: share of the epoch's samples drawn from this dataset (0 < weight <= 1), sampling with as few
+    repeats as possible. ``repeat``: integer number of copies of the dataset per epoch. At most one of the
+    two; with neither the dataset is used once. ``max_samples``: cap on the records used (a fixed seeded
+    subset, the same every epoch).
+    """
+
+    name: str
+    path: str = ""
+    root: str = ""
+    weight: float | None = None
+    repeat: int | None = None
+    max_samples: int | None = None
+
+    def __post_init__(self):
+        if self.weight is not None and self.repeat is not None:
+            raise ValueError(f"dataset {self.name!r}: give weight or repeat, not both")
+        if self.weight is not None and not 0 < self.weight <= 1:
+            raise ValueError(f"dataset {self.name!r}: weight must be in (0, 1], got {self.weight}")
+        if self.repeat is not None and self.repeat < 1:
+            raise ValueError(f"dataset {self.name!r}: repeat must be >= 1, got {self.repeat}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"dataset {self.name!r}: max_samples must be >= 1, got {self.max_samples}")
+
+
+def _capped_records(spec: DatasetSpec, size: int, seed: int, dataset_idx: int) -> np.ndarray:
+    """Record indices a dataset contributes from, sorted. The subset under a cap depends on the seed only (not
+    on the epoch), so a capped dataset always trains on the same records."""
+    if spec.max_samples is None or spec.max_samples >= size:
+        return np.arange(size, dtype=np.int64)
+    rng = np.random.default_rng([seed, dataset_idx, 0xCA9])
+    return np.sort(rng.choice(size, size=spec.max_samples, replace=False))
+
+
+def _draw(records: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` records: whole passes over ``records``, then a without-replacement remainder."""
+    n = len(records)
+    if n == 0 or count == 0:
+        return np.empty(0, dtype=np.int64)
+    full, rest = divmod(count, n)
+    parts = [records] * full + [rng.choice(records, size=rest, replace=False)]
+    return np.concatenate(parts)
+
+
+def mixture_counts(specs: Sequence[DatasetSpec], sizes: Sequence[int]) -> list[int]:
+    """Samples per dataset in one epoch.
+
+    Unweighted datasets contribute ``repeat * size`` (after the cap). Weighted datasets share the epoch so
+    that dataset ``i`` makes up ``weight_i`` of it: with only weighted datasets the weights are normalised and
+    the epoch is as long as the (capped) datasets together; mixed with unweighted ones the weights must sum
+    below 1 and the unweighted datasets fill the rest.
+    """
+    if len(specs) != len(sizes):
+        raise ValueError(f"{len(specs)} dataset specs but {len(sizes)} sizes")
+    capped = [
+        min(n, s.max_samples) if s.max_samples is not None else n for s, n in zip(specs, sizes, strict=True)
+    ]
+    fixed = sum(c * (s.repeat or 1) for s, c in zip(specs, capped, strict=True) if s.weight is None)
+    weighted = [i for i, s in enumerate(specs) if s.weight is not None]
+    wsum = sum(specs[i].weight for i in weighted)
+    for i in weighted:
+        if capped[i] == 0:
+            raise ValueError(f"dataset {specs[i].name!r} has a weight but no records")
+    if weighted and len(weighted) < len(specs):
+        if wsum >= 1:
+            raise ValueError(
+                f"weights sum to {wsum:.3f} but unweighted datasets need a share too: keep them below 1"
+            )
+        total = fixed / (1 - wsum)
+        shares = {i: specs[i].weight for i in weighted}
+    else:
+        total = sum(capped)
+        shares = {i: specs[i].weight / wsum for i in weighted} if weighted else {}
+    counts = []
+    for i, (s, c) in enumerate(zip(specs, capped, strict=True)):
+        counts.append(round(shares[i] * total) if i in shares else c * (s.repeat or 1))
+    return counts
+
+
+def plan_mixture(
+    specs: Sequence[DatasetSpec], sizes: Sequence[int], seed: int, epoch: int
+) -> list[tuple[int, int]]:
+    """The epoch's samples as ``(dataset index, record index)``, shuffled; deterministic in ``(seed, epoch)``.
+
+    Each dataset's count comes from :func:`mixture_counts`, so weights hold exactly up to rounding (one
+    sample).
+    """
+    counts = mixture_counts(specs, sizes)
+    rng = np.random.default_rng([seed, epoch, 0x3D])
+    chunks = []
+    for d, (spec, n, count) in enumerate(zip(specs, sizes, counts, strict=True)):
+        rec = _draw(_capped_records(spec, n, seed, d), count, rng)
+        chunks.append(np.stack([np.full(len(rec), d, dtype=np.int64), rec], axis=1))
+    table = np.concatenate(chunks) if chunks else np.empty((0, 2), dtype=np.int64)
+    table = table[rng.permutation(len(table))]
+    return [(int(d), int(r)) for d, r in table]
+
+
+# ============================================================================================================
+# Cost pre-pass
+# ============================================================================================================
+
+
+@dataclass
+class CostTable:
+    """``costs``: int64 ``(N, 2)`` = (LLM tokens, vision patches) per record, ``-1`` for a record that failed.
+    ``failures``: record index -> (DataError reason, message)."""
+
+    costs: np.ndarray
+    failures: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+    def reason_counts(self) -> Counter:
+        return Counter(reason for reason, _ in self.failures.values())
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """Cheap identity of an annotation file: path, size and mtime (ns). Content hashing is left to callers."""
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def config_hash(config: Any) -> str:
+    """Stable hash of a dataclass / mapping / anything with a stable ``repr`` (e.g. ``EncodeConfig``)."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    text = json.dumps(config, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cost_cache_path(annotation_path: str | os.PathLike, config: Any) -> Path:
+    """``<annotations>.<config hash>.costs.npy`` beside the annotation file (one cache per encode config)."""
+    p = Path(annotation_path)
+    return p.with_name(f"{p.name}.{config_hash(config)}.costs.npy")
+
+
+# Worker-side state: the records and the cost function are sent once per worker (initializer), then each task
+# is a range of indices, so a large Dataset is not pickled per chunk.
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(records: Any, cost_fn: Callable) -> None:
+    _WORKER["records"] = records
+    _WORKER["cost_fn"] = cost_fn
+
+
+def _cost_range(start: int, stop: int) -> list[tuple[int, int, int, str | None, str | None]]:
+    records, cost_fn = _WORKER["records"], _WORKER["cost_fn"]
+    out = []
+    for i in range(start, stop):
+        try:
+            tokens, patches = cost_fn(i if records is None else records[i])
+            out.append((i, int(tokens), int(patches), None, None))
+        except DataError as e:
+            out.append((i, -1, -1, e.reason, str(e)))
+    return out
+
+
+def compute_costs(
+    records: Sequence[Any] | int,
+    cost_fn: Callable[[Any], tuple[int, int]],
+    *,
+    num_workers: int = 0,
+    cache_path: str | os.PathLike | None = None,
+    cache_key: str | None = None,
+    chunk_size: int = 256,
+    progress: bool = True,
+) -> CostTable:
+    """(tokens, patches) of every record, in parallel, cached.
+
+    ``records``: an indexable sequence (``cost_fn(records[i])``) or a count ``N`` (``cost_fn(i)``).
+    ``cost_fn`` must be picklable when ``num_workers > 0`` and raise ``DataError`` for a bad record (recorded,
+    not fatal; any other exception is a bug and propagates). ``cache_path`` + ``cache_key``: reuse a table
+    computed under the same key (e.g. ``file_fingerprint(annotations) + config_hash(config)``); a stale or
+    unreadable cache is recomputed. Returns a :class:`CostTable` with ``costs`` int64 ``(N, 2)``.
+    """
+    n = records if isinstance(records, int) else len(records)
+    seq = None if isinstance(records, int) else records
+    if cache_path is not None:
+        cached = _load_cache(Path(cache_path), cache_key, n)
+        if cached is not None:
+            return cached
+
+    costs = np.full((n, 2), -1, dtype=np.int64)
+    failures: dict[int, tuple[str, str]] = {}
+    ranges = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+    bar = _progress(total=n, enabled=progress)
+
+    def absorb(rows):
+        for i, t, p, reason, message in rows:
+            costs[i] = (t, p)
+            if reason is not None:
+                failures[i] = (reason, message)
+        bar.update(len(rows))
+
+    try:
+        if num_workers > 0 and len(ranges) > 1:
+            with ProcessPoolExecutor(num_workers, initializer=_init_worker, initargs=(seq, cost_fn)) as pool:
+                for rows in pool.map(_cost_range, *zip(*ranges, strict=True)):
+                    absorb(rows)
+        else:
+            _init_worker(seq, cost_fn)
+            for s, e in ranges:
+                absorb(_cost_range(s, e))
+    finally:
+        bar.close()
+        _WORKER.clear()
+
+    table = CostTable(costs, failures)
+    if failures:
+        logger.warning(
+            "cost pre-pass: %d of %d records failed: %s", len(failures), n, dict(table.reason_counts())
+        )
+    if cache_path is not None:
+        _save_cache(Path(cache_path), cache_key, table)
+    return table
+
+
+class _NoBar:
+    def update(self, k: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="cost pre-pass", unit="rec", mininterval=1.0)
+
+
+def _sidecar(cache_path: Path) -> Path:
+    return cache_path.with_name(cache_path.name + ".json")
+
+
+def _load_cache(cache_path: Path, key: str | None, n: int) -> CostTable | None:
+    meta_path = _sidecar(cache_path)
+    if not cache_path.exists() or not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        costs = np.load(cache_path)
+    except (OSError, ValueError) as e:
+        logger.warning("ignoring unreadable cost cache %s: %s", cache_path, e)
+        return None
+    if meta.get("key") != key or costs.shape != (n, 2):
+        return None
+    failures = {int(i): (r, m) for i, (r, m) in meta.get("failures", {}).items()}
+    return CostTable(costs.astype(np.int64), failures)
+
+
+def _save_cache(cache_path: Path, key: str | None, table: CostTable) -> None:
+    # Write to temporary names then rename, so an interrupted run never leaves a half-written cache behind.
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_name(cache_path.name + f".tmp{os.getpid()}.npy")
+        np.save(tmp, table.costs)
+        meta = {"key": key, "failures": {str(i): list(v) for i, v in table.failures.items()}}
+        tmp_meta = _sidecar(tmp)
+        tmp_meta.write_text(json.dumps(meta))
+        os.replace(tmp_meta, _sidecar(cache_path))
+        os.replace(tmp, cache_path)
+    except OSError as e:  # e.g. a read-only annotation folder: the run goes on, only slower next time
+        logger.warning("could not write cost cache %s: %s", cache_path, e)
+
+
+# ============================================================================================================
+# Packing
+# ============================================================================================================
+
+
+@dataclass
+class PackPlan:
+    """One epoch's micro-batches for every data-parallel rank.
+
+    ``micro_batches[rank][i]``: sample ids of rank ``rank``'s ``i``-th micro-batch; every rank has the same
+    count, and step ``i`` of every rank carries similar work. A sample id indexes ``entries`` (``(dataset,
+    record)``) when the plan came from a mixture, else it is the record index itself. ``oversized``: ids over
+    a budget on their own (never packed, reported). ``failed``: ids whose cost pre-pass failed. ``leftover``:
+    ids of the micro-batches that did not fill a whole step of ``num_ranks * grad_accum`` (the least-filled
+    ones); they are not trained this epoch; a caller may put them in front of the next epoch.
+    """
+
+    micro_batches: list[list[list[int]]]
+    costs: np.ndarray
+    max_tokens: int
+    max_patches: int
+    entries: list[tuple[int, int]] | None = None
+    oversized: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    leftover: list[int] = field(default_factory=list)
+    seed: int = 0
+    epoch: int = 0
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.micro_batches)
+
+    @property
+    def steps(self) -> int:
+        """Micro-batches per rank."""
+        return len(self.micro_batches[0]) if self.micro_batches else 0
+
+    def fill_ratio(self) -> float:
+        return fill_ratio(self.costs, [mb for rank in self.micro_batches for mb in rank], self.max_tokens)
+
+    def balance(self) -> dict[str, float]:
+        return rank_balance(self.costs, self.micro_batches)
+
+    def stats(self) -> dict[str, float]:
+        """Numbers worth logging once per epoch."""
+        packed = sum(len(mb) for rank in self.micro_batches for mb in rank)
+        return {
+            "micro_batches_per_rank": self.steps,
+            "samples_packed": packed,
+            "samples_oversized": len(self.oversized),
+            "samples_failed": len(self.failed),
+            "samples_leftover": len(self.leftover),
+            "fill_ratio": self.fill_ratio(),
+            **{f"balance_{k}": v for k, v in self.balance().items()},
+        }
+
+
+def fill_ratio(costs: np.ndarray, micro_batches: Sequence[Sequence[int]], max_tokens: int) -> float:
+    """Real tokens / (micro-batches * token budget): 1.0 means no padding-equivalent waste."""
+    if not micro_batches:
+        return 0.0
+    used = sum(int(costs[list(mb), TOKENS].sum()) for mb in micro_batches)
+    return used / (len(micro_batches) * max_tokens)
+
+
+def rank_balance(costs: np.ndarray, micro_batches: Sequence[Sequence[Sequence[int]]]) -> dict[str, float]:
+    """max/mean over ranks (1.0 = perfect) of tokens and patches.
+
+    ``*_epoch``: totals over the epoch per rank. ``*_step``: per step ``i`` (the micro-batch every rank runs
+    at the same time, what a synchronous step waits on), averaged over steps; ``*_step_worst`` the worst step.
+    """
+    ranks = len(micro_batches)
+    steps = min((len(r) for r in micro_batches), default=0)
+    if ranks == 0 or steps == 0:
+        return {}
+    load = np.zeros((ranks, steps, 2), dtype=np.float64)
+    for r, rank in enumerate(micro_batches):
+        for s in range(steps):
+            load[r, s] = costs[list(rank[s])].sum(axis=0)
+    out = {}
+    for col, name in ((TOKENS, "tokens"), (PATCHES, "patches")):
+        total = load[:, :, col].sum(axis=1)
+        out[f"{name}_epoch"] = _max_over_mean(total)
+        per_step = np.array([_max_over_mean(load[:, s, col]) for s in range(steps)])
+        out[f"{name}_step"] = float(per_step.mean())
+        out[f"{name}_step_worst"] = float(per_step.max())
+    return out
+
+
+def _max_over_mean(x: np.ndarray) -> float:
+    mean = float(x.mean())
+    return float(x.max()) / mean if mean > 0 else 1.0
+
+
+def _best_fit_decreasing(
+    ids: np.ndarray, costs: np.ndarray, max_tokens: int, max_patches: int
+) -> list[tuple[list[int], int, int]]:
+    """Bins ``(ids, tokens, patches)`` for ``ids`` (all fit alone): largest first, each into the open bin it
+    leaves with the least normalised slack, else a new bin."""
+    t = costs[ids, TOKENS].astype(np.float64) / max_tokens
+    p = costs[ids, PATCHES].astype(np.float64) / max_patches
+    order = np.lexsort((-p, -(t + p)))  # by combined size, then patches, decreasing
+    room_t = np.empty(len(ids))
+    room_p = np.empty(len(ids))
+    members: list[list[int]] = []
+    for k in order:
+        nb = len(members)
+        if nb:
+            fits = (room_t[:nb] >= t[k] - 1e-12) & (room_p[:nb] >= p[k] - 1e-12)
+            if fits.any():
+                slack = np.where(fits, (room_t[:nb] - t[k]) + (room_p[:nb] - p[k]), np.inf)
+                b = int(np.argmin(slack))
+                room_t[b] -= t[k]
+                room_p[b] -= p[k]
+                members[b].append(int(ids[k]))
+                continue
+        room_t[nb] = 1.0 - t[k]
+        room_p[nb] = 1.0 - p[k]
+        members.append([int(ids[k])])
+    return [(m, int(costs[m, TOKENS].sum()), int(costs[m, PATCHES].sum())) for m in members]
+
+
+def pack(
+    costs: np.ndarray,
+    order: Sequence[int] | np.ndarray,
+    *,
+    max_tokens: int,
+    max_patches: int,
+    buffer_size: int = 2048,
+    num_ranks: int = 1,
+    grad_accum: int = 1,
+    seed: int = 0,
+    epoch: int = 0,
+    close_fill: float = 0.97,
+    entries: list[tuple[int, int]] | None = None,
+) -> PackPlan:
+    """Pack the samples ``order`` (ids into ``costs`` (N, 2) = tokens, patches) into balanced micro-batches.
+
+    Packing: ``order`` is consumed ``buffer_size`` ids at a time (the shuffle buffer: a larger buffer packs
+    tighter but mixes less); inside the buffer, best-fit-decreasing under both budgets. Bins below
+    ``close_fill`` of both budgets are reopened into the next buffer, so that only the last buffer leaves
+    half-empty rows. Items over a budget on their own go to ``oversized``; items with a negative cost to
+    ``failed``. The order of ``order`` is kept at buffer granularity: pass it shuffled (``plan_mixture``
+    does).
+
+    Distribution: bins are sorted by patches, then tokens, and cut into groups of ``num_ranks`` consecutive
+    bins, so each step puts similar bins side by side; inside a group the bin with the most work
+    (tokens/max_tokens + patches/max_patches) goes to the rank with the least work so far (LPT), so epoch
+    totals stay level too. The step order is then shuffled (seeded by ``seed, epoch``). When the bin count is
+    not a multiple of ``num_ranks * grad_accum``, the bins with the fewest tokens are left out and their ids
+    listed in ``leftover`` (counted, never silent).
+    """
+    if max_tokens <= 0 or max_patches <= 0:
+        raise ValueError(f"budgets must be positive, got max_tokens={max_tokens}, max_patches={max_patches}")
+    if num_ranks < 1 or grad_accum < 1 or buffer_size < 1:
+        raise ValueError("num_ranks, grad_accum and buffer_size must be >= 1")
+    costs = np.asarray(costs, dtype=np.int64)
+    order = np.asarray(order, dtype=np.int64)
+    if costs.ndim != 2 or costs.shape[1] != 2:
+        raise ValueError(f"costs must have shape (N, 2), got {costs.shape}")
+
+    c = costs[order]
+    failed_mask = (c < 0).any(axis=1)
+    over_mask = ~failed_mask & ((c[:, TOKENS] > max_tokens) | (c[:, PATCHES] > max_patches))
+    failed = order[failed_mask].tolist()
+    oversized = order[over_mask].tolist()
+    if oversized:
+        logger.warning(
+            "%d samples exceed the budget of %d tokens / %d patches on their own and are not packed",
+            len(oversized),
+            max_tokens,
+            max_patches,
+        )
+    good = order[~failed_mask & ~over_mask]
+
+    # --- best-fit-decreasing inside a shuffle buffer
+    # --------------------------------------------------------------------------------------------------------
+    bins: list[tuple[list[int], int, int]] = []
+    carry = np.empty(0, dtype=np.int64)
+    for start in range(0, len(good), buffer_size):
+        chunk = np.concatenate([carry, good[start : start + buffer_size]])
+        last = start + buffer_size >= len(good)
+        packed = _best_fit_decreasing(chunk, costs, max_tokens, max_patches)
+        if last:
+            bins.extend(packed)
+            carry = np.empty(0, dtype=np.int64)
+            continue
+        reopen = []
+        for b in packed:
+            full = b[1] >= close_fill * max_tokens or b[2] >= close_fill * max_patches
+            if full:
+                bins.append(b)
+            else:
+                reopen.extend(b[0])
+        carry = np.asarray(reopen, dtype=np.int64)
+    if len(carry):
+        bins.extend(_best_fit_decreasing(carry, costs, max_tokens, max_patches))
+
+    # --- deal bins to ranks
+    # --------------------------------------------------------------------------------------------------------
+    bin_tokens = np.array([t for _, t, _ in bins], dtype=np.int64)
+    bin_patches = np.array([p for _, _, p in bins], dtype=np.int64)
+    work = bin_tokens / max_tokens + bin_patches / max_patches
+    # The rows that do not make a whole step are the least filled ones (the tail of the last buffer).
+    by_fill = np.argsort(-bin_tokens, kind="stable")
+    group = num_ranks * grad_accum
+    keep = (len(bins) // group) * group
+    leftover = [i for b in by_fill[keep:] for i in bins[b][0]]
+    # Token fill is nearly uniform after packing while patches vary a lot between bins (text vs video), so
+    # bins side by side in a step are matched on patches first, then tokens.
+    kept = by_fill[:keep]
+    kept = kept[np.lexsort((-bin_tokens[kept], -bin_patches[kept]))]
+
+    rank_load = np.zeros(num_ranks)
+    steps: list[list[list[int]]] = []  # steps[s][rank] -> ids
+    for s in range(keep // num_ranks):
+        step_bins = kept[s * num_ranks : (s + 1) * num_ranks]
+        step_bins = step_bins[np.argsort(-work[step_bins], kind="stable")]
+        assignment: list[list[int]] = [[] for _ in range(num_ranks)]
+        for r, b in zip(np.argsort(rank_load, kind="stable"), step_bins, strict=True):
+            assignment[r] = bins[b][0]
+            rank_load[r] += work[b]
+        steps.append(assignment)
+    rng = np.random.default_rng([seed, epoch, 0xBA1])
+    steps = [steps[i] for i in rng.permutation(len(steps))]
+    micro_batches = [[steps[s][r] for s in range(len(steps))] for r in range(num_ranks)]
+    return PackPlan(
+        micro_batches=micro_batches,
+        costs=costs,
+        max_tokens=max_tokens,
+        max_patches=max_patches,
+        entries=entries,
+        oversized=oversized,
+        failed=failed,
+        leftover=leftover,
+        seed=seed,
+        epoch=epoch,
+    )
+
+
+def build_epoch_plan(
+    specs: Sequence[DatasetSpec],
+    costs: Sequence[np.ndarray],
+    *,
+    seed: int,
+    epoch: int,
+    max_tokens: int,
+    max_patches: int,
+    buffer_size: int = 2048,
+    num_ranks: int = 1,
+    grad_accum: int = 1,
+) -> PackPlan:
+    """Mixture + packing for one epoch. ``costs[d]``: the cost table (N_d, 2) of dataset ``d``. Sample ids of
+    the plan index ``plan.entries`` -> ``(dataset, record)``."""
+    sizes = [len(c) for c in costs]
+    entries = plan_mixture(specs, sizes, seed, epoch)
+    ent = np.asarray(entries, dtype=np.int64).reshape(-1, 2)
+    table = np.empty((len(entries), 2), dtype=np.int64)
+    for d, c in enumerate(costs):
+        rows = ent[:, 0] == d
+        table[rows] = np.asarray(c, dtype=np.int64)[ent[rows, 1]]
+    return pack(
+        table,
+        np.arange(len(entries)),
+        max_tokens=max_tokens,
+        max_patches=max_patches,
+        buffer_size=buffer_size,
+        num_ranks=num_ranks,
+        grad_accum=grad_accum,
+        seed=seed,
+        epoch=epoch,
+        entries=entries,
+    )

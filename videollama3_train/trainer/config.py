@@ -1,0 +1,104 @@
+"""Configuration of the training loop (:func:`videollama3_train.trainer.fit.fit`).
+
+Defaults are the values shared by all four official stages (REFERENCE §2): AdamW (0.9, 0.999, 1e-8), weight
+decay 0, cosine schedule with 3% warmup, one epoch, gradient clipping at 1.0, ZeRO-1 in the official scripts (here
+the backend is a choice). A component group trains exactly when it has a learning rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LR_SCHEDULES = ("cosine", "linear", "constant")
+BACKENDS = ("ddp", "zero1", "zero2", "zero3")
+PRECISIONS = ("auto", "bf16", "fp32")
+CHECKPOINTING = ("none", "llm", "vision", "both")
+
+
+@dataclass
+class TrainConfig:
+    # --- what trains (per component group; None = frozen, requires_grad False) ---------------------------------
+    # peak learning rate of the vision tower (model.vision_model.*); stage 2-4 value
+    lr_vision: float | None = 2e-6
+    lr_projector: float | None = 1e-5  # peak learning rate of the projector (model.projector.*)
+    # peak learning rate of the LLM (model.language_model.* and an untied lm_head)
+    lr_llm: float | None = 1e-5
+
+    # --- optimizer -------------------------------------------------------------------------------------------
+    weight_decay: float = 0.0  # decoupled AdamW weight decay (dimensionless); never applied to norms/biases
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW (beta1, beta2)
+    adam_eps: float = 1e-8  # AdamW epsilon (added to the denominator)
+    max_grad_norm: float = 1.0  # global L2 norm the gradients are clipped to before each step; <= 0 disables
+
+    # --- schedule --------------------------------------------------------------------------------------------
+    lr_schedule: str = "cosine"  # shape of the lr after warmup: "cosine" | "linear" (decay to 0) | "constant"
+    warmup_ratio: float = 0.03  # fraction of the total optimizer steps spent ramping the lr linearly from 0
+    grad_accum: int = 1  # micro-batches (packed rows) per rank per optimizer step
+    epochs: int = 1  # passes over the loader (each epoch = len(loader) // grad_accum optimizer steps)
+    max_steps: int = -1  # optimizer steps to run; -1 = epochs * len(loader) // grad_accum
+
+    # --- distribution and numerics ---------------------------------------------------------------------------
+    # "ddp" (plain data parallel) | "zero1" | "zero2" | "zero3" (DeepSpeed through accelerate)
+    backend: str = "ddp"
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "fp32"
+    # activation checkpointing of "none" | "llm" | "vision" | "both" towers
+    gradient_checkpointing: str = "none"
+    # within a checkpointed tower, checkpoint layers 0, n, 2n, ... (1 = all)
+    checkpoint_every_n_layers: int = 1
+    # label tokens per chunk of the chunked cross-entropy (memory ~ chunk * vocab * 4 B)
+    loss_chunk_size: int = 4096
+
+    # --- bookkeeping -----------------------------------------------------------------------------------------
+    output_dir: str = "outputs/run"  # run directory: checkpoints/, metrics.jsonl
+    save_every: int = 500  # optimizer steps between checkpoints (a final one is always written); 0 = end only
+    keep_last: int = 2  # complete checkpoints kept on disk (older ones are deleted); >= 1
+    # optimizer steps between host syncs for logging (metrics.jsonl, on_step, progress bar)
+    log_every: int = 10
+    seed: int = 42  # seed of python, numpy and torch RNGs on every rank (model init happens before fit)
+    # consecutive steps with non-finite loss or gradient norm tolerated before aborting
+    nan_tolerance: int = 5
+    resume: bool = True  # resume automatically from the newest complete checkpoint in output_dir/checkpoints
+    # folder of zero{1,2,3}.json; None = the repository's configs/deepspeed
+    deepspeed_config_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("lr_vision", "lr_projector", "lr_llm"):
+            lr = getattr(self, name)
+            if lr is not None and not lr > 0:
+                raise ValueError(f"{name} must be a positive learning rate or None (frozen), got {lr!r}")
+        if all(lr is None for lr in self.lrs.values()):
+            raise ValueError("lr_vision, lr_projector and lr_llm are all None: nothing would train")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        self.adam_betas = tuple(self.adam_betas)  # YAML gives a list
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
+        if not self.adam_eps > 0:
+            raise ValueError(f"adam_eps must be > 0, got {self.adam_eps}")
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("backend", self.backend, BACKENDS)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("grad_accum", "epochs", "checkpoint_every_n_layers", "loss_chunk_size", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be -1 (derive from the loader) or >= 1, got {self.max_steps}")
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0 (0 = only at the end), got {self.save_every}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        if self.nan_tolerance < 1:
+            raise ValueError(f"nan_tolerance must be >= 1, got {self.nan_tolerance}")
+
+    @property
+    def lrs(self) -> dict[str, float | None]:
+        """Learning rate per component group, as ``model.groups`` expects it."""
+        return {"vision": self.lr_vision, "projector": self.lr_projector, "llm": self.lr_llm}
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")

@@ -1,0 +1,154 @@
+"""Chunked cross-entropy: the LM loss without full-vocabulary fp32 logits.
+
+transformers' causal-LM loss builds ``(L, V)`` logits and upcasts them to fp32 (about 9 GiB at 16k tokens and the
+Qwen2 vocabulary, REFERENCE §4). Here only positions that carry a label are used, and their logits exist one chunk
+at a time: the forward keeps one fp32 logsumexp per token, the backward recomputes each chunk's logits. Peak extra
+memory is ``chunk_size * V`` fp32 plus the ``(V, d)`` weight gradient.
+
+With liger-kernel installed and CUDA tensors, its fused linear cross-entropy (same semantics) is used instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+def shift_and_select(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Causal shift, then keep only positions whose next token is a label.
+
+    Args:
+        hidden: ``(1, L, d)`` (or ``(B, L, d)``) last hidden states.
+        labels: ``(1, L)`` token ids, ``-100`` where no loss applies. In packed rows the first label of each sample
+            is already ``-100``, so no position predicts across a sample boundary.
+
+    Returns:
+        ``hidden_sel (n, d)`` and ``targets (n,)``: hidden state at position ``i`` predicts ``labels[i + 1]``.
+    """
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on (B, L)")
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    t = labels[:, 1:].reshape(-1).to(h.device)
+    keep = t != IGNORE_INDEX
+    return h[keep], t[keep]
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Sum of token cross-entropies of ``hidden @ weight.T (+ bias)`` against ``targets``, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int):
+        n = hidden.shape[0]
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        token_losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        w = weight.to(hidden.dtype)
+        b = None if bias is None else bias.to(hidden.dtype)
+        for start in range(0, n, chunk_size):
+            sl = slice(start, min(start + chunk_size, n))
+            logits = _chunk_logits(hidden[sl], w, b)  # (c, V) fp32
+            chunk_lse = torch.logsumexp(logits, dim=-1)
+            lse[sl] = chunk_lse
+            token_losses[sl] = chunk_lse - logits.gather(1, targets[sl, None]).squeeze(1)
+            del logits
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_size = chunk_size
+        ctx.mark_non_differentiable(token_losses)
+        return token_losses.sum(), token_losses
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, _grad_token_losses: Tensor | None):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        chunk_size = ctx.chunk_size
+        n = hidden.shape[0]
+        w = weight.to(hidden.dtype)
+        b = None if bias is None else bias.to(hidden.dtype)
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # Weight/bias gradients accumulate over chunks in fp32, like an fp32 logits tensor would give them.
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        for start in range(0, n, chunk_size):
+            sl = slice(start, min(start + chunk_size, n))
+            logits = _chunk_logits(hidden[sl], w, b)
+            # d(lse - z_t)/dz = softmax(z) - onehot(t), computed in place to keep one (c, V) buffer.
+            probs = logits.sub_(lse[sl, None]).exp_()
+            probs[torch.arange(probs.shape[0], device=probs.device), targets[sl]] -= 1.0
+            probs.mul_(grad_out)
+            if need_h:
+                grad_h[sl] = (probs.to(hidden.dtype) @ w).to(hidden.dtype)
+            if need_w:
+                grad_w.addmm_(probs.t(), hidden[sl].float())
+            if need_b:
+                grad_b += probs.sum(0)
+            del logits, probs
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None
+
+
+def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``(c, d) @ (V, d).T`` in the activations' dtype (bf16 matmul under mixed precision), then fp32."""
+    logits = h @ w.t()
+    if b is not None:
+        logits = logits + b
+    return logits.float()
+
+
+def _liger_loss_fn():
+    """liger-kernel's fused linear cross-entropy (sum reduction), or None when it is not installed."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    return LigerFusedLinearCrossEntropyLoss(reduction="sum")
+
+
+def chunked_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    chunk_size: int = 4096,
+    bias: Tensor | None = None,
+    use_liger: bool = True,
+    return_token_losses: bool = False,
+) -> tuple[Tensor, int] | tuple[Tensor, int, Tensor | None]:
+    """Sum of cross-entropies of ``hidden @ weight.T + bias`` against ``labels`` (already shifted and selected).
+
+    Args:
+        hidden: ``(N, d)`` hidden states, one per predicted token (see :func:`shift_and_select`).
+        weight: ``(V, d)`` output projection (``lm_head.weight``; tied or not).
+        labels: ``(N,)`` target ids; ``-100`` entries are dropped here as well.
+        chunk_size: rows whose ``(chunk, V)`` fp32 logits exist at once.
+        bias: optional ``(V,)`` output bias.
+        use_liger: use liger-kernel's fused kernel when importable and the tensors are on CUDA.
+        return_token_losses: also return the detached ``(n_tokens,)`` fp32 per-token losses (None with liger).
+
+    Returns:
+        ``(loss_sum, n_tokens)``: fp32 scalar sum over the ``n_tokens`` labelled positions (no normalisation:
+        the caller divides by the label count of the whole global batch), then the token losses if asked.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"expected hidden (N, d) and weight (V, d), got {tuple(hidden.shape)}, {tuple(weight.shape)}"
+        )
+    if labels.shape != hidden.shape[:1]:
+        raise ValueError(f"labels {tuple(labels.shape)} must be (N,) with N = {hidden.shape[0]}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    keep = labels != IGNORE_INDEX
+    if not bool(keep.all()):
+        hidden, labels = hidden[keep], labels[keep]
+    n = int(labels.shape[0])
+    token_losses: Tensor | None
+    if n == 0:
+        # Keep the graph connected (DDP/ZeRO expect every used parameter to receive a gradient).
+        loss_sum = (hidden.sum() * 0.0 + weight.sum() * 0.0).float()
+        token_losses = torch.zeros(0, dtype=torch.float32, device=hidden.device)
+    elif use_liger and hidden.is_cuda and (liger := _liger_loss_fn()) is not None:
+        loss_sum, token_losses = liger(weight, hidden, labels, bias).float(), None
+    else:
+        loss_sum, token_losses = _ChunkedCrossEntropy.apply(hidden, weight, bias, labels, chunk_size)
+    return (loss_sum, n, token_losses) if return_token_losses else (loss_sum, n)
