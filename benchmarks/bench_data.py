@@ -2,8 +2,8 @@
 frame cache, for image, video and mixed (image + video) records.
 
 One worker = this process, one thread for PyTorch (as a loader worker runs); the loader scales it by its worker
-count. Media: 1280x720 JPEG images and the 1-minute 720p textured clip of ``bench_video.py`` (GOP 2 s), so 60
-frames sampled at 1 fps, 10240 visual tokens per sample.
+count. Media: 1280x720 JPEG images and the 1-minute 720p textured clip of ``bench_video.py`` (GOP 2 s, 64 s
+long), so 64 frames sampled at 1 fps, 10240 visual tokens per sample.
 
 ``encode_record`` does not read the frame cache yet (``EncodeConfig.frame_cache_dir`` is not wired in), so the
 "cache" rows wrap ``media.decode_video`` to serve frames from the cache built by ``build_frame_cache`` first --

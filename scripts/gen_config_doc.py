@@ -1,7 +1,7 @@
 """Write docs/config.md from the config dataclasses: every key, its type, default and the comment beside it.
 
-    python scripts/gen_config_doc.py          # rewrite docs/config.md
-    python scripts/gen_config_doc.py --check  # exit 1 if docs/config.md is stale (used by the tests)
+python scripts/gen_config_doc.py          # rewrite docs/config.md
+python scripts/gen_config_doc.py --check  # exit 1 if docs/config.md is stale (used by the tests)
 """
 
 from __future__ import annotations
@@ -90,7 +90,9 @@ def render() -> str:
             tname = str(t).replace("typing.", "").replace("|", "\\|")
             if isinstance(t, type):
                 tname = t.__name__
-            out.append(f"| `{key}` | {tname} | {fmt_default(f)} | {comments.get(f.name, '').replace('|', '/')} |")
+            out.append(
+                f"| `{key}` | {tname} | {fmt_default(f)} | {comments.get(f.name, '').replace('|', '/')} |"
+            )
         out.append("")
     return "\n".join(out)
 

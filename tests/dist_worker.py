@@ -10,13 +10,21 @@ Plans (which micro-batches rank r of world w gets):
   ``textonly`` rank 0 gets image/video micro-batches, every other rank only text-only ones;
   ``repeat``   :func:`train_batches` (8 mixed micro-batches), the same on every rank.
 On exit rank 0 writes ``params_after.pt`` (full state dict; ZeRO-3 parameters are gathered first) into --out.
+
+Fault hooks (tests/test_faults.py, test_fit.py): ``--stall-after N`` sleeps after step N; ``--stall-in-save N``
+sleeps inside the save of the step-N checkpoint, after ``accelerator.save_state`` has written weights, optimizer
+and RNG states into the ``.tmp`` directory (the loop state, loader states and ``COMPLETE`` are not written yet);
+``--pause-at N`` makes rank 0 wait after step N until fit has seen a SIGTERM (so the ranks stop after step N+1,
+whatever the delay of the signal). Every rank prints ``PID <rank> <pid>`` at start and writes ``exit_rank<r>`` with its exit code.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +47,14 @@ def tiny_setup(seed: int = 0):
 
 
 def make_sample(
-    tok, gen: torch.Generator, *, modality: str, n_prompt: int, n_answer: int, dataset: str = "synthetic"
+    tok,
+    gen: torch.Generator,
+    *,
+    modality: str,
+    n_prompt: int,
+    n_answer: int,
+    dataset: str = "synthetic",
+    index: int = -1,
 ) -> dict[str, Any]:
     """One Sample dict (docs/architecture.md): random text ids around media placeholders; labels on the answer.
 
@@ -71,6 +86,7 @@ def make_sample(
     out["labels"] = torch.tensor(labels)
     out["meta"] = {
         "dataset": dataset,
+        "index": index,
         "modality": modality,
         "num_tokens": len(ids) + len(answer),
         "num_label_tokens": n_answer,
@@ -118,6 +134,7 @@ def train_batches(tok, n: int = 8, seed: int = 0) -> list[dict[str, Any]]:
                 n_prompt=5 + j,
                 n_answer=3 + (i + 2 * j) % 5,
                 dataset=("alpha", "beta")[j % 2],
+                index=2 * i + j,
             )
             for j in range(2)
         ]
@@ -145,10 +162,13 @@ def textonly_batches(tok, rank: int, n: int, seed: int = 2) -> list[dict[str, An
 
 
 class ListLoader:
-    """In-memory loader with the PackedLoader interface: iterable, ``__len__``, resumable ``state_dict``."""
+    """In-memory loader with the PackedLoader interface: iterable, ``__len__``, resumable ``state_dict``;
+    ``token_budget`` and ``skipped`` (bad samples by reason) as the trainer's metrics read them."""
 
-    def __init__(self, batches: list[dict[str, Any]]):
+    def __init__(self, batches: list[dict[str, Any]], token_budget: int | None = None):
         self.batches = batches
+        self.token_budget = token_budget
+        self.skipped: dict[str, int] = {}
         self.epoch = 0
         self.index = 0
         self.served = 0  # micro-batches handed out in this process (for tests)
@@ -185,6 +205,22 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
+def _stall_in_save(step: int) -> None:
+    """Make the save of ``step``'s checkpoint hang after the weights are written (a test then SIGKILLs us)."""
+    from accelerate import Accelerator
+
+    original = Accelerator.save_state
+
+    def save_state(self, output_dir=None, **kwargs):
+        out = original(self, output_dir, **kwargs)
+        if str(output_dir).endswith(f"step-{step:08d}.tmp"):
+            print(f"STALLING IN SAVE {os.getpid()}", flush=True)
+            time.sleep(3600)
+        return out
+
+    Accelerator.save_state = save_state
+
+
 def main(argv: list[str] | None = None) -> int:
     from videollama3_train.trainer import TrainConfig, fit
 
@@ -201,10 +237,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--stall-after", type=int, default=0, help="sleep forever after this many steps (kill tests)"
     )
+    p.add_argument(
+        "--stall-in-save", type=int, default=0, help="sleep inside the save of this step's checkpoint"
+    )
+    p.add_argument("--pause-at", type=int, default=0, help="rank 0 waits for <out>/go after this step")
+    p.add_argument("--token-budget", type=int, default=0, help="ListLoader.token_budget (0: none)")
     args = p.parse_args(argv)
 
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
+    print(f"PID {rank} {os.getpid()}", flush=True)
+    if args.stall_in_save:
+        _stall_in_save(args.stall_in_save)
     model, tok = tiny_setup()
     if args.plan == "grads":
         all_batches = grad_check_batches(tok)
@@ -238,11 +282,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"STEP {metrics['step']} loss {metrics['loss']}", flush=True)
             if metrics["step"] >= args.stall_after:
                 print("STALLING", flush=True)
-                import time
-
                 time.sleep(3600)
 
-    fit(model, ListLoader(batches), cfg, on_step=on_step)
+    if args.pause_at:
+
+        def on_step(metrics: dict[str, Any]) -> None:
+            print(f"STEP {metrics['step']} loss {metrics['loss']}", flush=True)
+            if metrics["step"] == args.pause_at:
+                print("PAUSED", flush=True)
+                # fit's SIGTERM handler is a bound method of its flag object
+                flag = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+                for _ in range(6000):  # bounded: 10 minutes at most
+                    if getattr(flag, "requested", True):
+                        break
+                    time.sleep(0.1)
+
+    try:
+        fit(model, ListLoader(batches, token_budget=args.token_budget or None), cfg, on_step=on_step)
+    except SystemExit as e:  # SIGTERM: fit checkpointed and asks for a clean exit
+        (Path(args.out) / f"exit_rank{rank}").write_text(f"{e.code}\n")
+        raise
+    (Path(args.out) / f"exit_rank{rank}").write_text("0\n")
     state = full_state_dict(model)
     if rank == 0:
         torch.save(state, Path(args.out) / "params_after.pt")

@@ -22,6 +22,13 @@ import torch.nn.functional as F
 from dist_worker import ListLoader, grad_check_batches, make_sample, pack, tiny_setup, train_batches
 
 from videollama3_train.trainer import TrainConfig, find_latest_checkpoint, fit
+from videollama3_train.trainer.metrics import (
+    H100_BF16_PEAK,
+    batch_stats,
+    combine_batch_stats,
+    flops_per_step,
+    shape_from_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,6 +95,56 @@ def test_loss_decreases_on_repeated_batch(tmp_path: Path) -> None:
     assert losses[12] < losses[1] - 1.0, losses
     assert metrics["grad_norm"] > 0 and metrics["lr/llm"] == pytest.approx(3e-3)
     assert "loss/dataset/alpha" in metrics and "loss/modality/image" in metrics
+
+
+class _SlowLoader(ListLoader):
+    """Blocks 20 ms per micro-batch (so the step has a measurable data wait) and reports skipped samples."""
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            time.sleep(0.02)
+            yield batch
+
+
+def test_every_step_logs_speed_and_data_metrics(tmp_path: Path) -> None:
+    """Each logged step carries tokens/s, visual tokens/s, MFU and TFLOP/s from the REFERENCE §6 FLOPs of its own
+    micro-batches, packing fill, data-wait fraction, lrs, grad norm; skip counters appear on log steps."""
+    model, tok = tiny_setup()
+    batches = train_batches(tok, n=4)
+    loader = _SlowLoader(batches, token_budget=64)
+    loader.skipped = {"decode_error": 2, "too_long": 1}
+    rows: list[dict] = []
+    cfg = _cfg(tmp_path, max_steps=2, grad_accum=2, log_every=2)
+    fit(model, loader, cfg, on_step=rows.append)
+
+    assert [r["step"] for r in rows] == [1, 2]
+    shape = shape_from_config(model.config)
+    pads = torch.tensor([tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")])
+    for row, mbs in zip(rows, (batches[:2], batches[2:]), strict=True):
+        tokens = sum(b["input_ids"].numel() for b in mbs)
+        visual = sum(int(torch.isin(b["input_ids"], pads).sum()) for b in mbs)
+        flops = flops_per_step(
+            shape, combine_batch_stats([batch_stats(b) for b in mbs]), llm_trains=True, vision_trains=True
+        )["total"]
+        sec = row["seconds"]
+        assert row["tokens"] == tokens and row["visual_tokens"] == visual > 0
+        assert row["tokens_per_s"] == pytest.approx(tokens / sec)
+        assert row["visual_tokens_per_s"] == pytest.approx(visual / sec)
+        assert row["tflops_per_gpu"] == pytest.approx(flops / sec / 1e12)
+        assert row["mfu"] == pytest.approx(flops / sec / H100_BF16_PEAK)
+        assert row["packing_fill"] == pytest.approx(tokens / (2 * 64))
+        assert 0 < row["data_wait_fraction"] <= 1  # 2 x 20 ms blocked on the loader inside the step
+        assert row["grad_norm"] > 0 and row["skipped_nonfinite"] == 0 and row["nonfinite"] is False
+        assert {"lr/vision", "lr/projector", "lr/llm", "loss/dataset/alpha", "loss/modality/video"} <= set(
+            row
+        )
+    assert "skipped/decode_error" not in rows[0]  # the loaders' counters are gathered on log steps only
+    assert rows[1]["skipped/decode_error"] == 2 and rows[1]["skipped/too_long"] == 1
+
+    logged = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [set(r) for r in logged] == [
+        set(r) for r in rows
+    ]  # metrics.jsonl and on_step (W&B) carry the same
 
 
 def test_gradients_normalised_once_over_the_global_batch(tmp_path: Path) -> None:
@@ -203,6 +260,9 @@ def test_incomplete_checkpoint_is_ignored(tmp_path: Path) -> None:
     (root / "step-00000009.tmp").mkdir()  # a save interrupted by a crash
     torn = root / "step-00000007"
     torn.mkdir()  # renamed dir without the COMPLETE marker cannot happen, but must not be trusted either
+    deleting = root / "step-00000008.trash"  # a deletion (keep_last) interrupted by a crash
+    deleting.mkdir()
+    (deleting / "COMPLETE").write_text("8\n")
     assert find_latest_checkpoint(cfg.output_dir).name == "step-00000002"
 
 

@@ -16,7 +16,7 @@ from videollama3_train.data.errors import DataError
 from videollama3_train.prepare import frame_pixel_cap, prepare
 
 SAMPLING = {"fps": 1.0, "max_frames": 180, "min_frames": 4}
-# JPEG quality 95 with 4:4:4 chroma on these flat-band frames: measured mean |error| ~0.3 grey levels; the bound
+# JPEG quality 95 with 4:4:4 chroma on these flat-band frames: measured mean |error| ~0.06 grey levels; the bound
 # leaves room for other libjpeg builds while still catching a wrong frame (bands are 16 levels apart).
 JPEG_MEAN_ABS_TOL = 1.5
 
@@ -265,3 +265,40 @@ def test_prepare_command_line(video, tmp_path, capsys):
     assert fc.cached_size(tmp_path / "c", fc.cache_key(video, **SAMPLING)) == (32, 48)
     with pytest.raises(SystemExit):
         prepare_main(["--data", "no-colon", "--cache-dir", str(tmp_path)])
+
+
+def test_encode_record_reads_the_cache_instead_of_decoding(tmp_path, video, monkeypatch):
+    """After `prepare`, training's encode_record takes the video's frames from the cache (decode_video is never
+    called) and produces the same tokens and nearly the same pixels as decoding."""
+    from videollama3_train.data.encode import encode_record
+    from videollama3_train.model.tokenizer import build_processor, build_tiny_tokenizer
+
+    root = video.parent
+    ann = tmp_path / "ann.jsonl"
+    record = {
+        "video": video.name,
+        "conversations": [{"from": "human", "value": "<video>\nWhere?"}, {"from": "gpt", "value": "left"}],
+    }
+    ann.write_text(json.dumps(record) + "\n")
+    cfg = EncodeConfig(max_visual_tokens=256, min_frames=2, max_frames=8, fps=1.0)
+    processor = build_processor(build_tiny_tokenizer())
+    decoded = encode_record(record, data_root=root, processor=processor, config=cfg)
+
+    cached_cfg = EncodeConfig(
+        max_visual_tokens=256, min_frames=2, max_frames=8, fps=1.0, frame_cache_dir=str(tmp_path / "cache")
+    )
+    counts = prepare(
+        [(str(ann), str(root))], cached_cfg.frame_cache_dir, cached_cfg, num_workers=0, progress=False
+    )
+    assert counts["written"] == 1
+
+    def no_decode(*a, **k):
+        raise AssertionError("decode_video called although the frame cache holds the video")
+
+    monkeypatch.setattr(media, "decode_video", no_decode)
+    from_cache = encode_record(record, data_root=root, processor=processor, config=cached_cfg)
+    assert from_cache["input_ids"].tolist() == decoded["input_ids"].tolist()
+    assert from_cache["video_grid_thw"].tolist() == decoded["video_grid_thw"].tolist()
+    # JPEG storage: normalised pixels in [-1, 1] differ by a few grey levels at most on average
+    diff = (from_cache["pixel_values_videos"] - decoded["pixel_values_videos"]).abs().mean()
+    assert float(diff) < 4 / 127.5

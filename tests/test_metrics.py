@@ -140,6 +140,8 @@ def test_mfu_and_throughput() -> None:
     assert mfu(989.4e12, 2.0, 4) == pytest.approx(0.125)
     speed = throughput({"N_tokens": 20_000}, 2 * 989.4e12, 2.0, 2)
     assert speed == pytest.approx({"tokens_per_s": 10_000, "tflops_per_gpu": 494.7, "mfu": 0.5})
+    speed = throughput({"N_tokens": 20_000, "N_visual_llm_tokens": 5_000}, 2 * 989.4e12, 2.0, 2)
+    assert speed["visual_tokens_per_s"] == pytest.approx(2_500) and speed["mfu"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="seconds"):
         mfu(1.0, 0.0, 1)
 

@@ -57,13 +57,21 @@ def _mm_inputs(processor, with_labels=True):
     img = Image.fromarray(rng.integers(0, 255, (56, 84, 3), dtype=np.uint8))
     frames = rng.integers(0, 255, (4, 56, 56, 3), dtype=np.uint8)
     msgs = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "What?"}]},
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "What?"}],
+        },
         {"role": "assistant", "content": "A red circle."},
     ]
     text = processor.apply_chat_template(msgs, tokenize=False)
     meta = VideoMetadata(total_num_frames=4, fps=1.0, frames_indices=[0, 1, 2, 3])
     inputs = processor(
-        text=text, images=[img], videos=[frames], video_metadata=[meta], do_sample_frames=False, return_tensors="pt"
+        text=text,
+        images=[img],
+        videos=[frames],
+        video_metadata=[meta],
+        do_sample_frames=False,
+        return_tensors="pt",
     )
     inputs.pop("attention_mask")
     if with_labels:
@@ -86,7 +94,11 @@ def test_presets_have_reference_dimensions():
     c2 = build_model_config("videollama3_2b")
     assert c2.vision_config.patch_size == 14 and c2.vision_config.hidden_size == 1152
     assert c2.vision_config.num_hidden_layers == 27 and c2.vision_config.intermediate_size == 4304
-    assert (c2.text_config.hidden_size, c2.text_config.num_hidden_layers, c2.text_config.num_key_value_heads) == (
+    assert (
+        c2.text_config.hidden_size,
+        c2.text_config.num_hidden_layers,
+        c2.text_config.num_key_value_heads,
+    ) == (
         1536,
         28,
         2,
@@ -201,7 +213,10 @@ def test_official_key_mapping_synthetic_state_dict(tiny_model, tmp_path, tiny_to
         tie_word_embeddings=cfg.tie_word_embeddings,
     )
     (d / "config.json").write_text(json.dumps(text))
-    save_file({k: v.contiguous() for k, v in official.items() if k != "lm_head.weight"}, str(d / "model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in official.items() if k != "lm_head.weight"},
+        str(d / "model.safetensors"),
+    )
     assert detect_init_kind(d) == "official"
     loaded = build_model(ModelConfig(init_from=str(d), attn_implementation="sdpa"), tiny_tokenizer)
     for k, v in loaded.state_dict().items():
@@ -210,7 +225,12 @@ def test_official_key_mapping_synthetic_state_dict(tiny_model, tmp_path, tiny_to
 
 def test_stage1_assembly_from_siglip_and_qwen2(tmp_path, tiny_tokenizer):
     vcfg = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=56
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        patch_size=14,
+        image_size=56,
     )
     siglip = SiglipVisionModel(vcfg)
     siglip.save_pretrained(tmp_path / "siglip")
@@ -245,7 +265,9 @@ def test_stage1_assembly_from_siglip_and_qwen2(tmp_path, tiny_tokenizer):
         target = "model.language_model." + k[len("model.") :] if k.startswith("model.") else k
         assert torch.equal(sd[target], v), k
     w = model.model.projector.readout[0].weight
-    assert abs(float(w.std()) - 0.02) < 0.005 and float(model.model.projector.readout[0].bias.abs().sum()) == 0
+    assert (
+        abs(float(w.std()) - 0.02) < 0.005 and float(model.model.projector.readout[0].bias.abs().sum()) == 0
+    )
     assert model.config.vision_config.patch_size == 14
 
 
@@ -274,7 +296,9 @@ def test_varlen_plumbing_matches_sdpa_per_segment():
     assert out.shape == (1, 9, 4, 8)
     # first segment alone equals plain causal attention on it
     q0, k0, v0 = q[:, :, :3], k[:, :, :3].repeat_interleave(2, 1), v[:, :, :3].repeat_interleave(2, 1)
-    exp = torch.nn.functional.scaled_dot_product_attention(q0, k0, v0, is_causal=True, scale=0.3).transpose(1, 2)
+    exp = torch.nn.functional.scaled_dot_product_attention(q0, k0, v0, is_causal=True, scale=0.3).transpose(
+        1, 2
+    )
     torch.testing.assert_close(out[:, :3], exp)
 
 
@@ -292,7 +316,9 @@ def test_varlen_selection_is_clear_without_cuda():
 
 @pytest.mark.skipif(not varlen_available()[0], reason="varlen attention needs CUDA")
 def test_varlen_isolation_on_cuda(tiny_tokenizer):  # pragma: no cover - runs on GPU machines only
-    model = build_model(ModelConfig(attn_implementation="varlen", dtype="bfloat16"), tiny_tokenizer).cuda().eval()
+    model = (
+        build_model(ModelConfig(attn_implementation="varlen", dtype="bfloat16"), tiny_tokenizer).cuda().eval()
+    )
     ids = torch.randint(0, 500, (1, 20), device="cuda")
     pos = torch.cat([torch.arange(12), torch.arange(8)]).unsqueeze(0).cuda()
     with torch.no_grad():
@@ -310,5 +336,9 @@ def test_qwen_tokenizer_ids_match_qwen2():
     tok = build_qwen_tokenizer()
     assert tok(" the")["input_ids"] == [279]
     assert tok(" image")["input_ids"] == [2168]
-    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [151643, 151644, 151645]
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [
+        151643,
+        151644,
+        151645,
+    ]
     assert tok.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"]) == [151655, 151656]

@@ -96,6 +96,7 @@ class RunConfig:
     output_dir: str = "???"  # run directory (checkpoints, export/, metrics, resolved config)
     init_from: str | None = None  # shorthand for model.init_from (e.g. the previous stage's export/)
     lr_scale: float = 1.0  # multiplies every group's learning rate (presets for random weights raise it)
+    lr_max: float | None = None  # upper bound on every scaled learning rate (None = no bound)
     model: ModelConfig = field(default_factory=ModelConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(path="data/sample/train.jsonl"))
@@ -112,7 +113,15 @@ class RunConfig:
 
     @property
     def lrs(self) -> dict[str, float | None]:
-        return {g: None if lr is None else lr * self.lr_scale for g, lr in self.trainer.lrs.items()}
+        """Learning rate per group after ``lr_scale`` and ``lr_max``."""
+        out = {}
+        for g, lr in self.trainer.lrs.items():
+            if lr is not None:
+                lr = lr * self.lr_scale
+                if self.lr_max is not None:
+                    lr = min(lr, self.lr_max)
+            out[g] = lr
+        return out
 
 
 @dataclass

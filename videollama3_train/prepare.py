@@ -19,6 +19,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from videollama3_train.data import media
@@ -194,5 +195,37 @@ def prepare_main(argv: list[str] | None = None) -> dict[str, int]:
     return counts
 
 
+def main() -> None:
+    """``python -m videollama3_train.prepare data=D encode.frame_cache_dir=DIR [model=M] [stage=S] [...]``.
+
+    The same config as training (so sampling and budgets match what training will ask the cache for); every
+    dataset of ``data`` is scanned. The argparse form (``--data ANNOT:ROOT --cache-dir DIR``) also works.
+    """
+    import sys
+
+    if any(a.startswith("--") for a in sys.argv[1:]):
+        prepare_main()
+        return
+    import hydra
+    from omegaconf import OmegaConf
+
+    from .config import register_configs
+    from .train import CONFIG_DIR
+
+    register_configs()
+    sys.argv += ["output_dir=.", "hydra.output_subdir=null", "hydra.run.dir=."]
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+    def _main(dcfg) -> None:
+        cfg = OmegaConf.to_object(dcfg)
+        if cfg.encode.frame_cache_dir is None:
+            raise SystemExit("prepare: set encode.frame_cache_dir=DIR (and pass the same key to training)")
+        pairs = [(d.path, d.root or str(Path(d.path).parent)) for d in cfg.data.dataset_dict().values()]
+        counts = prepare(pairs, cfg.encode.frame_cache_dir, cfg.encode, max(1, cfg.data.cost_workers))
+        print(json.dumps(counts, indent=2, sort_keys=True))
+
+    _main()
+
+
 if __name__ == "__main__":
-    prepare_main()
+    main()

@@ -222,13 +222,13 @@ def load_heldout(cfg: RunConfig, processor) -> list[tuple[dict, dict]]:
 
 
 def scaled_trainer_config(cfg: RunConfig):
-    """The loop's config with ``lr_scale`` applied and the run directory filled in."""
-    t = cfg.trainer
+    """The loop's config with ``lr_scale`` / ``lr_max`` applied and the run directory filled in."""
+    lrs = cfg.lrs
     return dataclasses.replace(
-        t,
-        lr_vision=None if t.lr_vision is None else t.lr_vision * cfg.lr_scale,
-        lr_projector=None if t.lr_projector is None else t.lr_projector * cfg.lr_scale,
-        lr_llm=None if t.lr_llm is None else t.lr_llm * cfg.lr_scale,
+        cfg.trainer,
+        lr_vision=lrs["vision"],
+        lr_projector=lrs["projector"],
+        lr_llm=lrs["llm"],
         output_dir=cfg.output_dir,
     )
 

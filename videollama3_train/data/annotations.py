@@ -51,12 +51,17 @@ def _iter_json_records(path: str, mtime_ns: int, size: int) -> Iterator[dict[str
     re-read instead of served stale from the cache.
     """
     del mtime_ns, size
-    with open(path, encoding="utf-8") as f:
+    # bytes, decoded line by line: invalid UTF-8 is then reported with its line instead of failing the whole load
+    with open(path, "rb") as f:
         head = f.read(4096).lstrip()
         f.seek(0)
-        if head.startswith("["):
+        if head.startswith(b"["):
             try:
-                records = json.load(f)
+                records = json.loads(f.read().decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    "bad_text", f"not valid UTF-8 at byte {e.start} ({e.reason})", path=path
+                ) from None
             except json.JSONDecodeError as e:
                 raise DataError("bad_schema", f"not valid JSON: {e}", path=path) from e
             for i, rec in enumerate(records):
@@ -67,7 +72,16 @@ def _iter_json_records(path: str, mtime_ns: int, size: int) -> Iterator[dict[str
                 yield {RECORD_COLUMN: json.dumps(rec, ensure_ascii=False)}
             return
         index = 0
-        for lineno, line in enumerate(f, start=1):
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    "bad_text",
+                    f"line {lineno} is not valid UTF-8 (byte {e.start}: {e.reason})",
+                    index=index,
+                    path=path,
+                ) from None
             if not line.strip():
                 continue
             try:

@@ -48,6 +48,10 @@ class _Media:
     frame_indices: list[int] = field(default_factory=list)  # video given as a list of images: which ones
     size: tuple[int, int] = (0, 0)  # target (height, width) after the budget
     merge: int = 1
+    clip: tuple[float | None, float | None] = (
+        None,
+        None,
+    )  # video: the record's (start, end), for the cache key
 
     @property
     def num_frames(self) -> int:
@@ -109,6 +113,7 @@ def _probe(item: dict[str, Any], data_root: Path, config: EncodeConfig) -> _Medi
         raise DataError("no_frames", "no frame to sample in the requested range", path=str(p))
     origin = max(0.0, start) if start is not None else 0.0
     m = _Media("video", path, [p], info.width, info.height, info=info)
+    m.clip = (start, end)
     m.times = list(times)
     m.timestamps = [max(0.0, t - origin) for t in times]
     return m
@@ -258,6 +263,33 @@ def _decode_size(m: _Media, config: EncodeConfig) -> tuple[int, int] | None:
     return (h, w)
 
 
+def _cached_frames(m: _Media, config: EncodeConfig) -> np.ndarray | None:
+    """Frames of ``m`` from the frame cache written by ``prepare`` (None: caching off, absent, or stored smaller
+    than this stage's target, in which case the video is decoded as usual)."""
+    if config.frame_cache_dir is None:
+        return None
+    from .frame_cache import lookup_frames
+
+    hit = lookup_frames(
+        config.frame_cache_dir,
+        m.paths[0],
+        fps=config.fps,
+        max_frames=config.max_frames,
+        min_frames=config.min_frames,
+        start=m.clip[0],
+        end=m.clip[1],
+    )
+    if hit is None:
+        return None
+    arr, _ = hit
+    if len(arr) != len(m.times):
+        return None
+    native = tuple(arr.shape[1:3]) == (m.height, m.width)
+    if not native and (arr.shape[1] < m.size[0] or arr.shape[2] < m.size[1]):
+        return None  # stored below this stage's target: a fresh decode is sharper
+    return arr
+
+
 def _pixels(m: _Media, config: EncodeConfig, mean, std) -> torch.Tensor:
     """Normalised patch rows ``(t*h*w, 3*14*14)`` of one image / video at its target size."""
     if m.kind == "image":
@@ -272,7 +304,9 @@ def _pixels(m: _Media, config: EncodeConfig, mean, std) -> torch.Tensor:
         # frames of one video share one size; resize each list frame to it (they usually already agree)
         frames = torch.cat([_same_size(c, (m.height, m.width)) for c in chw])
     else:
-        arr, _ = media.decode_video(m.paths[0], m.times, size=_decode_size(m, config), info=m.info)
+        arr = _cached_frames(m, config)
+        if arr is None:
+            arr, _ = media.decode_video(m.paths[0], m.times, size=_decode_size(m, config), info=m.info)
         if len(arr) != len(m.times):
             raise DataError(
                 "corrupt_video", f"decoded {len(arr)} frames, asked for {len(m.times)}", path=str(m.paths[0])

@@ -53,10 +53,10 @@ PRESETS: dict[str, ModelShape] = {
         )
     ),
     "tiny": ModelShape(
-        vision=VisionShape(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+        vision=VisionShape(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
         text=TextShape(
-            hidden_size=64,
-            intermediate_size=128,
+            hidden_size=128,
+            intermediate_size=256,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,

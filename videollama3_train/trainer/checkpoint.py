@@ -10,7 +10,8 @@ Layout of one checkpoint ``<output_dir>/checkpoints/step-00000120/``:
 
 Everything is written into ``step-XXXXXXXX.tmp`` first; after a barrier rank 0 renames it with ``os.replace`` (atomic
 on one filesystem). A crash mid-save leaves a ``.tmp`` that :func:`find_latest_checkpoint` ignores and the next save
-of that step replaces.
+of that step replaces. A complete checkpoint is never deleted in place: it is first renamed to ``.trash`` (so a
+crash mid-delete cannot leave a ``step-*`` directory that has its ``COMPLETE`` marker but lacks files), then removed.
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ def save_checkpoint(
     if accelerator.is_main_process:
         # A leftover from an earlier crash at this very step, or a re-save of the final step.
         shutil.rmtree(tmp, ignore_errors=True)
+        for trash in root.glob("*.trash"):  # deletions a crash interrupted
+            shutil.rmtree(trash, ignore_errors=True)
         tmp.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
 
@@ -108,12 +111,20 @@ def save_checkpoint(
     if accelerator.is_main_process:
         (tmp / COMPLETE).write_text(f"{state.step}\n")
         if final.exists():  # re-saving a step (e.g. the final save right after a periodic one)
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
         for old in list_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint directory: atomically out of sight first, then from disk."""
+    trash = path.with_name(path.name + ".trash")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def load_checkpoint(accelerator, path: str | os.PathLike, *, scheduler, loader) -> LoopState:

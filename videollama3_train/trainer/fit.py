@@ -11,6 +11,21 @@ One optimizer step, as :func:`fit` tells it:
 3. clip (the norm is logged), skip the update if the loss or the norm is not finite, step AdamW and the schedule;
 4. log, checkpoint, evaluate, each on its own cadence; SIGTERM ends the run after the step with a checkpoint.
 
+Host syncs: the per-step counts (label tokens, tokens, visual tokens, FLOPs, data-wait seconds) are computed on the
+CPU batches and summed over ranks in the one all-reduce that the loss normaliser needs anyway; the loss, the norm
+and the stop votes reach the host in the single ``.tolist()`` that decides whether to apply the update. Only log
+steps sync more (per-dataset losses, the loader's skip counters of every rank).
+
+Speed metrics of every step (see :mod:`videollama3_train.trainer.metrics`): ``tokens_per_s`` and
+``visual_tokens_per_s`` (all ranks), ``tflops_per_gpu`` and ``mfu`` (REFERENCE §6 FLOPs over the H100 bf16 peak
+989.4 TFLOP/s, also on CPU, where the figure only shows relative changes), ``packing_fill`` (tokens over
+micro-batches times ``loader.token_budget``, when the loader has that attribute), ``data_wait_fraction`` (mean over
+ranks of the time blocked on the loader, over rank 0's step time). On CUDA a step's time is taken after the update
+is queued, not finished: the next step's sync absorbs the rest, so averages over steps are right.
+
+An out-of-memory micro-batch is re-raised as ``torch.OutOfMemoryError`` naming its size, its samples and the config
+keys that bound them.
+
 The vision tower and projector run on every rank at every micro-step (a 4-patch dummy image when a micro-batch is
 text-only), so ZeRO-3 never waits on a rank that skipped the tower and DDP needs no ``find_unused_parameters``.
 """
@@ -40,6 +55,14 @@ from videollama3_train.trainer.checkpoint import (
 )
 from videollama3_train.trainer.config import TrainConfig
 from videollama3_train.trainer.loss import chunked_cross_entropy, shift_and_select
+from videollama3_train.trainer.metrics import (
+    H100_BF16_PEAK,
+    batch_stats,
+    combine_batch_stats,
+    flops_per_step,
+    shape_from_config,
+    throughput,
+)
 
 DEFAULT_DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 
@@ -318,6 +341,39 @@ def _label_count(batch: dict[str, Any]) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
+def _oom_message(step: int, index: int, n_micro: int, stats: dict[str, Any], meta: list[dict]) -> str:
+    """What ran out of memory, and which knobs bound it (the packing budget, the per-sample visual budget,
+    activation memory)."""
+    samples = ", ".join(
+        f"{m.get('dataset', '') or 'unnamed'}[{m.get('index', '?')}] ({m.get('modality', '?')}, "
+        f"{m.get('num_tokens', '?')} tokens)"
+        for m in meta
+    )
+    return (
+        f"out of memory in micro-batch {index + 1}/{n_micro} of step {step}: {stats['N_tokens']} tokens, "
+        f"{sum(stats['segment_patches'])} vision patches, {stats['N_visual_llm_tokens']} visual LLM tokens, "
+        f"{len(meta)} samples: {samples or 'no sample metadata'}. Lower data.max_tokens (tokens per packed row), "
+        "data.max_patches (vision patches per row) or encode.max_visual_tokens (per sample), or turn on "
+        "trainer.gradient_checkpointing (llm / vision / both)"
+    )
+
+
+def _skip_counts(loader: Any, accelerator) -> dict[str, int]:
+    """``skipped/<reason>``: samples the loaders of all ranks dropped for bad data so far (cumulative, restored on
+    resume). Collective when distributed: every rank must call it at the same step."""
+    local = dict(getattr(loader, "skipped", None) or {})
+    if accelerator.num_processes > 1 and hasattr(loader, "skipped"):
+        gathered: list[dict[str, int] | None] = [None] * accelerator.num_processes
+        torch.distributed.all_gather_object(gathered, local)
+    else:
+        gathered = [local]
+    total: dict[str, int] = defaultdict(int)
+    for counts in gathered:
+        for reason, n in (counts or {}).items():
+            total[f"skipped/{reason}"] += int(n)
+    return dict(total)
+
+
 def _group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     out: dict[str, float] = {}
     for g in optimizer.param_groups:
@@ -351,7 +407,11 @@ def fit(
         accelerator: an ``accelerate.Accelerator``; built from ``cfg.backend`` / ``cfg.precision`` when None.
         processor: saved into every checkpoint beside the model config when given.
         eval_fn: ``eval_fn(model, step) -> {name: value}``, run at every checkpoint; values join that step's metrics.
-        on_step: called on rank 0 with each step's metrics dict (step, loss, lr/<group>, grad_norm, tokens, ...).
+        on_step: called on rank 0 with each step's metrics dict: step, epoch, loss, loss/dataset/<name>,
+            loss/modality/<m> (rank 0's samples), lr/<group>, grad_norm, tokens, label_tokens, visual_tokens,
+            seconds, tokens_per_s, visual_tokens_per_s, tflops_per_gpu, mfu, data_wait_fraction, packing_fill
+            (when ``loader.token_budget`` is set), skipped_nonfinite, nonfinite; on log steps also
+            skipped/<reason> (``loader.skipped`` summed over ranks, cumulative).
 
     Returns:
         The last step's metrics (``interrupted`` is True when SIGTERM ended the run; the process then exits 0).
@@ -413,21 +473,37 @@ def fit(
             write_extras=write_extras,
         )
 
+    # FLOPs of a micro-batch depend on which towers train (REFERENCE §6: kl, kv); counted on the CPU batches.
+    flops_shape = shape_from_config(model.config)
+    llm_trains, vision_trains = cfg.lrs["llm"] is not None, cfg.lrs["vision"] is not None
+    world = accelerator.num_processes
+    token_budget = getattr(loader, "token_budget", None)
+
     metrics: dict[str, Any] = {"step": state.step}
     interrupted = False
     with _StopOnSigterm() as sigterm:
         while state.step < total_steps:
             t0 = time.perf_counter()
 
-            # ---- 1. the step's micro-batches and the label count of the global batch -------------------------
+            # ---- 1. the step's micro-batches; counts of the global batch in one all-reduce ------------------
             micro = batches.next_step()
-            local_counts = [_label_count(mb) for mb in micro]
+            data_wait = time.perf_counter() - t0
+            stats = [batch_stats(mb) for mb in micro]  # on the CPU tensors: no device sync
+            step_stats = combine_batch_stats(stats)
             counts = torch.tensor(
-                [sum(local_counts), sum(mb["input_ids"].shape[-1] for mb in micro)],
+                [
+                    sum(_label_count(mb) for mb in micro),
+                    step_stats["N_tokens"],
+                    step_stats["N_visual_llm_tokens"],
+                    flops_per_step(
+                        flops_shape, step_stats, llm_trains=llm_trains, vision_trains=vision_trains
+                    )["total"],
+                    data_wait,
+                ],
                 dtype=torch.float64,
                 device=accelerator.device,
             )
-            counts = accelerator.reduce(counts, reduction="sum")  # (label tokens, tokens) over all ranks
+            counts = accelerator.reduce(counts, reduction="sum")  # (labels, tokens, visual, FLOPs, wait s)
             global_labels = counts[0].clamp(min=1)
 
             # ---- 2. forward + backward each micro-batch; gradients sync on the last one ----------------------
@@ -437,15 +513,20 @@ def fit(
                 final = i == len(micro) - 1
                 mb = _to_device(mb, accelerator.device)
                 sync = nullcontext() if final or is_deepspeed else accelerator.no_sync(train_module)
-                with sync:
-                    loss_sum, token_losses, sample_ids = train_module(mb)
-                    loss = loss_sum * (grad_scale / global_labels).to(loss_sum.dtype)
-                    if (
-                        is_deepspeed
-                    ):  # the engine steps (clip + AdamW) inside the backward of the last micro-batch
-                        accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=final)
-                    else:
-                        accelerator.backward(loss)
+                try:
+                    with sync:
+                        loss_sum, token_losses, sample_ids = train_module(mb)
+                        loss = loss_sum * (grad_scale / global_labels).to(loss_sum.dtype)
+                        if (
+                            is_deepspeed
+                        ):  # the engine steps (clip + AdamW) inside the last micro-batch's backward
+                            accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=final)
+                        else:
+                            accelerator.backward(loss)
+                except torch.OutOfMemoryError as e:
+                    raise torch.OutOfMemoryError(
+                        _oom_message(state.step + 1, i, len(micro), stats[i], mb.get("meta") or [])
+                    ) from e
                 step_loss += loss_sum.detach()
                 if token_losses is not None:
                     per_sample.append((mb.get("meta") or [], token_losses, sample_ids))
@@ -463,9 +544,11 @@ def fit(
                 [step_loss.double(), torch.tensor(float(sigterm.requested), device=step_loss.device).double()]
             )
             flags = accelerator.reduce(flags, reduction="sum")
-            global_loss_sum, stop_votes = flags[0], flags[1]
-            # The one host sync of every step: whether to apply the update must be known here.
-            finite = bool(torch.isfinite(global_loss_sum) & torch.isfinite(grad_norm))
+            # The one host sync of every step: whether to apply the update must be known here. Everything else
+            # the step logs rides along in the same transfer.
+            host = torch.cat([counts, flags, grad_norm.detach().reshape(1).to(counts)]).tolist()
+            n_labels, n_tokens, n_visual, flops, wait_sum, global_loss_sum, stop_votes, norm_value = host
+            finite = math.isfinite(global_loss_sum) and math.isfinite(norm_value)
             if finite:
                 if not is_deepspeed:
                     optimizer.step()
@@ -477,9 +560,9 @@ def fit(
                 state.consecutive_nonfinite += 1
             if not is_deepspeed:
                 optimizer.zero_grad(set_to_none=True)
+            seconds = max(time.perf_counter() - t0, 1e-9)
             state.step += 1
             state.step_in_epoch += 1
-            n_labels, n_tokens = counts.tolist()
             state.label_tokens += int(n_labels)
             state.tokens += int(n_tokens)
 
@@ -487,15 +570,26 @@ def fit(
             metrics = {
                 "step": state.step,
                 "epoch": state.epoch,
-                "loss": global_loss_sum / global_labels,
-                "grad_norm": grad_norm,
+                "loss": global_loss_sum / max(n_labels, 1.0),
+                "grad_norm": norm_value,
                 "tokens": int(n_tokens),
                 "label_tokens": int(n_labels),
-                "seconds": time.perf_counter() - t0,
+                "visual_tokens": int(n_visual),
+                "seconds": seconds,
+                "data_wait_fraction": min(wait_sum / world / seconds, 1.0),
+                **throughput(
+                    {"N_tokens": n_tokens, "N_visual_llm_tokens": n_visual},
+                    flops,
+                    seconds,
+                    world,
+                    H100_BF16_PEAK,
+                ),
                 "skipped_nonfinite": state.skipped_nonfinite,
                 "nonfinite": not finite,
                 **_group_lrs(optimizer),
             }
+            if token_budget:
+                metrics["packing_fill"] = n_tokens / (len(micro) * world * token_budget)
             logger.add(metrics, per_sample)
             if state.consecutive_nonfinite >= cfg.nan_tolerance:
                 logger.flush()
@@ -504,9 +598,10 @@ def fit(
                     f"(nan_tolerance={cfg.nan_tolerance}), last at step {state.step}: check the data of these steps "
                     f"(metrics.jsonl), the learning rates and the precision"
                 )
-            stop = bool(stop_votes > 0)
+            stop = stop_votes > 0
             last = state.step >= total_steps
             if state.step % cfg.log_every == 0 or last or stop:
+                metrics.update(_skip_counts(loader, accelerator))  # collective: every rank is here
                 logger.flush()
             if stop or last or (cfg.save_every and state.step % cfg.save_every == 0):
                 write_checkpoint()
@@ -551,7 +646,6 @@ class _MetricsLog:
         for metrics, per_sample in self.pending:
             row = {k: _plain(v) for k, v in metrics.items()}
             row.update(_breakdown(per_sample))
-            row["tokens_per_s"] = row["tokens"] / max(row["seconds"], 1e-9)
             self._emit(row)
         self.pending.clear()
 
@@ -573,7 +667,7 @@ class _MetricsLog:
                 self.bar.set_postfix(
                     loss=f"{row['loss']:.4f}",
                     lr=f"{max(lrs, default=0):.2e}",
-                    tok_s=f"{row['tokens_per_s']:.0f}",
+                    tok_s=f"{row.get('tokens_per_s', 0):.0f}",
                 )
 
     def close(self) -> dict[str, Any]:

@@ -219,18 +219,21 @@ def mfu(flops: float, seconds: float, n_gpus: int, peak: float = H100_BF16_PEAK)
 def throughput(
     stats: Mapping[str, Any], flops: float, seconds: float, n_gpus: int, peak: float = H100_BF16_PEAK
 ) -> dict[str, float]:
-    """The per-step speed metrics we log: real tokens/s (all ranks), TFLOP/s per GPU and MFU.
+    """The per-step speed metrics we log: real tokens/s (all ranks), visual LLM tokens/s when ``stats`` has
+    ``N_visual_llm_tokens``, TFLOP/s per GPU and MFU.
 
     ``stats`` and ``flops`` must cover the same work (both summed over ranks, or both of one rank with
-    ``n_gpus=1``).
+    ``n_gpus=1``). ``peak`` defaults to the H100 bf16 peak on every device, CPU included, so figures stay
+    comparable with REFERENCE §5; on other hardware MFU only shows relative changes.
     """
     if seconds <= 0:
         raise ValueError(f"step time must be > 0 s, got {seconds}")
-    return {
-        "tokens_per_s": stats["N_tokens"] / seconds,
-        "tflops_per_gpu": flops / seconds / n_gpus / 1e12,
-        "mfu": mfu(flops, seconds, n_gpus, peak),
-    }
+    out = {"tokens_per_s": stats["N_tokens"] / seconds}
+    if "N_visual_llm_tokens" in stats:
+        out["visual_tokens_per_s"] = stats["N_visual_llm_tokens"] / seconds
+    out["tflops_per_gpu"] = flops / seconds / n_gpus / 1e12
+    out["mfu"] = mfu(flops, seconds, n_gpus, peak)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,231 @@
+"""Faults a long run meets: a kill in the middle of a checkpoint write, preemption (SIGTERM), an out-of-memory
+micro-batch. Non-finite steps are covered in tests/test_fit.py.
+
+The subprocess tests run tests/dist_worker.py (``--plan repeat``: 6 steps of grad_accum 2, checkpoints every 2
+steps) as one plain process and as two DDP processes under ``torch.distributed.run`` (gloo), and compare with an
+uninterrupted run of the same world size. Every wait is bounded; a hung process fails the test with its log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from dist_worker import ListLoader, tiny_setup, train_batches
+from test_fit import _cfg, _losses
+
+from videollama3_train.trainer import find_latest_checkpoint, fit
+from videollama3_train.trainer.fit import LossModule
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER_ARGS = ["--plan", "repeat", "--lr", "1e-3", "--eps", "1e-8", "--max-grad-norm", "1.0"]
+WORKER_ARGS += ["--grad-accum", "2", "--steps", "6", "--save-every", "2"]
+TIMEOUT = 300  # seconds any one process may take (a tiny model: tens of seconds on 2 shared cores)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Run:
+    """A worker launch (1 process: plain python; 2: torchrun) whose output is read by a thread, so waiting for a
+    line has a deadline even when the process prints nothing."""
+
+    def __init__(self, out: Path, world: int, *args: str):
+        script = [str(REPO / "tests" / "dist_worker.py"), "--out", str(out), *WORKER_ARGS, *args]
+        if world == 1:
+            cmd = [sys.executable, *script]
+        else:
+            launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(world)]
+            cmd = [sys.executable, *launcher, "--master_port", str(_free_port()), *script]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)[-6000:]
+
+    def wait_for(self, marker: str, timeout: float = TIMEOUT) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._queue.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                raise AssertionError(f"no {marker!r} within {timeout}s:\n{self.log}") from None
+            if line is None:
+                raise AssertionError(f"exited before {marker!r}:\n{self.log}")
+            self.lines.append(line)
+            if marker in line:
+                return line
+
+    def finish(self, timeout: float = TIMEOUT) -> int:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_all()
+            raise AssertionError(f"did not exit within {timeout}s:\n{self.log}") from None
+        while (line := self._queue.get(timeout=30)) is not None:
+            self.lines.append(line)
+        return self.proc.returncode
+
+    def worker_pids(self) -> list[int]:
+        return [int(line.split()[2]) for line in self.lines if line.startswith("PID ")]
+
+    def kill_all(self) -> None:
+        """SIGKILL the workers (torchrun starts each in its own session) and the launcher: no cleanup runs."""
+        for pid in [*self.worker_pids(), self.proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def clean_runs(tmp_path_factory) -> dict[int, Path]:
+    """Output directories of uninterrupted runs, by world size, run on first use."""
+    done: dict[int, Path] = {}
+
+    def get(world: int) -> Path:
+        if world not in done:
+            out = tmp_path_factory.mktemp(f"clean{world}")
+            run = _Run(out, world)
+            assert run.finish() == 0, run.log
+            assert "WORKER DONE" in run.log
+            done[world] = out
+        return done[world]
+
+    return get
+
+
+def _assert_same_run(clean: Path, resumed: Path, steps: range) -> None:
+    a, b = _losses(clean), _losses(resumed)
+    assert [b[s] for s in steps] == [a[s] for s in steps]
+    pa = torch.load(clean / "params_after.pt", weights_only=True)
+    pb = torch.load(resumed / "params_after.pt", weights_only=True)
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (a) SIGKILL in the middle of a checkpoint write
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("world", [1, 2])
+def test_sigkill_during_checkpoint_write_resumes_from_last_complete(
+    tmp_path: Path, world: int, clean_runs
+) -> None:
+    """kill -9 while the step-4 checkpoint is half written (weights and optimizer in ``.tmp``, no loop state, no
+    ``COMPLETE``): the restart resumes from step 2, replaces the torn ``.tmp`` and reproduces steps 3..6."""
+    out = tmp_path / "victim"
+    victim = _Run(out, world, "--stall-in-save", "4")
+    victim.wait_for("STALLING IN SAVE")
+    assert len(victim.worker_pids()) == world, victim.log  # each worker prints its PID before training
+    victim.kill_all()
+    torn = out / "checkpoints" / "step-00000004.tmp"
+    assert any(torn.iterdir()), "the kill did not land inside the save"
+    assert find_latest_checkpoint(out).name == "step-00000002"
+
+    resumed = _Run(out, world)
+    assert resumed.finish() == 0, resumed.log
+    assert "resumed from" in resumed.log and "at step 2" in resumed.log
+    _assert_same_run(clean_runs(world), out, range(3, 7))
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step-00000002", "step-00000004", "step-00000006"]  # keep_last=3, nothing torn left
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (b) SIGTERM (preemption)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("world", [1, 2])
+def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path: Path, world: int, clean_runs) -> None:
+    """SIGTERM after step 3 (to the process; with 2 processes to torchrun, which forwards it to the workers): the
+    ranks agree to stop after step 4, write a complete step-4 checkpoint and exit 0; a restart finishes the run
+    with the losses of an uninterrupted one."""
+    out = tmp_path / "victim"
+    victim = _Run(out, world, "--pause-at", "3")
+    victim.wait_for("PAUSED")  # rank 0 now waits until its SIGTERM flag is set
+    victim.proc.send_signal(signal.SIGTERM)
+    code = victim.finish()
+    for rank in range(world):
+        assert (out / f"exit_rank{rank}").read_text().strip() == "0", victim.log
+    if world == 1:
+        assert code == 0, victim.log
+    else:
+        # torchrun itself re-raises the signal after its workers ended (its own exit code is not 0).
+        assert "got signal: 15" in victim.log or code == 0, victim.log
+    latest = find_latest_checkpoint(out)
+    assert latest.name == "step-00000004" and (latest / "COMPLETE").is_file(), victim.log
+    assert all((latest / f"loader_rank{r}.pt").is_file() for r in range(world))
+    assert "SIGTERM: checkpoint of step 4 written" in victim.log
+
+    resumed = _Run(out, world)
+    assert resumed.finish() == 0, resumed.log
+    assert "at step 4" in resumed.log
+    _assert_same_run(clean_runs(world), out, range(5, 7))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (c) out of memory
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_out_of_memory_names_the_micro_batch_and_the_knobs(tmp_path: Path, monkeypatch) -> None:
+    model, tok = tiny_setup()
+    batches = train_batches(tok, n=4)
+    victim = batches[3]  # step 2, second micro-batch
+    original = LossModule.forward
+
+    def forward(self, batch):
+        if batch["input_ids"].shape == victim["input_ids"].shape and torch.equal(
+            batch["input_ids"], victim["input_ids"]
+        ):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return original(self, batch)
+
+    monkeypatch.setattr(LossModule, "forward", forward)
+    cfg = _cfg(tmp_path, max_steps=2, grad_accum=2)
+    with pytest.raises(torch.OutOfMemoryError) as exc:
+        fit(model, ListLoader(batches), cfg)
+    msg = str(exc.value)
+    tokens = victim["input_ids"].numel()
+    patches = sum(b.shape[0] for k, b in victim.items() if k in ("pixel_values", "pixel_values_videos"))
+    assert "micro-batch 2/2 of step 2" in msg
+    assert f"{tokens} tokens" in msg and f"{patches} vision patches" in msg
+    for m in victim["meta"]:
+        assert f"{m['dataset']}[{m['index']}] ({m['modality']}" in msg
+    for key in (
+        "data.max_tokens",
+        "data.max_patches",
+        "encode.max_visual_tokens",
+        "trainer.gradient_checkpointing",
+    ):
+        assert key in msg
+    assert "Tried to allocate 9.00 GiB" in str(exc.value.__cause__)  # the allocator's own message is kept

@@ -1,0 +1,171 @@
+"""Launching: a two-node torchrun job simulated on one machine (two agents, CPU, gloo), and the launch scripts.
+
+The two agents run the real train command exactly as ``launch/torchrun_multinode.sh`` starts it on each node
+(``--nnodes 2 --node_rank {0,1} --master_addr --master_port``), with ZeRO-2 on tiny generated data.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    from test_sample_data import gen
+
+    out = tmp_path_factory.mktemp("data")
+    gen.generate(out, seed=1, n_train=24, n_heldout=4)
+    return out
+
+
+@pytest.mark.timeout(900)
+def test_two_node_torchrun_zero2(tmp_path: Path, small_data: Path) -> None:
+    port = _free_port()
+    out = tmp_path / "run"
+    train_args = [
+        "-m",
+        "videollama3_train.train",
+        "stage=alignment",
+        "model=tiny",
+        "data=file",
+        f"data.path={small_data / 'train.jsonl'}",
+        f"data.root={small_data}",
+        "trainer.backend=zero2",
+        "trainer.max_steps=3",
+        "logger=disabled",
+        f"output_dir={out}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    agents, logs = [], []
+    for node_rank in (0, 1):
+        log = (tmp_path / f"node{node_rank}.log").open("w")
+        logs.append(log)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc_per_node",
+            "1",
+            "--node_rank",
+            str(node_rank),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            *train_args,
+        ]
+        agents.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO))
+    try:
+        codes = [a.wait(timeout=780) for a in agents]
+    except subprocess.TimeoutExpired:
+        codes = None
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                a.kill()
+                a.wait(timeout=30)
+        for log in logs:
+            log.close()
+    text = "\n".join(f"--- node {i}\n" + (tmp_path / f"node{i}.log").read_text()[-4000:] for i in (0, 1))
+    assert codes == [0, 0], text
+    assert (out / "export" / "config.json").is_file(), text
+    assert list((out / "export").glob("*.safetensors")), text
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000003"], text
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) >= 1 and '"step": 3' in rows[-1], text
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in LAUNCH.glob("*.sh")) + ["slurm.sbatch"])
+def test_launch_scripts_parse(script: str) -> None:
+    proc = subprocess.run(["bash", "-n", str(LAUNCH / script)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _dry_run(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    full = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "NPROC_PER_NODE": "8", **env}
+    for k in (
+        "WORLD_SIZE",
+        "GRAD_ACCUM",
+        "FIRST_STAGE",
+        "FORCE",
+        "LAUNCHER",
+        "NNODES",
+        "NODE_RANK",
+        "INIT_FROM",
+    ):
+        if k not in env:
+            full.pop(k, None)
+    return subprocess.run(
+        ["bash", str(LAUNCH / script), *args], capture_output=True, text=True, timeout=60, env=full, cwd=REPO
+    )
+
+
+def test_stages_2b_dry_run(tmp_path: Path) -> None:
+    proc = _dry_run(
+        "stages_2b.sh",
+        "logger=online",
+        OUTPUT_ROOT=str(tmp_path / "2b"),
+        SIGLIP_DIR="/ckpt/siglip",
+        QWEN_DIR="/ckpt/qwen",
+        DATA_VIDEO_FINETUNE="video_mix",
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("+")]
+    train = [ln for ln in lines if "torchrun_single.sh" in ln]
+    stages = ["encoder_adaptation", "alignment", "multitask_sft", "video_finetune"]
+    assert len(train) == 4, proc.stdout
+    for i, (line, stage) in enumerate(zip(train, stages)):
+        assert f"stage={stage}" in line and "model=videollama3_2b" in line
+        assert f"output_dir={tmp_path / '2b' / stage}" in line
+        assert "trainer.grad_accum=4" in line  # 8 GPUs x ~4 samples per packed row x 4 = 128
+        assert "trainer.backend=zero1" in line and line.endswith("logger=online")
+        if i == 0:
+            assert "model.init_kind=assemble" in line and "model.vision_from=/ckpt/siglip" in line
+        else:
+            assert f"init_from={tmp_path / '2b' / stages[i - 1] / 'export'}" in line
+    assert "data=video_mix" in train[3] and "data=sample" in train[0]
+    assert "videollama3_train.report" in lines[-1]
+    assert not (tmp_path / "2b").exists()  # a dry run writes nothing
+
+
+def test_stages_2b_dry_run_multinode_and_first_stage(tmp_path: Path) -> None:
+    proc = _dry_run(
+        "stages_2b.sh",
+        OUTPUT_ROOT=str(tmp_path / "2b"),
+        LAUNCHER="torchrun_multinode",
+        NNODES="2",
+        NODE_RANK="1",
+        FIRST_STAGE="multitask_sft",
+    )
+    assert proc.returncode == 0, proc.stderr
+    train = [ln for ln in proc.stdout.splitlines() if ln.startswith("+") and "torchrun_multinode.sh" in ln]
+    assert [s for s in ("multitask_sft", "video_finetune") if any(f"stage={s}" in ln for ln in train)] == [
+        "multitask_sft",
+        "video_finetune",
+    ]
+    assert len(train) == 2
+    assert "trainer.grad_accum=2" in train[0]  # 16 GPUs
+    assert "videollama3_train.report" not in proc.stdout  # node 0 writes the report
+
+
+def test_run_stages_rejects_unknown_first_stage() -> None:
+    proc = _dry_run("stages_2b.sh", FIRST_STAGE="stage5")
+    assert proc.returncode != 0 and "FIRST_STAGE" in proc.stderr

@@ -1,0 +1,204 @@
+"""Stage recipes: each stage's config, composed exactly as the train / pipeline commands compose it, against the
+official recipe (REFERENCE §2). The 2B / 7B presets must match the table; the tiny preset scales learning rates and
+shrinks budgets on purpose, and is tested for exactly those documented differences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from videollama3_train.config import STAGES
+from videollama3_train.pipeline import compose_stage
+
+REPO = Path(__file__).resolve().parents[1]
+
+# REFERENCE §2, per stage: learning rate per group (None = frozen), merge sizes, token compression.
+TABLE = {
+    "encoder_adaptation": dict(
+        lrs={"vision": 1e-5, "projector": 1e-3, "llm": None}, image_merge=1, video_merge=2, compression=False
+    ),
+    "alignment": dict(
+        lrs={"vision": 2e-6, "projector": 1e-5, "llm": 1e-5}, image_merge=1, video_merge=2, compression=False
+    ),
+    "multitask_sft": dict(
+        lrs={"vision": 2e-6, "projector": 1e-5, "llm": 1e-5}, image_merge=1, video_merge=2, compression=True
+    ),
+    "video_finetune": dict(
+        lrs={"vision": 2e-6, "projector": 1e-5, "llm": 1e-5}, image_merge=2, video_merge=2, compression=True
+    ),
+}
+
+# What the tiny preset (configs/model/tiny.yaml) changes, and why: random weights need far larger learning rates
+# and several epochs to learn the sample data on CPU in minutes, with small visual budgets.
+TINY = dict(
+    lr_scale=300.0,
+    epochs=3,
+    warmup_ratio=0.05,
+    max_visual_tokens=256,
+    max_length=1024,
+    max_frames=8,
+    min_frames=2,
+    fps=2.0,
+    max_tokens=2048,
+    max_patches=4096,
+)
+
+
+def _compose(stage: str, *overrides: str, tmp: Path = Path("/tmp/recipes")):
+    cfg, _ = compose_stage(stage, list(overrides), tmp / stage, None)
+    return cfg
+
+
+def _assert_shared(cfg) -> None:
+    """Values shared by every stage of the official recipe, independent of the model size."""
+    t, e = cfg.trainer, cfg.encode
+    assert t.adam_betas == (0.9, 0.999) and t.adam_eps == 1e-8
+    assert t.weight_decay == 0.0
+    assert t.lr_schedule == "cosine"
+    assert e.patch_size == 14
+    assert e.compression_threshold == 0.1
+
+
+def test_table_covers_every_stage() -> None:
+    assert tuple(TABLE) == STAGES
+
+
+@pytest.mark.parametrize("model", ["videollama3_2b", "videollama3_7b"])
+@pytest.mark.parametrize("stage", STAGES)
+def test_full_size_recipe_matches_reference(stage: str, model: str) -> None:
+    cfg = _compose(stage, f"model={model}")
+    row = TABLE[stage]
+    assert cfg.stage == stage
+    assert cfg.lr_scale == 1.0
+    assert cfg.lrs == row["lrs"]
+    assert cfg.trainer.lrs == row["lrs"]
+    assert (cfg.encode.image_merge_size, cfg.encode.video_merge_size) == (
+        row["image_merge"],
+        row["video_merge"],
+    )
+    assert cfg.encode.use_token_compression is row["compression"]
+    _assert_shared(cfg)
+    t, e = cfg.trainer, cfg.encode
+    assert t.warmup_ratio == 0.03
+    assert t.epochs == 1 and t.max_steps == -1
+    assert e.max_length == 16384 and cfg.data.max_tokens == 16384
+    assert e.max_visual_tokens == 10240
+    assert e.fps == 1.0 and e.max_frames == 180
+    assert t.backend == "zero1"
+    assert t.gradient_checkpointing == "both"  # activation checkpointing on both towers
+    assert t.precision in ("auto", "bf16")  # bf16 on GPUs
+    assert cfg.model.preset == model and cfg.model.tokenizer == "qwen"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_tiny_recipe_differs_only_as_documented(stage: str) -> None:
+    tiny = _compose(stage, "model=tiny")
+    full = _compose(stage, "model=videollama3_2b")
+    row = TABLE[stage]
+    # What trains and the vision knobs are the recipe's; only the learning rates' scale differs.
+    assert tiny.lr_scale == TINY["lr_scale"]
+    assert tiny.trainer.lrs == row["lrs"]
+    assert tiny.lrs == {g: None if lr is None else lr * TINY["lr_scale"] for g, lr in row["lrs"].items()}
+    for key in ("image_merge_size", "video_merge_size", "use_token_compression", "patch_size"):
+        assert getattr(tiny.encode, key) == getattr(full.encode, key), key
+    _assert_shared(tiny)
+    # The documented differences.
+    assert tiny.trainer.epochs == TINY["epochs"]
+    assert tiny.trainer.warmup_ratio == TINY["warmup_ratio"]
+    for key in ("max_visual_tokens", "max_length", "max_frames", "min_frames", "fps"):
+        assert getattr(tiny.encode, key) == TINY[key], key
+    assert (tiny.data.max_tokens, tiny.data.max_patches) == (TINY["max_tokens"], TINY["max_patches"])
+    assert tiny.model.preset == "tiny" and tiny.model.tokenizer == "tiny"
+    assert tiny.trainer.backend == "ddp"  # runs on one CPU process; the 2B / 7B presets use ZeRO-1
+
+
+def test_finetune_recipe_is_stage4_as_custom_stage() -> None:
+    """configs/stage/finetune.yaml: a released checkpoint on one's own data, with the stage-4 values."""
+    cfg = _compose("finetune", "model=videollama3_2b", "init_from=/ckpt/released")
+    s4 = _compose("video_finetune", "model=videollama3_2b")
+    assert cfg.stage == "custom"
+    assert cfg.lrs == s4.lrs == TABLE["video_finetune"]["lrs"]
+    assert cfg.encode == s4.encode
+    assert dataclasses.replace(cfg.trainer, output_dir="") == dataclasses.replace(s4.trainer, output_dir="")
+    assert cfg.init_from == "/ckpt/released"
+    assert cfg.lora.enabled is False  # full fine-tuning unless lora.enabled=true
+    lora = _compose("finetune", "lora.enabled=true", "lora.vision=true", "lora.r=8")
+    assert lora.lora.enabled and lora.lora.vision and lora.lora.r == 8
+
+
+def test_freezing_a_group_from_the_command_line() -> None:
+    cfg = _compose("multitask_sft", "model=videollama3_2b", "trainer.lr_vision=null")
+    assert cfg.lrs == {"vision": None, "projector": 1e-5, "llm": 1e-5}
+    # The schema's cross-field check runs when the config becomes dataclasses, before anything is built.
+    with pytest.raises(ValueError, match="nothing would train"):
+        _compose("alignment", "trainer.lr_vision=null", "trainer.lr_projector=null", "trainer.lr_llm=null")
+
+
+def _chain(exc: BaseException) -> str:
+    """The message of an exception and all its causes (Hydra wraps the schema's error)."""
+    parts = []
+    while exc is not None:
+        parts.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("trainer.lr_vison=1", "lr_vison"), ("trainer.epochs=abc", "trainer.epochs"), ("model=tinyy", "tinyy")],
+)
+def test_bad_override_fails_at_compose_naming_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_stage("alignment", [override], Path("/tmp/recipes/bad"), None)
+    assert key in _chain(err.value)
+
+
+def test_unknown_stage_fails_at_compose() -> None:
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_stage("stage5", [], Path("/tmp/recipes/bad"), None)
+    assert "stage5" in _chain(err.value)
+
+
+def test_pipeline_rejects_bad_override_before_training(tmp_path: Path) -> None:
+    """run_pipeline composes every stage before the first one trains: a typo fails at once, no stage dir."""
+    from videollama3_train.pipeline import run_pipeline
+
+    with pytest.raises(ConfigCompositionException) as err:
+        run_pipeline(["model=tiny", f"output_dir={tmp_path}", "trainer.lr_vison=1"])
+    assert "lr_vison" in _chain(err.value)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    ("override", "key"), [("trainer.lr_vison=1", "lr_vison"), ("trainer.epochs=abc", "epochs")]
+)
+def test_train_command_rejects_bad_override(tmp_path: Path, override: str, key: str) -> None:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "videollama3_train.train",
+            "stage=alignment",
+            "model=tiny",
+            "logger=disabled",
+            f"output_dir={tmp_path / 'run'}",
+            override,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert proc.returncode != 0
+    assert key in proc.stderr, proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
