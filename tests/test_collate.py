@@ -115,8 +115,10 @@ def _loss_and_grads(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     total = torch.zeros(())
+    # normalised like the trainer does it: the sum of token losses over the label tokens of the whole batch
+    n_labels = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in runs)
     for kwargs, labels in runs:
-        loss = _loss_sum(model, kwargs, labels)
+        loss = _loss_sum(model, kwargs, labels) / n_labels
         loss.backward()
         total = total + loss.detach()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -195,7 +197,7 @@ def test_packed_equals_unpacked_loss_and_grads(model, samples):
     # other.
     del kwargs["position_ids"]
     with torch.no_grad():
-        leaked = _loss_sum(model, kwargs, labels)
+        leaked = _loss_sum(model, kwargs, labels) / int((labels[:, 1:] != IGNORE_INDEX).sum())
     assert abs(leaked.item() - ref_loss.item()) > 1e-3 * abs(ref_loss.item())  # measured: ~5%
 
 

@@ -382,3 +382,31 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     pb = torch.load(tmp_path / "victim" / "params_after.pt", weights_only=True)
     for k in pa:
         assert torch.equal(pa[k], pb[k]), k
+
+
+def test_micro_batch_whose_samples_all_failed_adds_nothing(tmp_path: Path) -> None:
+    """An empty marker from the loader (every sample failed to decode) becomes a label-free row: the step's update
+    equals the one of the good micro-batches alone, and nothing crashes."""
+    model, tok = tiny_setup()
+    batches = grad_check_batches(tok)[:2]
+    reference = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lr = eps = 1e4
+    cfg = _cfg(
+        tmp_path,
+        lr_vision=lr,
+        lr_projector=lr,
+        lr_llm=lr,
+        adam_eps=eps,
+        max_grad_norm=0.0,
+        grad_accum=3,
+        max_steps=1,
+    )
+    empty = {"empty": True, "meta": [], "sample_lengths": [], "num_skipped": 2}
+    fit(model, ListLoader([batches[0], empty, batches[1]]), cfg)
+    grads = _reference_grads(reference, batches)
+    after = model.state_dict()
+    for k, g in grads.items():
+        torch.testing.assert_close(
+            after[k] - before[k], _adam_first_update(g, lr, eps), atol=1e-5, rtol=1e-4, msg=k
+        )

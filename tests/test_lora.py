@@ -199,7 +199,7 @@ def test_finetune_lora_from_released_checkpoint(tmp_path: Path, released: Path, 
         *([] if vision else ["trainer.lr_vision=null"]),
     ]
     cfg, _ = compose_stage("finetune", overrides, tmp_path / "ft", str(released))
-    assert cfg.stage == "custom" and cfg.lora.enabled and cfg.init_from == str(released)
+    assert cfg.stage == "finetune" and cfg.lora.enabled and cfg.init_from == str(released)
     result = run_stage(cfg)
     export = Path(result["export"])
 

@@ -14,6 +14,8 @@ from .model.core import ModelConfig
 from .trainer.config import TrainConfig
 
 STAGES = ("encoder_adaptation", "alignment", "multitask_sft", "video_finetune")
+# Named recipes outside the four-stage chain: fine-tuning a released checkpoint on one's own data.
+EXTRA_STAGES = ("finetune",)
 
 
 @dataclass
@@ -106,8 +108,10 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self):
-        if self.stage not in (*STAGES, "custom"):
-            raise ValueError(f"stage must be one of {list(STAGES)} or 'custom', got {self.stage!r}")
+        if self.stage not in (*STAGES, *EXTRA_STAGES, "custom"):
+            raise ValueError(
+                f"stage must be one of {[*STAGES, *EXTRA_STAGES]} or 'custom', got {self.stage!r}"
+            )
         if not self.lr_scale > 0:
             raise ValueError(f"lr_scale must be positive, got {self.lr_scale}")
 

@@ -83,6 +83,8 @@ def evaluate_heldout(
 ) -> dict[str, Any]:
     """``samples``: ``(encoded sample, raw record)`` pairs. Returns loss, accuracy (overall and per modality),
     the chance level when records list their ``choices``, and a few generations."""
+    if hasattr(model, "get_base_model"):  # PEFT: adapters live inside the base model
+        model = model.get_base_model()
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -232,6 +232,12 @@ class PackedLoader:
         """Micro-batches of this rank in the current epoch (the whole epoch, not only what remains)."""
         return len(self._plan(self._epoch).micro_batches[self.rank])
 
+    @property
+    def token_budget(self) -> int:
+        """Tokens per packed row the plan was built for (``data.max_tokens``): the trainer's packing-fill
+        denominator."""
+        return self._plan(self._epoch).max_tokens
+
     def micro_batches_per_epoch(self, epoch: int) -> int:
         """Micro-batches of this rank in ``epoch`` (plans differ a little from epoch to epoch)."""
         if isinstance(self._plan_arg, PackPlan):

@@ -195,6 +195,10 @@ class LossModule(nn.Module):
 
     def __init__(self, model: nn.Module, chunk_size: int, zero3: bool = False):
         super().__init__()
+        # A PEFT wrapper injects its adapters into the base model in place; the loss needs the base model's
+        # ``.model`` (hidden states) and ``.lm_head``, which the wrapper's attribute lookup would shadow.
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
         self.model = model
         self.chunk_size = chunk_size
         vc = model.config.vision_config
@@ -265,6 +269,17 @@ def _sample_ids(batch: dict[str, Any], labels: Tensor) -> Tensor:
     return ids[1:][t != -100]
 
 
+def _placeholder_batch() -> dict[str, Any]:
+    """A two-token text row with no label: stands in for a micro-batch whose samples all failed."""
+    return {
+        "input_ids": torch.zeros(1, 2, dtype=torch.long),
+        "labels": torch.full((1, 2), -100, dtype=torch.long),
+        "position_ids": torch.arange(2).unsqueeze(0),
+        "meta": [],
+        "sample_lengths": [2],
+    }
+
+
 class _StepBatches:
     """Yields the ``grad_accum`` micro-batches of each optimizer step, crossing epochs.
 
@@ -295,13 +310,16 @@ class _StepBatches:
         out = []
         for _ in range(self.grad_accum):
             try:
-                out.append(next(self._it))
+                mb = next(self._it)
             except StopIteration:
                 raise RuntimeError(
                     f"the loader ran out after {len(out)} of {self.grad_accum} micro-batches at epoch "
                     f"{self.state.epoch}, step {self.state.step_in_epoch + 1}/{self.steps_per_epoch}: its "
                     "__len__ promised more (or its state was restored inconsistently)"
                 ) from None
+            # every sample of this micro-batch failed to decode (the loader counted them): a one-token row
+            # without labels keeps this rank's collectives in step with the others, adding nothing to the loss
+            out.append(_placeholder_batch() if mb.get("empty") else mb)
         return out
 
     def _start_epoch(self) -> None:
@@ -426,7 +444,7 @@ def fit(
         out_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- model, optimizer, schedule ------------------------------------------------------------------------
-    apply_trainable(model, cfg.lrs)
+    apply_trainable(model, cfg.lrs, lora=any("lora_" in n for n, _ in model.named_parameters()))
     apply_gradient_checkpointing(model, cfg.gradient_checkpointing, cfg.checkpoint_every_n_layers)
     model.config.use_cache = False
     model.train()
