@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)  # common.py
+sys.path.append(os.path.dirname(_HERE))  # the repo root, when the package is not installed
 
 from common import (  # noqa: E402
     IGNORE_INDEX,

@@ -33,7 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)  # common.py
+sys.path.append(os.path.dirname(_HERE))  # the repo root, when the package is not installed
 
 from common import (  # noqa: E402
     DEFAULT_MAX_TOKENS,
@@ -181,7 +183,7 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     }
 
 
-def ours_step(model, batch, optimizer, autocast, chunk_size: int) -> float:
+def ours_step(model, batch, optimizer, autocast, chunk_size: int, after_backward=None) -> float:
     kwargs = {k: batch[k] for k in VISUAL_AND_TEXT if k in batch}
     with autocast:
         hidden = model.model(**kwargs, use_cache=False).last_hidden_state
@@ -192,16 +194,20 @@ def ours_step(model, batch, optimizer, autocast, chunk_size: int) -> float:
         )
         loss = loss_sum / max(n, 1)
     loss.backward()
+    if after_backward is not None:
+        after_backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())
 
 
-def baseline_step(model, batch, optimizer, autocast, chunk_size: int) -> float:
+def baseline_step(model, batch, optimizer, autocast, chunk_size: int, after_backward=None) -> float:
     with autocast:
         loss = model(**forward_kwargs(batch), use_cache=False).loss
     loss.backward()
+    if after_backward is not None:
+        after_backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -261,9 +267,18 @@ def run_mode(
     elif not args.no_memory_step:
         static = static_bytes(model, optimizer)
         batch = to_device(batches[0], device)
+        fwd_bwd = {}
         with LiveTensorMemory() as tracker:
-            step_fn(model, batch, optimizer, autocast, args.chunk_size)
+            step_fn(
+                model,
+                batch,
+                optimizer,
+                autocast,
+                args.chunk_size,
+                after_backward=lambda: fwd_bwd.setdefault("peak", tracker.peak),
+            )
         result["peak_bytes"] = static + tracker.peak
+        result["fwd_bwd_peak_bytes"] = static + fwd_bwd["peak"]
         result["rss_bytes"] = rss_peak_bytes()
     del model, optimizer
     gc.collect()
@@ -352,6 +367,7 @@ def main(argv=None) -> dict[str, Any]:
                 )
                 skipped.append(f"{size} (> {args.cpu_logits_gib:g} GiB logits on CPU)")
                 continue
+            res = None
             try:
                 res = run_mode(
                     args,
@@ -365,6 +381,8 @@ def main(argv=None) -> dict[str, Any]:
             except (RuntimeError, torch.OutOfMemoryError) as e:
                 if not (cuda and is_oom(e)):
                     raise
+            # out of memory: cleaned up here, once the exception (whose traceback holds the model) is gone
+            if res is None:
                 print(f"baseline: batch {size} ran out of memory, trying a smaller one", file=sys.stderr)
                 skipped.append(f"{size} (OOM)")
                 del batches
@@ -404,6 +422,8 @@ def render(args, argv, info, results) -> str:
         mem_head,
     ]
     if not cuda:
+        headers[-1] = "peak tensor memory, whole step"
+        headers[-1:-1] = ["peak tensor memory, fwd+bwd"]
         headers.append("process RSS high-water")
     rows = []
     for r in results:
@@ -419,10 +439,11 @@ def render(args, argv, info, results) -> str:
             f"{r['tokens_per_step']:,.0f}",
             f"{r['step_s']:.3f}",
             f"{r['tokens_per_s']:,.0f}",
-            f"{100 * r['mfu']:.2f}%",
+            f"{100 * r['mfu']:.2f}%" if r["mfu"] >= 1e-3 else f"{100 * r['mfu']:.2g}%",
             gib(r["peak_bytes"]) if "peak_bytes" in r else "-",
         ]
         if not cuda:
+            row[-1:-1] = [gib(r["fwd_bwd_peak_bytes"]) if "fwd_bwd_peak_bytes" in r else "-"]
             row.append(gib(r["rss_bytes"]) if "rss_bytes" in r else "-")
         rows.append(row)
     share = ", ".join(f"{k} {v:.0%}" for k, v in info["share"].items())
@@ -446,8 +467,13 @@ def render(args, argv, info, results) -> str:
             "",
             f"ours / baseline: {o['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s"
             + (
-                f", {o['peak_bytes'] / b['peak_bytes']:.2f}x peak memory"
+                f", {o['peak_bytes'] / b['peak_bytes']:.2f}x peak memory (whole step)"
                 if "peak_bytes" in o and "peak_bytes" in b
+                else ""
+            )
+            + (
+                f", {o['fwd_bwd_peak_bytes'] / b['fwd_bwd_peak_bytes']:.2f}x (fwd+bwd)"
+                if "fwd_bwd_peak_bytes" in o and "fwd_bwd_peak_bytes" in b
                 else ""
             ),
         ]
