@@ -344,3 +344,27 @@ def test_build_train_data_below_threshold_trains_on_the_good(
     assert seen == list(range(8))
     assert bundle.loader.skipped == {"corrupt_image": 1}
     assert any("trunc.png" in r.getMessage() and "record 8" in r.getMessage() for r in caplog.records)
+
+
+def test_loader_aborts_once_failures_pass_max_bad_fraction(catalogue, tiny_processor):
+    """A few bad files are skipped; a broken dataset stops the run with a message naming the reasons and the
+    config key, instead of training on what is left."""
+    root, items = catalogue
+    good = items["gray.png"].record
+    bad = items["nope.png"].record
+    records = [good, bad, good, bad, good, good]
+    encoder = DatasetEncoder(
+        [records], [str(root)], ["cat"], encode_record, processor=tiny_processor, config=EncodeConfig(**CFG)
+    )
+    plan = PackPlan(
+        [[[0, 1], [2, 3], [4, 5]]],
+        np.ones((6, 2), dtype=np.int64),
+        4096,
+        4096,
+        entries=[(0, i) for i in range(6)],
+    )
+    tolerant = PackedLoader(plan, 0, encoder, max_bad_fraction=0.5, min_samples_before_abort=2)
+    assert len(list(tolerant)) == 3 and tolerant.skipped == {"missing_file": 2}
+    strict = PackedLoader(plan, 0, encoder, max_bad_fraction=0.2, min_samples_before_abort=2)
+    with pytest.raises(RuntimeError, match=r"1 of 2 samples failed.*missing_file.*data.max_bad_fraction=0.2"):
+        list(strict)

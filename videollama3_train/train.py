@@ -181,6 +181,7 @@ def build_train_data(cfg: RunConfig, processor, *, rank: int, world_size: int, i
         prefetch_factor=dcfg.prefetch_factor,
         pin_memory=True,
         seed=dcfg.seed,
+        max_bad_fraction=dcfg.max_bad_fraction,
     )
     return DataBundle(loader, names, records, roots, failures, plan0.stats())
 

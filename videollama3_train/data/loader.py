@@ -169,6 +169,8 @@ class PackedLoader:
         on_error: str = "skip",
         collate_fn: Callable[[list[dict]], dict] = collate_packed,
         timeout: float = 0,
+        max_bad_fraction: float | None = None,
+        min_samples_before_abort: int = 100,
     ):
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
@@ -180,6 +182,10 @@ class PackedLoader:
         self._epoch = 0
         self._position = 0
         self._skipped: Counter = Counter()
+        self._seen = 0  # samples attempted (kept or skipped), over the whole run
+        # a bad file is skipped and counted; a bad *dataset* (more than this share failing) stops the run
+        self.max_bad_fraction = max_bad_fraction
+        self.min_samples_before_abort = min_samples_before_abort
         self._logged_reasons: set[str] = set()
         self._cached_plan: tuple[int, PackPlan] | None = None
         self._check_rank(self._plan(0))
@@ -265,11 +271,26 @@ class PackedLoader:
         for item in self._loader:
             self._position = item["index"] + 1
             self._count_skips(item["skipped"])
-            yield item["batch"]
+            batch = item["batch"]
+            self._seen += len(batch.get("meta", ())) + len(item["skipped"])
+            self._check_bad_fraction()
+            yield batch
         if self._skipped:
             logger.info("epoch %d: samples skipped so far by reason: %s", self._epoch, dict(self._skipped))
         self._epoch += 1
         self._position = 0
+
+    def _check_bad_fraction(self) -> None:
+        bad = sum(self._skipped.values())
+        if self.max_bad_fraction is None or self._seen < self.min_samples_before_abort:
+            return
+        if bad / self._seen > self.max_bad_fraction:
+            raise RuntimeError(
+                f"{bad} of {self._seen} samples failed to decode ({dict(self._skipped)}), more than "
+                f"data.max_bad_fraction={self.max_bad_fraction}: the data is broken, not a few files. Run "
+                "`python -m videollama3_train.doctor` on it, fix or drop the failing files, or raise "
+                "data.max_bad_fraction"
+            )
 
     def _count_skips(self, skipped: list[tuple[str, str]]) -> None:
         for reason, message in skipped:
@@ -291,6 +312,7 @@ class PackedLoader:
             "seed": self.seed,
             "micro_batches": len(self),
             "skipped": dict(self._skipped),
+            "seen": self._seen,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -311,4 +333,5 @@ class PackedLoader:
             )
         self._position = int(state["position"])
         self._skipped = Counter(state.get("skipped", {}))
+        self._seen = int(state.get("seen", 0))
         self._logged_reasons = set(self._skipped)
