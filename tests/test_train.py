@@ -74,7 +74,19 @@ def test_one_stage_end_to_end_with_wandb_and_export_command(sample, tmp_path, of
     # metrics: one JSON line per step, and the same keys in the offline W&B run
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    expected = {"loss", "grad_norm", "lr/vision", "lr/projector", "lr/llm", "tokens_per_s"}
+    expected = {
+        "loss",
+        "grad_norm",
+        "lr/vision",
+        "lr/projector",
+        "lr/llm",
+        "tokens_per_s",
+        "visual_tokens_per_s",
+        "mfu",
+        "packing_fill",
+        "data_wait_fraction",
+        "skipped_nonfinite",
+    }
     assert expected <= set(rows[-1]), set(rows[-1])
     assert any(k.startswith("loss/modality/") for k in rows[-1]) and "loss/dataset/main" in rows[-1]
     (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
