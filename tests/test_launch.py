@@ -93,6 +93,56 @@ def test_two_node_torchrun_zero2(tmp_path: Path, small_data: Path) -> None:
     assert len(rows) >= 1 and '"step": 3' in rows[-1], text
 
 
+@pytest.mark.timeout(900)
+def test_zero3_two_processes_exports_whole_weights(tmp_path: Path, small_data: Path) -> None:
+    """ZeRO-3 partitions every parameter over the ranks; the stage's export must still hold whole tensors."""
+    import json
+
+    from transformers import AutoModelForImageTextToText
+
+    # The tiny model's tensors are all below DeepSpeed's persistence threshold, which would keep them whole:
+    # partition every one of them, as ZeRO-3 does with the large tensors of a real model.
+    ds_dir = tmp_path / "deepspeed"
+    ds_dir.mkdir()
+    ds = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (ds_dir / "zero3.json").write_text(json.dumps(ds))
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "videollama3_train.train",
+        "stage=alignment",
+        "model=tiny",
+        "data=file",
+        f"data.path={small_data / 'train.jsonl'}",
+        f"data.root={small_data}",
+        "trainer.backend=zero3",
+        f"trainer.deepspeed_config_dir={ds_dir}",
+        "trainer.max_steps=2",
+        "logger=disabled",
+        f"output_dir={out}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=780)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    model = AutoModelForImageTextToText.from_pretrained(out / "export", local_files_only=True)
+    config = model.config
+    assert model.model.language_model.embed_tokens.weight.shape == (
+        config.text_config.vocab_size,
+        config.text_config.hidden_size,
+    )
+    assert all(
+        p.numel() > 0 and bool(p.abs().sum() > 0) for n, p in model.named_parameters() if "norm" not in n
+    )
+
+
 @pytest.mark.parametrize("script", sorted(p.name for p in LAUNCH.glob("*.sh")) + ["slurm.sbatch"])
 def test_launch_scripts_parse(script: str) -> None:
     proc = subprocess.run(["bash", "-n", str(LAUNCH / script)], capture_output=True, text=True, timeout=30)

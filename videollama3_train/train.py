@@ -234,6 +234,17 @@ def scaled_trainer_config(cfg: RunConfig):
     )
 
 
+def gathered_parameters(model, *, enabled: bool):
+    """Context in which every parameter of a ZeRO-3-partitioned model is whole (a no-op otherwise)."""
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+
 def set_cpu_threads(world_size: int, num_workers: int, *, on_cpu: bool) -> None:
     """On CPU, give each rank its share of the cores, minus its decoding workers.
 
@@ -348,11 +359,17 @@ def run_stage(cfg: RunConfig) -> dict[str, Any]:
     def on_step(metrics: dict[str, Any]) -> None:
         logger.log(int(metrics["step"]), metrics)
 
+    zero3 = tcfg.backend == "zero3" and accelerator.num_processes > 1
     eval_fn = None
-    if cfg.eval.every > 0 and heldout:
+    if cfg.eval.every > 0 and zero3 and is_main:
+        log.warning(
+            "eval.every is ignored under ZeRO-3 (parameters are partitioned); held-out runs at the end"
+        )
+    elif cfg.eval.every > 0:
+        tcfg = dataclasses.replace(tcfg, eval_every=cfg.eval.every)
 
         def eval_fn(m, step):  # noqa: ARG001 - fit passes the (possibly wrapped) model
-            if not is_main:
+            if not is_main or not heldout:
                 return {}
             r = evaluate(f"step {step}")
             return {"heldout/loss": r["loss"], "heldout/accuracy": r["accuracy"]}
@@ -371,16 +388,17 @@ def run_stage(cfg: RunConfig) -> dict[str, Any]:
         if final.get("interrupted"):
             return results
         accelerator.wait_for_everyone()
-        if is_main:
-            unwrapped = accelerator.unwrap_model(model)
-            export_dir = export_hf(unwrapped, processor, out_dir / "export")
-            results["export"] = str(export_dir)
-            res = evaluate("after")
-            if res is not None:
-                results["heldout_after"] = res
-                logger.summary({"accuracy_after": res["accuracy"]})
-            (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
-        accelerator.wait_for_everyone()
+        # ZeRO-3 keeps each parameter partitioned over the ranks: gather them (every rank enters) for the export
+        with gathered_parameters(model, enabled=zero3):
+            if is_main:
+                export_dir = export_hf(model, processor, out_dir / "export")
+                results["export"] = str(export_dir)
+                res = evaluate("after")
+                if res is not None:
+                    results["heldout_after"] = res
+                    logger.summary({"accuracy_after": res["accuracy"]})
+                (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+            accelerator.wait_for_everyone()
     finally:
         if logger is not None:
             logger.finish()

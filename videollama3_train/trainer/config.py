@@ -53,6 +53,7 @@ class TrainConfig:
     save_every: int = 500  # optimizer steps between checkpoints (a final one is always written); 0 = end only
     keep_last: int = 2  # complete checkpoints kept on disk (older ones are deleted); >= 1
     # optimizer steps between host syncs for logging (metrics.jsonl, on_step, progress bar)
+    eval_every: int = 0  # optimizer steps between calls of fit's eval_fn (held-out loss/accuracy); 0 = never
     log_every: int = 10
     seed: int = 42  # seed of python, numpy and torch RNGs on every rank (model init happens before fit)
     # consecutive steps with non-finite loss or gradient norm tolerated before aborting
@@ -88,6 +89,10 @@ class TrainConfig:
             raise ValueError(f"max_steps must be -1 (derive from the loader) or >= 1, got {self.max_steps}")
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0 (0 = only at the end), got {self.save_every}")
+        if self.eval_every < 0:
+            raise ValueError(
+                f"eval_every must be >= 0 (0 = no evaluation during training), got {self.eval_every}"
+            )
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
         if self.nan_tolerance < 1:

@@ -424,7 +424,8 @@ def fit(
         cfg: the loop's configuration.
         accelerator: an ``accelerate.Accelerator``; built from ``cfg.backend`` / ``cfg.precision`` when None.
         processor: saved into every checkpoint beside the model config when given.
-        eval_fn: ``eval_fn(model, step) -> {name: value}``, run at every checkpoint; values join that step's metrics.
+        eval_fn: ``eval_fn(model, step) -> {name: value}``, run every ``cfg.eval_every`` steps on every rank (it
+            decides itself who works); values join that step's metrics.
         on_step: called on rank 0 with each step's metrics dict: step, epoch, loss, loss/dataset/<name>,
             loss/modality/<m> (rank 0's samples), lr/<group>, grad_norm, tokens, label_tokens, visual_tokens,
             seconds, tokens_per_s, visual_tokens_per_s, tflops_per_gpu, mfu, data_wait_fraction, packing_fill
@@ -623,8 +624,8 @@ def fit(
                 logger.flush()
             if stop or last or (cfg.save_every and state.step % cfg.save_every == 0):
                 write_checkpoint()
-                if eval_fn is not None:
-                    logger.add_eval(state.step, eval_fn(model, state.step))
+            if eval_fn is not None and cfg.eval_every and state.step % cfg.eval_every == 0 and not stop:
+                logger.add_eval(state.step, eval_fn(model, state.step))
             if stop:
                 interrupted = True
                 break
