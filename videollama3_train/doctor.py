@@ -553,20 +553,10 @@ def _verdict(over: dict[str, float], threshold: float) -> str:
     )
 
 
-class _NoBar:
-    def update(self, k: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="doctor", unit="rec", mininterval=1.0)
+    return tqdm(total=total, desc="doctor", unit="rec", mininterval=1.0, disable=not enabled)
 
 
 # ================================================================================================================

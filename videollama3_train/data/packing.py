@@ -263,20 +263,10 @@ def compute_costs(
     return table
 
 
-class _NoBar:
-    def update(self, k: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="cost pre-pass", unit="rec", mininterval=1.0)
+    return tqdm(total=total, desc="cost pre-pass", unit="rec", mininterval=1.0, disable=not enabled)
 
 
 def _sidecar(cache_path: Path) -> Path:
