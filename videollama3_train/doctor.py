@@ -335,8 +335,8 @@ def diagnose(cfg: DoctorConfig, stage_configs: dict[str, RunConfig] | None = Non
     ``stage_configs``: the composed config of each stage whose packing is estimated (``run`` composes them with
     the same overrides); None: only ``cfg``'s own stage.
     """
-    from .data.packing import DatasetSpec, build_epoch_plan
-    from .train import build_stage_processor, build_tokenizer_for
+    from .data.packing import build_epoch_plan
+    from .train import build_stage_processor, build_tokenizer_for, dataset_spec
 
     opts = cfg.doctor
     threshold = opts.max_failure_rate if opts.max_failure_rate is not None else cfg.data.max_bad_fraction
@@ -371,16 +371,7 @@ def diagnose(cfg: DoctorConfig, stage_configs: dict[str, RunConfig] | None = Non
         sources.append(src)
         roots.append(root)
         paths.append(str(path))
-        specs.append(
-            DatasetSpec(
-                name=name,
-                path=str(path),
-                root=root,
-                weight=dset.weight,
-                repeat=dset.repeat,
-                max_samples=dset.max_samples,
-            )
-        )
+        specs.append(dataset_spec(name, dset, root))
 
     # ---- check every record ------------------------------------------------------------------------------------
     job = _Job(sources, roots, names, paths, processor, cfg.encode, cost_configs, opts.decode)

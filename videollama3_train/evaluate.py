@@ -14,19 +14,9 @@ from typing import Any
 
 import torch
 
-from .data.collate import forward_kwargs
+from .data.collate import VISUAL_KEYS, forward_kwargs
 
 log = logging.getLogger(__name__)
-
-VISUAL_KEYS = (
-    "pixel_values",
-    "image_grid_thw",
-    "image_merge_sizes",
-    "pixel_values_videos",
-    "video_grid_thw",
-    "video_merge_sizes",
-    "video_compression_mask",
-)
 
 
 def _batch_of(sample: dict[str, Any], device) -> dict[str, Any]:

@@ -69,6 +69,15 @@ def _cost_of(row, *, root, processor, config, dataset):
     return estimate_cost(row, data_root=root, processor=processor, config=config, dataset=dataset)
 
 
+def dataset_spec(name: str, d, root: str):
+    """The packer's view (``DatasetSpec``) of one configured dataset (``DatasetConfig``) with its resolved root."""
+    from .data.packing import DatasetSpec
+
+    return DatasetSpec(
+        name=name, path=str(d.path), root=root, weight=d.weight, repeat=d.repeat, max_samples=d.max_samples
+    )
+
+
 @dataclasses.dataclass
 class DataBundle:
     loader: Any
@@ -84,7 +93,7 @@ def build_train_data(cfg: RunConfig, processor, *, rank: int, world_size: int, i
     from .data.annotations import load_annotations
     from .data.encode import encode_record
     from .data.loader import DatasetEncoder, PackedLoader
-    from .data.packing import DatasetSpec, build_epoch_plan, compute_costs, config_hash, file_fingerprint
+    from .data.packing import build_epoch_plan, compute_costs, config_hash, file_fingerprint
 
     enc, dcfg = cfg.encode, cfg.data
     specs, records, roots, names, costs = [], [], [], [], []
@@ -128,16 +137,7 @@ def build_train_data(cfg: RunConfig, processor, *, rank: int, world_size: int, i
                     f"data.max_bad_fraction={dcfg.max_bad_fraction}; run `python -m videollama3_train.doctor` for a "
                     f"full report, or raise data.max_bad_fraction"
                 )
-        specs.append(
-            DatasetSpec(
-                name=name,
-                path=str(path),
-                root=root,
-                weight=d.weight,
-                repeat=d.repeat,
-                max_samples=d.max_samples,
-            )
-        )
+        specs.append(dataset_spec(name, d, root))
         records.append(ds)
         roots.append(root)
         names.append(name)
