@@ -18,14 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from videollama3_train.config import (  # noqa: E402
-    DataConfig,
-    DatasetConfig,
     EvalConfig,
     LoggerConfig,
     LoraConfig,
     RunConfig,
 )
-from videollama3_train.data.config import EncodeConfig  # noqa: E402
+from videollama3_train.data.config import DataConfig, DatasetConfig, EncodeConfig  # noqa: E402
 from videollama3_train.model.core import ModelConfig  # noqa: E402
 from videollama3_train.trainer.config import TrainConfig  # noqa: E402
 
@@ -33,7 +31,7 @@ SECTIONS = [
     ("", RunConfig, "Top level"),
     ("model", ModelConfig, "Model core (videollama3_train/model/core.py)"),
     ("encode", EncodeConfig, "One record to one sample (videollama3_train/data/config.py)"),
-    ("data", DataConfig, "Datasets, packing and loading (videollama3_train/config.py)"),
+    ("data", DataConfig, "Datasets, packing and loading (videollama3_train/data/config.py)"),
     ("data.datasets.<name>", DatasetConfig, "One dataset of a mixture"),
     ("trainer", TrainConfig, "The training loop (videollama3_train/trainer/config.py)"),
     ("logger", LoggerConfig, "Logging"),

@@ -284,7 +284,8 @@ def test_non_utf8_annotation_names_the_line(tmp_path):
 
 
 def _run_config(tmp_path: Path, ann: Path, root: Path, max_bad_fraction: float):
-    from videollama3_train.config import DataConfig, DatasetConfig, RunConfig
+    from videollama3_train.config import RunConfig
+    from videollama3_train.data.config import DataConfig, DatasetConfig
     from videollama3_train.model.core import ModelConfig
 
     return RunConfig(
@@ -318,12 +319,20 @@ def mixed_annotations(catalogue, tmp_path_factory) -> Path:
 def test_build_train_data_aborts_above_max_bad_fraction(
     catalogue, mixed_annotations, tmp_path, tiny_processor
 ):
-    from videollama3_train.train import build_train_data
+    from videollama3_train.data.build import build_train_data
 
     root, _ = catalogue
     cfg = _run_config(tmp_path, mixed_annotations, root, max_bad_fraction=0.1)  # 2 of 11 fail the pre-pass
     with pytest.raises(RuntimeError) as e:
-        build_train_data(cfg, tiny_processor, rank=0, world_size=1, is_main=True)
+        build_train_data(
+            cfg.data,
+            cfg.encode,
+            tiny_processor,
+            grad_accum=cfg.trainer.grad_accum,
+            rank=0,
+            world_size=1,
+            is_main=True,
+        )
     msg = str(e.value)
     assert "'cat'" in msg and "missing_file" in msg and "unknown_role" in msg and "max_bad_fraction" in msg
 
@@ -331,11 +340,19 @@ def test_build_train_data_aborts_above_max_bad_fraction(
 def test_build_train_data_below_threshold_trains_on_the_good(
     catalogue, mixed_annotations, tmp_path, tiny_processor, caplog
 ):
-    from videollama3_train.train import build_train_data
+    from videollama3_train.data.build import build_train_data
 
     root, _ = catalogue
     cfg = _run_config(tmp_path, mixed_annotations, root, max_bad_fraction=0.5)
-    bundle = build_train_data(cfg, tiny_processor, rank=0, world_size=1, is_main=True)
+    bundle = build_train_data(
+        cfg.data,
+        cfg.encode,
+        tiny_processor,
+        grad_accum=cfg.trainer.grad_accum,
+        rank=0,
+        world_size=1,
+        is_main=True,
+    )
     assert bundle.failures == {"cat": {"missing_file": 1, "unknown_role": 1}}
     with caplog.at_level(logging.WARNING, logger="videollama3_train.data.loader"):
         batches = list(bundle.loader)

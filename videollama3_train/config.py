@@ -9,59 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .data.config import EncodeConfig
+from .contract import STAGES
+from .data.config import DataConfig, EncodeConfig
 from .model.core import ModelConfig
 from .trainer.config import TrainConfig
 
-STAGES = ("encoder_adaptation", "alignment", "multitask_sft", "video_finetune")
 # Named recipes outside the four-stage chain: fine-tuning a released checkpoint on one's own data.
 EXTRA_STAGES = ("finetune",)
-
-
-@dataclass
-class DatasetConfig:
-    path: str = "???"  # annotation file: JSON list or JSONL, official or chat-messages schema
-    root: str | None = (
-        None  # media root the record paths are relative to; None = the annotation file's folder
-    )
-    weight: float | None = None  # share of the epoch's samples (0 < weight <= 1); excludes `repeat`
-    repeat: int | None = None  # whole copies per epoch; None with no weight = once
-    max_samples: int | None = None  # cap on records used (a seeded subset)
-
-
-@dataclass
-class DataConfig:
-    name: str = "file"  # label of the mixture (logs)
-    path: str | None = None  # shorthand for a one-dataset mixture (data=file data.path=... data.root=...)
-    root: str | None = None  # media root of `path`
-    datasets: dict[str, DatasetConfig] = field(default_factory=dict)  # named datasets of a mixture
-    heldout_path: str | None = None  # held-out annotations (loss + generation accuracy), optional
-    heldout_root: str | None = None  # media root of heldout_path; None = its folder
-    heldout_max_samples: int = 64  # held-out records evaluated per evaluation
-    max_tokens: int = 16384  # packing budget: tokens per micro-batch (one packed row)
-    max_patches: int = 65536  # packing budget: vision-tower patches per micro-batch
-    buffer_size: int = 2048  # samples per shuffle buffer of the best-fit-decreasing packer
-    seed: int = 0  # mixture and packing order (same seed -> same micro-batches)
-    num_workers: int = 2  # decoding worker processes per rank (0 = in the main process)
-    prefetch_factor: int = 2  # micro-batches prefetched per worker
-    cost_workers: int = 2  # processes of the cost pre-pass
-    cost_cache: bool = True  # cache the cost table beside the annotations (keyed by file and encode config)
-    max_bad_fraction: float = 0.01  # abort when more than this fraction of samples fail to decode
-
-    def __post_init__(self):
-        if self.path is None and not self.datasets:
-            raise ValueError("no data: set data.path (and data.root) or data.datasets")
-        if self.max_tokens < 16 or self.max_patches < 4:
-            raise ValueError("data.max_tokens / data.max_patches are far too small")
-        if not 0 <= self.max_bad_fraction <= 1:
-            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
-
-    def dataset_dict(self) -> dict[str, DatasetConfig]:
-        """All datasets of the mixture, the `path` shorthand included (as dataset 'main')."""
-        out = dict(self.datasets)
-        if self.path is not None:
-            out = {"main": DatasetConfig(path=self.path, root=self.root), **out}
-        return out
 
 
 @dataclass

@@ -335,8 +335,9 @@ def diagnose(cfg: DoctorConfig, stage_configs: dict[str, RunConfig] | None = Non
     ``stage_configs``: the composed config of each stage whose packing is estimated (``run`` composes them with
     the same overrides); None: only ``cfg``'s own stage.
     """
+    from .data.build import dataset_spec
     from .data.packing import build_epoch_plan
-    from .train import build_stage_processor, build_tokenizer_for, dataset_spec
+    from .train import build_stage_processor, build_tokenizer_for
 
     opts = cfg.doctor
     threshold = opts.max_failure_rate if opts.max_failure_rate is not None else cfg.data.max_bad_fraction

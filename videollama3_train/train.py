@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,165 +60,6 @@ def build_stage_processor(tokenizer, enc):
         max_frames=enc.max_frames,
         min_frames=enc.min_frames,
     )
-
-
-def _cost_of(row, *, root, processor, config, dataset):
-    from .data.encode import estimate_cost
-
-    return estimate_cost(row, data_root=root, processor=processor, config=config, dataset=dataset)
-
-
-def dataset_spec(name: str, d, root: str):
-    """The packer's view (``DatasetSpec``) of one configured dataset (``DatasetConfig``) with its resolved root."""
-    from .data.packing import DatasetSpec
-
-    return DatasetSpec(
-        name=name, path=str(d.path), root=root, weight=d.weight, repeat=d.repeat, max_samples=d.max_samples
-    )
-
-
-@dataclasses.dataclass
-class DataBundle:
-    loader: Any
-    names: list[str]
-    records: list[Any]
-    roots: list[str]
-    failures: dict[str, dict[str, int]]
-    plan_stats: dict[str, float]
-
-
-def build_train_data(cfg: RunConfig, processor, *, rank: int, world_size: int, is_main: bool) -> DataBundle:
-    """Annotations -> cost pre-pass (cached) -> mixture + packing plan per epoch -> this rank's loader."""
-    from .data.annotations import load_annotations
-    from .data.encode import encode_record
-    from .data.loader import DatasetEncoder, PackedLoader
-    from .data.packing import build_epoch_plan, compute_costs, config_hash, file_fingerprint
-
-    enc, dcfg = cfg.encode, cfg.data
-    specs, records, roots, names, costs = [], [], [], [], []
-    failures: dict[str, dict[str, int]] = {}
-    for name, d in dcfg.dataset_dict().items():
-        path = Path(d.path)
-        if not path.is_file():
-            raise FileNotFoundError(f"data: annotation file of dataset {name!r} not found: {path}")
-        root = str(d.root if d.root is not None else path.parent)
-        if not Path(root).is_dir():
-            raise FileNotFoundError(f"data: media root of dataset {name!r} is not a directory: {root}")
-        ds = load_annotations(path)
-        key = f"{file_fingerprint(path)}-{config_hash(enc)}-{len(processor.tokenizer)}"
-        cache = path.with_name(f".{path.name}.costs.{config_hash(enc)[:12]}.npy") if dcfg.cost_cache else None
-        table = compute_costs(
-            ds,
-            partial(_cost_of, root=root, processor=processor, config=enc, dataset=name),
-            num_workers=dcfg.cost_workers,
-            cache_path=cache,
-            cache_key=key,
-            progress=is_main,
-        )
-        if table.failures:
-            reasons = dict(table.reason_counts())
-            failures[name] = reasons
-            first = next(iter(table.failures.items()))
-            if is_main:
-                log.warning(
-                    "dataset %s: %d of %d records cannot be used %s; first: record %d: %s",
-                    name,
-                    len(table.failures),
-                    len(ds),
-                    reasons,
-                    first[0],
-                    first[1][1],
-                )
-            frac = len(table.failures) / max(len(ds), 1)
-            if frac > dcfg.max_bad_fraction:
-                raise RuntimeError(
-                    f"dataset {name!r}: {frac:.1%} of records are unusable ({reasons}), above "
-                    f"data.max_bad_fraction={dcfg.max_bad_fraction}; run `python -m videollama3_train.doctor` for a "
-                    f"full report, or raise data.max_bad_fraction"
-                )
-        specs.append(dataset_spec(name, d, root))
-        records.append(ds)
-        roots.append(root)
-        names.append(name)
-        costs.append(table.costs)
-
-    plan_fn = partial(
-        build_epoch_plan,
-        specs,
-        costs,
-        seed=dcfg.seed,
-        max_tokens=dcfg.max_tokens,
-        max_patches=dcfg.max_patches,
-        buffer_size=dcfg.buffer_size,
-        num_ranks=world_size,
-        grad_accum=cfg.trainer.grad_accum,
-    )
-
-    def plan_for(epoch: int):
-        return plan_fn(epoch=epoch)
-
-    plan0 = plan_for(0)
-    if plan0.oversized and is_main:
-        log.warning(
-            "%d samples exceed the packing budget (data.max_tokens=%d, data.max_patches=%d) and are left out; "
-            "lower encode.max_visual_tokens / encode.max_length or raise the budget",
-            len(plan0.oversized),
-            dcfg.max_tokens,
-            dcfg.max_patches,
-        )
-    if plan0.steps == 0:
-        raise RuntimeError(
-            f"the packing plan has no optimizer step: {sum(len(c) for c in costs)} records over {world_size} ranks "
-            f"x trainer.grad_accum={cfg.trainer.grad_accum}; use more data or a smaller grad_accum"
-        )
-    encoder = DatasetEncoder(records, roots, names, encode_record, processor=processor, config=enc)
-    loader = PackedLoader(
-        plan_for,
-        rank,
-        encoder,
-        num_workers=dcfg.num_workers,
-        prefetch_factor=dcfg.prefetch_factor,
-        pin_memory=True,
-        seed=dcfg.seed,
-        max_bad_fraction=dcfg.max_bad_fraction,
-    )
-    return DataBundle(loader, names, records, roots, failures, plan0.stats())
-
-
-def load_heldout(cfg: RunConfig, processor) -> list[tuple[dict, dict]]:
-    """Encoded held-out samples with their raw records (bad ones skipped and counted in the log)."""
-    from .data.annotations import load_annotations, record_at
-    from .data.encode import encode_record
-    from .data.errors import DataError
-
-    if not cfg.data.heldout_path:
-        return []
-    path = Path(cfg.data.heldout_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data.heldout_path not found: {path}")
-    root = cfg.data.heldout_root or str(path.parent)
-    ds = load_annotations(path)
-    out, bad = [], 0
-    for i in range(min(len(ds), cfg.data.heldout_max_samples)):
-        raw = record_at(ds, i)
-        try:
-            out.append(
-                (
-                    encode_record(
-                        raw,
-                        data_root=root,
-                        processor=processor,
-                        config=cfg.encode,
-                        dataset="heldout",
-                        index=i,
-                    ),
-                    raw,
-                )
-            )
-        except DataError as e:
-            bad += 1
-            log.warning("held-out record skipped: %s", e)
-    return out
 
 
 def scaled_trainer_config(cfg: RunConfig):
@@ -283,6 +123,7 @@ def run_stage(cfg: RunConfig) -> dict[str, Any]:
     """Train one stage as ``cfg`` says; returns the final metrics plus held-out results."""
     import torch
 
+    from .data.build import build_train_data, load_heldout
     from .evaluate import evaluate_heldout
     from .model.core import build_model
     from .model.export import export_hf
@@ -308,9 +149,15 @@ def run_stage(cfg: RunConfig) -> dict[str, Any]:
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     data = build_train_data(
-        cfg, processor, rank=accelerator.process_index, world_size=accelerator.num_processes, is_main=is_main
+        cfg.data,
+        cfg.encode,
+        processor,
+        grad_accum=cfg.trainer.grad_accum,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        is_main=is_main,
     )
-    heldout = load_heldout(cfg, processor) if is_main else []
+    heldout = load_heldout(cfg.data, cfg.encode, processor) if is_main else []
     results: dict[str, Any] = {"stage": cfg.stage, "plan": data.plan_stats, "bad_records": data.failures}
 
     logger = None
