@@ -97,7 +97,7 @@ def main() -> None:
     processor = build_processor(build_tiny_tokenizer())
     cache_dir = str(CACHE / "frame_cache_b2")
     # what `prepare` stores: the largest frame size this config can ask for
-    from videollama3_train.prepare import frame_pixel_cap
+    from videollama3_train.data.prepare import frame_pixel_cap
 
     counts = frame_cache.build_frame_cache(
         [(str(clip.resolve()), None, None)],

@@ -15,7 +15,8 @@ import time
 
 import numpy as np
 
-from videollama3_train.data.packing import DatasetSpec, build_epoch_plan, fill_ratio, rank_balance
+from videollama3_train.data.config import DatasetConfig
+from videollama3_train.data.packing import build_epoch_plan, fill_ratio, rank_balance
 
 
 def synthetic_costs(n: int, *, media_share: float, median_tokens: int, seed: int) -> np.ndarray:
@@ -66,9 +67,9 @@ def main() -> None:
         synthetic_costs(n - n // 2 - n // 4, media_share=0.0, median_tokens=500, seed=args.seed + 2),
     ]
     specs = [
-        DatasetSpec("image", weight=0.5),
-        DatasetSpec("video", weight=0.3),
-        DatasetSpec("text", weight=0.2),
+        DatasetConfig(name="image", weight=0.5),
+        DatasetConfig(name="video", weight=0.3),
+        DatasetConfig(name="text", weight=0.2),
     ]
 
     start = time.perf_counter()

@@ -2,10 +2,10 @@
 model fed padded batches -- on a synthetic stage-3-like mixture (images, videos, text-only; no media decoded).
 
 Ours: micro-batches of at most ``--max-tokens`` tokens packed by the project's ``data.packing.pack`` and
-``data.collate.collate_packed``; one packed row, ``--attn varlen`` (CUDA) or ``sdpa``; ``model.model(...)``
-then ``shift_and_select`` + ``chunked_cross_entropy`` on labelled positions only (what ``trainer.fit.LossModule``
-does); activation checkpointing of every ``--ckpt-llm-every``-th LLM layer (+ the vision tower with
-``--ckpt-vision``); bf16 autocast and fused AdamW on CUDA.
+``data.collate.collate_packed``; one packed row, ``--attn varlen`` (CUDA) or ``sdpa``; ``model.api.hidden_states``
+then ``shift_and_select`` + ``chunked_cross_entropy`` against ``model.api.output_layer`` on labelled positions only
+(what ``trainer.step.LossModule`` does); activation checkpointing of every ``--ckpt-llm-every``-th LLM layer
+(+ the vision tower with ``--ckpt-vision``); bf16 autocast and fused AdamW on CUDA.
 Baseline, same process: the native model on padded batches (``collate_padded``, attention_mask, sdpa,
 ``model(**inputs, labels=...)``: full-vocabulary fp32 loss), full checkpointing of both towers (as in the
 REFERENCE §5 anchor), the largest batch of ``--baseline-batches`` that does not run out of memory.
@@ -59,8 +59,10 @@ from common import (  # noqa: E402
     synthetic_samples,
 )
 
+from videollama3_train.contract import VISUAL_KEYS  # noqa: E402
 from videollama3_train.data.collate import collate_packed, collate_padded, forward_kwargs  # noqa: E402
 from videollama3_train.data.packing import pack  # noqa: E402
+from videollama3_train.model import api  # noqa: E402
 from videollama3_train.model.attention import select_attention  # noqa: E402
 from videollama3_train.trainer.loss import chunked_cross_entropy, shift_and_select  # noqa: E402
 from videollama3_train.trainer.metrics import (  # noqa: E402
@@ -70,17 +72,8 @@ from videollama3_train.trainer.metrics import (  # noqa: E402
     shape_from_config,
 )
 
-VISUAL_AND_TEXT = (
-    "input_ids",
-    "position_ids",
-    "pixel_values",
-    "image_grid_thw",
-    "image_merge_sizes",
-    "pixel_values_videos",
-    "video_grid_thw",
-    "video_merge_sizes",
-    "video_compression_mask",
-)
+# The model's forward kwargs of a packed row, labels aside (the loss takes them).
+VISUAL_AND_TEXT = ("input_ids", "position_ids", *VISUAL_KEYS)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -98,7 +91,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     ap.add_argument("--mix", default="0.55,0.30,0.15", help="shares of image,video,text-only samples")
     ap.add_argument(
-        "--attn", choices=["auto", "varlen", "sdpa"], default="auto", help="ours; auto: varlen on CUDA"
+        "--attn",
+        choices=["auto", "varlen", "varlen_reference", "sdpa"],
+        default="auto",
+        help="ours; auto: varlen on CUDA, sdpa on CPU; varlen_reference: the varlen plumbing with the plain-PyTorch "
+        "kernel (CPU)",
     )
     ap.add_argument(
         "--ckpt-llm-every", type=int, default=2, help="ours: checkpoint every n-th LLM layer (0=off)"
@@ -186,9 +183,9 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def ours_step(model, batch, optimizer, autocast, chunk_size: int, after_backward=None) -> float:
     kwargs = {k: batch[k] for k in VISUAL_AND_TEXT if k in batch}
     with autocast:
-        hidden = model.model(**kwargs, use_cache=False).last_hidden_state
+        hidden = api.hidden_states(model, **kwargs)
         hidden_sel, targets = shift_and_select(hidden, batch["labels"])
-        head = model.lm_head
+        head = api.output_layer(model)
         loss_sum, n = chunked_cross_entropy(
             hidden_sel, head.weight, targets, chunk_size=chunk_size, bias=head.bias
         )
@@ -291,12 +288,29 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+def run_mode_or_oom(args, **kwargs) -> dict[str, Any] | None:
+    """:func:`run_mode`, or None when it ran out of CUDA memory (the memory is released before returning)."""
+    res = None
+    try:
+        res = run_mode(args, **kwargs)
+    except (RuntimeError, torch.OutOfMemoryError) as e:
+        if not (args.device_obj.type == "cuda" and is_oom(e)):
+            raise
+    # out of memory: cleaned up here, once the exception (whose traceback holds the model) is gone
+    if res is None:
+        gc.collect()
+        torch.cuda.empty_cache()
+    return res
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> dict[str, Any]:
+def configure(argv=None) -> argparse.Namespace:
+    """Parsed arguments with the derived fields (``device_obj``, row budget, scale, warm-up and timed steps,
+    ``ours_attn`` resolved by ``select_attention``, ``baseline_sizes``, ``n_steps``, ``vocab``, ``pad_id``)."""
     args = parse_args(argv)
     device = args.device_obj = resolve_device(args.device)
     cuda = device.type == "cuda"
@@ -309,94 +323,116 @@ def main(argv=None) -> dict[str, Any]:
     args.mix_shares = [float(x) for x in args.mix.split(",")]
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     args.steps = args.steps if args.steps is not None else (10 if cuda else 3)
-    baseline_sizes = [int(b) for b in args.baseline_batches.split(",")]
+    args.baseline_sizes = [int(b) for b in args.baseline_batches.split(",")]
     if args.attn == "auto":
         args.attn = "varlen" if cuda else "sdpa"
     try:
-        ours_attn = select_attention(args.attn)
+        args.ours_attn = select_attention(args.attn)
     except RuntimeError as e:
         raise SystemExit(str(e)) from e
+    args.vocab = SHAPES[args.shape].text.vocab_size
+    args.n_steps = args.warmup + args.steps
+    args.pad_id = 151643 if args.vocab > 151643 else 0  # <|endoftext|>
+    return args
 
-    vocab = SHAPES[args.shape].text.vocab_size
-    n_steps = args.warmup + args.steps
-    packed_rows, stream, info = build_data(args, vocab, n_steps, max(baseline_sizes))
-    pad_id = 151643 if vocab > 151643 else 0  # <|endoftext|>
+
+def ours_batches(args, packed_rows: list[list[dict]]) -> list[dict]:
+    """The packed rows as collated CPU micro-batches, with random pixels."""
+    return [
+        collate_packed([add_pixels(s, args.seed + 7919 * i + j) for j, s in enumerate(row)])
+        for i, row in enumerate(packed_rows)
+    ]
+
+
+def run_ours(args, batches: list[dict], ckpt: tuple[int, bool]) -> dict[str, Any] | None:
+    """Ours on ``batches`` with checkpointing ``(every n-th LLM layer, vision tower)``; None on CUDA OOM."""
+    res = run_mode_or_oom(
+        args,
+        name="ours",
+        attn=args.ours_attn,
+        ckpt=ckpt,
+        batches=batches,
+        step_fn=ours_step,
+        n_logit_all=False,
+    )
+    if res is not None:
+        res["batch"] = f"1 packed row <= {args.max_tokens}"
+        res["loss_kind"] = "chunked CE, labelled only"
+    return res
+
+
+def padded_batches(args, stream: list[dict], size: int) -> list[dict]:
+    """``args.n_steps`` padded batches of ``size`` consecutive samples of ``stream`` (what the native
+    processor returns for a batch: right padding, ``attention_mask``), with random pixels."""
+    batches = []
+    for i in range(args.n_steps):
+        group = stream[(i * size) % len(stream) :][:size]
+        group = group if len(group) == size else stream[:size]
+        batches.append(
+            collate_padded(
+                [add_pixels(s, args.seed + 104729 * i + j) for j, s in enumerate(group)],
+                pad_id=args.pad_id,
+            )
+        )
+    return batches
+
+
+def run_baseline(args, stream: list[dict], sizes: list[int] | None = None) -> dict[str, Any]:
+    """The native model on padded batches: the largest of ``sizes`` (default ``args.baseline_sizes``) that does
+    not run out of memory. Returns its result, or a row saying none fits."""
+    cuda = args.device_obj.type == "cuda"
+    base_ckpt = (1, True) if args.baseline_ckpt == "both" else (0, False)
+    skipped: list[str] = []
+    for size in sizes or args.baseline_sizes:
+        batches = padded_batches(args, stream, size)
+        if (
+            not cuda
+            and max(b["input_ids"].numel() for b in batches) * args.vocab * 12 > args.cpu_logits_gib * 2**30
+        ):
+            print(
+                f"baseline: batch {size} would need > {args.cpu_logits_gib} GiB of logits on CPU, "
+                "trying a smaller one",
+                file=sys.stderr,
+            )
+            skipped.append(f"{size} (> {args.cpu_logits_gib:g} GiB logits on CPU)")
+            continue
+        res = run_mode_or_oom(
+            args,
+            name="native baseline",
+            attn="sdpa",
+            ckpt=base_ckpt,
+            batches=batches,
+            step_fn=baseline_step,
+            n_logit_all=True,
+        )
+        if res is None:
+            print(f"baseline: batch {size} ran out of memory, trying a smaller one", file=sys.stderr)
+            skipped.append(f"{size} (OOM)")
+            del batches
+            gc.collect()
+            continue
+        widths = [b["input_ids"].shape[1] for b in batches]
+        res["batch"] = f"{size} padded (median width {int(np.median(widths))})"
+        res["batch_size"] = size
+        res["loss_kind"] = "native, full-vocab fp32"
+        res["skipped"] = skipped
+        return res
+    return {"name": "native baseline", "batch": "none fits: " + ", ".join(skipped), "skipped": skipped}
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = configure(argv)
+    packed_rows, stream, info = build_data(args, args.vocab, args.n_steps, max(args.baseline_sizes))
 
     results = []
     if not args.no_ours:
-        batches = [
-            collate_packed([add_pixels(s, args.seed + 7919 * i + j) for j, s in enumerate(row)])
-            for i, row in enumerate(packed_rows)
-        ]
-        res = run_mode(
-            args,
-            name="ours",
-            attn=ours_attn,
-            ckpt=(args.ckpt_llm_every, args.ckpt_vision),
-            batches=batches,
-            step_fn=ours_step,
-            n_logit_all=False,
-        )
-        res["batch"] = f"1 packed row <= {args.max_tokens}"
-        res["loss_kind"] = "chunked CE, labelled only"
-        results.append(res)
+        batches = ours_batches(args, packed_rows)
+        res = run_ours(args, batches, (args.ckpt_llm_every, args.ckpt_vision))
+        results.append(res or {"name": "ours", "batch": "out of memory"})
         del batches
 
     if not args.no_baseline:
-        base_ckpt = (1, True) if args.baseline_ckpt == "both" else (0, False)
-        skipped: list[str] = []
-        for size in baseline_sizes:
-            batches = []
-            for i in range(n_steps):
-                group = stream[(i * size) % len(stream) :][:size]
-                group = group if len(group) == size else stream[:size]
-                batches.append(
-                    collate_padded(
-                        [add_pixels(s, args.seed + 104729 * i + j) for j, s in enumerate(group)],
-                        pad_id=pad_id,
-                    )
-                )
-            if (
-                not cuda
-                and max(b["input_ids"].numel() for b in batches) * vocab * 12 > args.cpu_logits_gib * 2**30
-            ):
-                print(
-                    f"baseline: batch {size} would need > {args.cpu_logits_gib} GiB of logits on CPU, "
-                    "trying a smaller one",
-                    file=sys.stderr,
-                )
-                skipped.append(f"{size} (> {args.cpu_logits_gib:g} GiB logits on CPU)")
-                continue
-            res = None
-            try:
-                res = run_mode(
-                    args,
-                    name="native baseline",
-                    attn="sdpa",
-                    ckpt=base_ckpt,
-                    batches=batches,
-                    step_fn=baseline_step,
-                    n_logit_all=True,
-                )
-            except (RuntimeError, torch.OutOfMemoryError) as e:
-                if not (cuda and is_oom(e)):
-                    raise
-            # out of memory: cleaned up here, once the exception (whose traceback holds the model) is gone
-            if res is None:
-                print(f"baseline: batch {size} ran out of memory, trying a smaller one", file=sys.stderr)
-                skipped.append(f"{size} (OOM)")
-                del batches
-                gc.collect()
-                torch.cuda.empty_cache()
-                continue
-            widths = [b["input_ids"].shape[1] for b in batches]
-            res["batch"] = f"{size} padded (median width {int(np.median(widths))})"
-            res["loss_kind"] = "native, full-vocab fp32"
-            res["skipped"] = skipped
-            results.append(res)
-            break
-        else:
-            results.append({"name": "native baseline", "batch": "none fits: " + ", ".join(skipped)})
+        results.append(run_baseline(args, stream))
 
     report = render(args, argv, info, results)
     print(report)

@@ -10,18 +10,29 @@ merge 2):
   favourable emulation. Keeping every 1-fps native frame is what makes its memory grow with the clip length; when
   that would exceed ``--official-mem-gb`` the run keeps only the frames that survive subsampling instead (an
   optimistic lower bound, marked ``*`` in the table, with the faithful projection beside it).
-* ``ours``: ``media.decode_video`` on the sampled times: seeks across keyframe gaps, converts only kept frames and
-  lets FFmpeg's scaler shrink them at conversion (decode-time scaling, as ``encode_record`` asks for), then the
-  same PIL bicubic resize to the exact target.
+* ``ours``: the default training path, exact to transformers' processor: ``media.decode_video`` on the frames the
+  processor samples (``media.sample_frames``), seeking across keyframe gaps, converting only kept frames to the
+  RGB bytes torchcodec produces and resizing each to the processor's target size (torchvision bicubic +
+  antialias) as soon as it is decoded, so only one native frame is ever held.
+* ``ours-scaled``: the opt-in approximate path (``encode.decode_scale=True``): FFmpeg's scaler shrinks each kept
+  frame during conversion (to no less than the target), then the same exact resize. What ``ours`` was before the
+  exact path became the default (then with a PIL resize).
 * ``cache``: ``frame_cache.read_cached_frames`` of an entry built beforehand by ``build_frame_cache`` (the
   ``prepare`` step, timed separately as ``prepare``: one decode, paid once per dataset, not per epoch).
 
-Every measurement runs in a fresh subprocess so its peak RSS (``ru_maxrss``) is its own; imports are outside
-the timed region but inside the RSS (a bare child with numpy + PyAV is ~``base`` MB, printed below the table).
+Every measurement runs in a fresh subprocess so its peak RSS (``VmHWM``) is its own; imports are outside
+the timed region but inside the RSS (a bare child with numpy, PyAV, torch and our data modules is ``base`` MB,
+printed below the table). ``out MB`` is the size of the method's result, the sampled frames at target size
+(uint8); ``RSS - base`` against it is what decoding costs beyond holding the output.
 
     nice -n 10 python benchmarks/bench_video.py --quick          # 720p, 1 and 10 min
     nice -n 10 python benchmarks/bench_video.py                  # 720p + 1080p, 1 and 10 min, GOP 2 s and 8 s
     nice -n 10 python benchmarks/bench_video.py --minutes 60 --resolutions 720p
+    nice -n 10 python benchmarks/bench_video.py --plan --quick   # planning a record vs encoding it
+
+``--plan`` answers a different question: what does the loader pay for planning a record again (``plan_record``:
+headers, container metadata, tokenising) instead of receiving the cost pass's plan, against the whole
+``encode_record``; and how large a pickled plan is (what shipping plans to the workers would cost).
 
 Clips are cached under ``benchmarks/.cache/`` (built by remuxing one encoded 16 s segment, so an hour-long clip
 costs seconds to make; decoding cost per frame is that of the segment's content).
@@ -138,16 +149,25 @@ def make_clip(res: str, minutes: float, gop_s: int) -> Path:
 # the plan shared by every method (computed in the parent, so children do not import transformers)
 # ---------------------------------------------------------------------------------------------------------------
 def plan(path: Path) -> dict:
-    """Sampled times, final target size and decode-time size of one clip, as ``encode_record`` derives them."""
+    """Sampled frames, final target size and decode-time size of one clip, as ``encode_record`` derives them."""
     from videollama3_train.data import media
-    from videollama3_train.data.vision import per_item_tokens, target_size
+    from videollama3_train.data.vision import processor_budgets, processor_frame_size
 
     info = media.probe_video(path)
-    times = media.sample_frame_times(info, **SAMPLING)
-    tokens = per_item_tokens(len(times), MAX_VISUAL_TOKENS, 16, 16384)
-    th, tw = target_size(info.height, info.width, merge_size=MERGE, max_tokens=tokens, min_tokens=16)
-    # encode.py's decode-time size: the smallest even size of the same aspect that still covers the target,
-    # used when the target is under half the native size.
+    sample = media.sample_frames(info, **SAMPLING)
+    budgets = processor_budgets(
+        patch_size=PATCH,
+        image_merge_size=1,
+        video_merge_size=MERGE,
+        max_visual_tokens=MAX_VISUAL_TOKENS,
+        min_tokens_per_item=16,
+        max_tokens_per_item=16384,
+    )
+    th, tw = processor_frame_size(
+        info.height, info.width, len(sample.times), merge_size=MERGE, budgets=budgets
+    )
+    # encode.py's decode-time size (decode_scale): the smallest even size of the same aspect that still covers the
+    # target, used when the target is under half the native size.
     scale = max(th / info.height, tw / info.width)
     decode = None
     if scale < 0.5:
@@ -157,13 +177,66 @@ def plan(path: Path) -> dict:
         )
     return {
         "path": str(path),
-        "frames": len(times),
+        "frames": len(sample.times),
+        "times": sample.times,
         "target": [th, tw],
         "decode": decode,
         "native": [info.height, info.width],
         "duration": info.duration,
-        "tokens_per_frame": tokens,
+        "tokens_per_frame": th * tw // (PATCH * MERGE) ** 2,
+        # the processor's per-frame pixel budget: what the target was sized under, so a cache entry stored under
+        # it is never smaller than the target
+        "cap": budgets["video_max_pixels"] // len(sample.times),
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --plan: re-planning a record vs encoding it
+# ---------------------------------------------------------------------------------------------------------------
+def plan_vs_encode(clips: list[Path], reps: int = 5) -> None:
+    """Median seconds of ``plan_record``, ``encode_record`` and ``encode_record(plan=...)`` per record, and the
+    pickled size of a plan, for a 1080p JPEG and each clip (tiny tokenizer: tokenising is a small share)."""
+    import pickle
+    import statistics
+
+    from PIL import Image
+
+    from videollama3_train.data.config import EncodeConfig
+    from videollama3_train.data.encode import encode_record, plan_record
+    from videollama3_train.model.tokenizer import build_processor, build_tiny_tokenizer
+
+    proc = build_processor(build_tiny_tokenizer())
+    cfg = EncodeConfig(max_visual_tokens=MAX_VISUAL_TOKENS, video_merge_size=MERGE, **SAMPLING)
+    image = CACHE / "image_1080p.jpg"
+    if not image.exists():
+        Image.fromarray(_texture(1920, 1080)[:1080, :1920]).save(image, quality=90)
+    conv = [{"from": "human", "value": "What happens?"}, {"from": "gpt", "value": "Something moves."}]
+    records = [("image 1080p JPEG", {"image": image.name, "conversations": conv})]
+    records += [(c.stem, {"video": c.name, "conversations": conv}) for c in clips]
+
+    def median_s(fn) -> float:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    kw = dict(data_root=CACHE, processor=proc, config=cfg)
+    print(
+        "\n| record | plan_record ms | encode_record ms | encode_record(plan=) ms | plan share | pickled plan |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, rec in records:
+        p = plan_record(rec, **kw)
+        t_plan = median_s(lambda rec=rec: plan_record(rec, **kw))
+        t_enc = median_s(lambda rec=rec: encode_record(rec, **kw))
+        t_reuse = median_s(lambda rec=rec, p=p: encode_record(rec, plan=p, **kw))
+        size = len(pickle.dumps(p))
+        print(
+            f"| {name} | {t_plan * 1e3:.1f} | {t_enc * 1e3:.1f} | {t_reuse * 1e3:.1f} | {t_plan / t_enc:.1%} "
+            f"| {size / 1024:.1f} KiB |"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,14 +288,15 @@ def run_official(p: dict, mem_limit_gb: float) -> dict:
     return {"frames": len(out), "faithful": faithful, "projected_gb": projected_gb}
 
 
-def run_ours(p: dict) -> dict:
+def run_ours(p: dict, prescale: bool = False) -> dict:
     from videollama3_train.data import media
 
     info = media.probe_video(p["path"])
-    times = media.sample_frame_times(info, **SAMPLING)
-    frames, _ = media.decode_video(p["path"], times, size=p["decode"], info=info)
-    out = _pil_resize(frames, tuple(p["target"])) if list(frames.shape[1:3]) != p["target"] else frames
-    return {"frames": len(out)}
+    times = media.sample_frames(info, **SAMPLING).times
+    frames, _ = media.decode_video(
+        p["path"], times, size=tuple(p["target"]), info=info, prescale=p["decode"] if prescale else None
+    )
+    return {"frames": len(frames), "out_mb": frames.nbytes / 2**20}
 
 
 def run_cache(p: dict, cache_dir: str) -> dict:
@@ -237,7 +311,7 @@ def run_cache(p: dict, cache_dir: str) -> dict:
 def run_prepare(p: dict, cache_dir: str) -> dict:
     from videollama3_train.data import frame_cache
 
-    cap = p["tokens_per_frame"] * (PATCH * MERGE) ** 2
+    cap = p["cap"]
     counts = frame_cache.build_frame_cache(
         [(p["path"], None, None)],
         cache_dir,
@@ -267,8 +341,11 @@ def peak_rss_mb() -> float:
 def child(method: str, plan_json: str, arg: str) -> None:
     """Entry of a measurement subprocess: prints one JSON line with seconds and peak RSS."""
     import av  # noqa: F401 -- imported before timing, like a warm data worker
+    import torch
 
     from videollama3_train.data import frame_cache, media  # noqa: F401
+
+    torch.set_num_threads(1)  # as in a data worker (one thread per worker)
 
     p = json.loads(plan_json)
     t0 = time.perf_counter()
@@ -276,6 +353,8 @@ def child(method: str, plan_json: str, arg: str) -> None:
         res = run_official(p, float(arg))
     elif method == "ours":
         res = run_ours(p)
+    elif method == "ours-scaled":
+        res = run_ours(p, prescale=True)
     elif method == "cache":
         res = run_cache(p, arg)
     elif method == "prepare":
@@ -324,7 +403,7 @@ def compare_formats(clip: Path) -> None:
     p = plan(clip)
     info = media.probe_video(clip)
     times = media.sample_frame_times(info, **SAMPLING)
-    size = frame_cache.stored_size(info.height, info.width, p["tokens_per_frame"] * (PATCH * MERGE) ** 2)
+    size = frame_cache.stored_size(info.height, info.width, p["cap"])
     frames, stamps = media.decode_video(clip, times, size=size, info=info)
     print(f"\n{clip.name}: {len(frames)} frames stored at {size[1]}x{size[0]}")
     print("| codec | MB per entry | KB per frame | write s | read s (stored size) | read s (half size) |")
@@ -359,6 +438,7 @@ def main() -> None:
     ap.add_argument("--gops", type=int, nargs="+", default=[2, 8], help="keyframe intervals in seconds")
     ap.add_argument("--formats", action="store_true", help="only compare cache codecs (size, write, read)")
     ap.add_argument("--official-mem-gb", type=float, default=6.0, help="above this, official keeps only 180")
+    ap.add_argument("--plan", action="store_true", help="only time plan_record against encode_record")
     args = ap.parse_args()
     if args.child:
         child(*args.child)
@@ -367,6 +447,9 @@ def main() -> None:
         args.resolutions, args.minutes = ["720p"], [1, 10]
 
     print(f"machine: {machine()}", flush=True)
+    if args.plan:
+        plan_vs_encode([make_clip(r, m, args.gops[0]) for r in args.resolutions for m in args.minutes])
+        return
     if args.formats:
         for res in args.resolutions:
             compare_formats(make_clip(res, args.minutes[0], args.gops[0]))
@@ -384,6 +467,7 @@ def main() -> None:
                 results = {
                     "official": measure("official", p, str(args.official_mem_gb)),
                     "ours": measure("ours", p, ""),
+                    "ours-scaled": measure("ours-scaled", p, ""),
                     "prepare": measure("prepare", p, cache_dir),
                 }
                 results["cache"] = measure("cache", p, cache_dir)
@@ -395,16 +479,20 @@ def main() -> None:
                         flush=True,
                     )
 
-    print("\n| clip | method | seconds | peak RSS MB | speedup vs official |")
-    print("|---|---|---:|---:|---:|")
+    print("\n| clip | method | seconds | peak RSS MB | RSS - base MB | out MB | speedup vs official |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for name, method, r, ref in rows:
         rss = f"{r['rss_mb']:.0f}"
         if method == "official" and not r.get("faithful", True):
             rss += f"* (faithful: >= {r['projected_gb'] * 1024:.0f})"
         label = method + (" (once per dataset)" if method == "prepare" else "")
-        print(f"| {name} | {label} | {r['seconds']:.2f} | {rss} | {ref / r['seconds']:.1f}x |")
+        out = f"{r['out_mb']:.1f}" if "out_mb" in r else "-"
+        print(
+            f"| {name} | {label} | {r['seconds']:.2f} | {rss} | {r['rss_mb'] - base['rss_mb']:.0f} | {out} "
+            f"| {ref / r['seconds']:.1f}x |"
+        )
     print(
-        f"\nbase: a child that only imports numpy + PyAV + our data modules peaks at {base['rss_mb']:.0f} MB. "
+        f"\nbase: a child that only imports numpy, PyAV, torch and our data modules peaks at {base['rss_mb']:.0f} MB. "
         "Target: fps 1, <= 180 frames, 10240 visual tokens per sample, merge 2."
     )
 

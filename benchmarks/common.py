@@ -65,27 +65,35 @@ def media_token_ids(vocab: int) -> tuple[int, int]:
 
 
 def build_bench_model(
-    shape: str, attn_implementation: str, *, seed: int = 0, device: str | torch.device = "cpu"
+    shape: str | ModelShape, attn_implementation: str, *, seed: int = 0, device: str | torch.device = "cpu"
 ):
-    """A random-weight ``VideoLlama3ForConditionalGeneration`` of ``shape`` in fp32 (master weights; mixed
-    precision comes from autocast), in train mode. ``attn_implementation`` must already be resolved
-    (``model.attention.select_attention``)."""
+    """A random-weight ``VideoLlama3ForConditionalGeneration`` of ``shape`` (a name of :data:`SHAPES` or a
+    ``ModelShape``) in fp32 (master weights; mixed precision comes from autocast), in train mode.
+    ``attn_implementation`` must already be resolved (``model.attention.select_attention``).
+
+    Built with ``construction_backend(attn)`` and switched with ``use_attention`` afterwards: transformers 5.x
+    refuses to construct a model whose implementation name contains "flash" unless it is a flash-attn kernel, and
+    ``flash_varlen`` is ours."""
     from transformers import VideoLlama3ForConditionalGeneration
 
+    from videollama3_train.model.attention import construction_backend, use_attention
     from videollama3_train.model.core import init_projector
 
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
-    image_id, video_id = media_token_ids(SHAPES[shape].text.vocab_size)
+    if isinstance(shape, str):
+        if shape not in SHAPES:
+            raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
+        shape = SHAPES[shape]
+    image_id, video_id = media_token_ids(shape.text.vocab_size)
     config = build_model_config(
-        SHAPES[shape],
+        shape,
         image_token_id=image_id,
         video_token_id=video_id,
-        attn_implementation=attn_implementation,
+        attn_implementation=construction_backend(attn_implementation),
     )
     torch.manual_seed(seed)
     with torch.device(device):
         model = VideoLlama3ForConditionalGeneration(config)
+    use_attention(model, attn_implementation)
     init_projector(model)
     model.train()
     return model

@@ -5,10 +5,11 @@ Usage::
     python data/generate_sample.py --out data/sample [--seed 0] [--train 360] [--heldout 60]
 
 Writes ``train.jsonl`` and ``heldout.jsonl`` (one record per line, paths relative to ``--out``) and the media
-under ``<out>/media/{images,videos}``. Every answer is one word from a small closed set per task, so held-out
-accuracy is the exact match of the generated answer and chance level is ``1 / len(choices)``; held-out records
-carry ``answer``, ``choices`` and ``task`` besides ``conversations``. Train records carry ``task`` too (the loader
-ignores unknown keys; it lets the report split losses by task if wanted).
+under ``<out>/media/{images,videos}``. Every answer is one word from a small closed set per task; held-out accuracy
+is the exact match of the generated answer. Every record carries ``task`` (the loader ignores unknown keys): the
+evaluation reports accuracy per task beside a *baseline* measured with the same metric, always answering the
+task's most frequent training answer (:func:`majority_baseline`). Held-out records also carry ``answer``,
+``choices`` (the closed set, informative) and ``modality``.
 
 Tasks (the mapping from pixels / text to the answer is deterministic, so a model can learn it):
 
@@ -18,24 +19,39 @@ Tasks (the mapping from pixels / text to the answer is deterministic, so a model
 - image ``same_colour`` two images (multi-image record); same colour?       yes / no
 - video ``video_colour`` a square moving across the frame; its colour       red / green / blue / yellow
 - video ``direction``   a square moving across the frame                   left / right / up / down
-- text  ``sum``         "What is three plus four?"                          zero ... eight (number words)
-- text  ``opposite``    "What is the opposite of hot?"                      a fixed word list
+- text  ``sum``         "What is three plus four?" (3 phrasings)            zero ... eight (number words)
+- text  ``opposite``    "What is the opposite of hot?" (5 phrasings)        a fixed word list
 
 The shares favour what a small randomly initialised model learns from a few hundred records within minutes
-(colours through the image and the video path, a memorisable word list): the ``tiny`` preset reaches well above
-chance on them, while shape, count, motion and arithmetic stay as harder items a real model is expected to get.
+(colours through the image and the video path, a memorisable word list): the ``tiny`` preset learns those, while
+shape, count, motion and arithmetic stay as harder items a real model is expected to get.
+
+Held-out is disjoint from training, by construction, with the same task families on both sides:
+
+- media: every rendered image / video is assigned to a split by a hash of its pixels (and frame rate), 1 in
+  ``HELDOUT_MODULUS`` to held-out; each split re-draws until its content falls in its own region. So no held-out
+  image or video (file or content) occurs in training, and both splits sample the same distribution.
+- text: a prompt is an (instance, phrasing) combination; a fixed, seed-independent share of the combinations is
+  held out (:func:`heldout_combination`), rotated so every instance and every phrasing is also seen in training
+  (an opposite pair is asked in training with 3 of its 5 phrasings, in held-out with the other 2). So no held-out
+  prompt + answer pair occurs in training; held-out text measures generalisation to unseen phrasings (opposites)
+  and unseen sums.
 
 Answers are balanced per task (classes are dealt round-robin, then shuffled), sizes and positions are random,
-and the whole output is a pure function of ``--seed`` (PNG and single-threaded x264 encodes are deterministic).
+and the whole output is a pure function of ``--seed`` (train and held-out use separate random streams, so the
+held-out set does not change with ``--train``). PNG is lossless and deterministic; the x264 settings are pinned so
+the mp4 bytes are too (see :func:`write_video`).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
@@ -71,6 +87,24 @@ OPPOSITES: dict[str, str] = {
 }
 OPPOSITE_ANSWERS = tuple(sorted(set(OPPOSITES.values())))
 
+# Phrasings of the text tasks; (instance, phrasing) combinations are split between train and held-out.
+SUM_TEMPLATES = (
+    "What is {a} plus {b}?",
+    "How much is {a} plus {b}?",
+    "What do you get when you add {a} and {b}?",
+)
+SUM_HELDOUT_PER_INSTANCE = 1  # of 3 phrasings
+# Every ordered pair (a, b) with a + b <= 8, in a fixed order (the instance index used by heldout_combination).
+SUM_PAIRS = tuple((a, total - a) for total in range(len(NUMBER_WORDS)) for a in range(total + 1))
+OPPOSITE_TEMPLATES = (
+    "What is the opposite of {w}?",
+    "Which word means the opposite of {w}?",
+    "Name the opposite of {w}.",
+    "Give the opposite of the word {w}.",
+    "What word is the opposite of {w}?",
+)
+OPPOSITE_HELDOUT_PER_INSTANCE = 2  # of 5 phrasings
+
 # Fraction of records per modality, and of tasks inside a modality.
 MODALITY_SHARES = {"image": 0.40, "video": 0.35, "text": 0.25}
 IMAGE_TASK_SHARES = {"colour": 0.5, "shape": 0.2, "count": 0.2, "same_colour": 0.1}
@@ -79,6 +113,77 @@ TEXT_TASK_SHARES = {"sum": 0.3, "opposite": 0.7}
 
 SUFFIX = " Answer with one word."
 BACKGROUNDS = ((255, 255, 255), (235, 235, 235), (200, 200, 200))
+
+# 1 in HELDOUT_MODULUS rendered media (by content hash) belongs to the held-out split.
+HELDOUT_MODULUS = 8
+_MAX_DRAWS = 2000  # (1 - 1/8) ** 2000: never reached in practice
+
+# x264 settings of every video. mbtree=0: x264's macroblock-tree rate control made the bitstream depend on the
+# process's memory layout (measured: the same frames encoded with different heap states, e.g. another environment
+# variable, gave 2-3 different byte streams per video out of 300 encodes, decoded frames identical; with
+# mbtree=0, or constant QP, 300 of 300 were identical). threads=1 keeps both x264 and PyAV's RGB->YUV conversion
+# (swscale, which takes the codec's thread count) single-threaded, so CPU count and affinity cannot matter either.
+X264_OPTIONS = {"preset": "veryfast", "crf": "23", "threads": "1", "x264-params": "mbtree=0"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Splits
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Split:
+    """What a task maker needs: which split it draws for, its random stream, the output root, selection pools.
+
+    (A plain class, not a dataclass: the tests load this file with importlib without registering a module.)
+    """
+
+    def __init__(self, name: str, rng: random.Random, out: Path):
+        self.name = name  # "train" | "heldout"
+        self.rng = rng
+        self.out = out
+        self.pools: dict[tuple, list] = {}
+
+
+def content_digest(*arrays: np.ndarray, extra: str = "") -> str:
+    """sha256 of arrays (shape, dtype and bytes) and ``extra``: the identity of a rendered image or video."""
+    h = hashlib.sha256(extra.encode())
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.shape}{a.dtype}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def content_split(digest: str) -> str:
+    """The split a piece of content belongs to: held-out for 1 in ``HELDOUT_MODULUS`` digests."""
+    return "heldout" if int(digest[:8], 16) % HELDOUT_MODULUS == 0 else "train"
+
+
+def _draw_in_split(split: Split, draw: Callable[[], tuple[tuple[np.ndarray, ...], str, object]]):
+    """Call ``draw()`` -> ``(arrays, extra, result)`` until the content (``arrays`` and ``extra``, see
+    :func:`content_digest`) belongs to ``split``; returns that draw's ``result``."""
+    for _ in range(_MAX_DRAWS):
+        arrays, extra, result = draw()
+        if content_split(content_digest(*arrays, extra=extra)) == split.name:
+            return result
+    raise RuntimeError(f"no content for split {split.name!r} in {_MAX_DRAWS} draws")
+
+
+def heldout_combination(instance: int, template: int, n_templates: int, n_heldout: int) -> bool:
+    """Whether the text prompt (instance, phrasing) is held out: ``n_heldout`` of the ``n_templates`` phrasings of
+    each instance, rotated with the instance so every phrasing is held out for some instances and seen in training
+    with the others. Fixed (seed-independent), so train and held-out of any seed never share a prompt."""
+    return (instance + template) % n_templates < n_heldout
+
+
+def _pick(split: Split, key: tuple, options: list) -> object:
+    """Cycle through ``options`` in a shuffled order per ``key`` (no repeats until all were used)."""
+    pool = split.pools.get(key)
+    if not pool:
+        pool = list(options)
+        split.rng.shuffle(pool)
+        split.pools[key] = pool
+    return pool.pop()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,47 +226,55 @@ def _place_boxes(rng: random.Random, size: int, n: int, side: int) -> list[tuple
     raise RuntimeError(f"could not place {n} shapes of {side}px in a {size}px image")
 
 
-def render_image(rng: random.Random, path: Path, *, colour: str, shape: str, count: int = 1) -> None:
-    """Write a PNG of ``count`` shapes of one colour and kind on a plain background."""
+def draw_image(rng: random.Random, *, colour: str, shape: str, count: int = 1) -> np.ndarray:
+    """RGB array of ``count`` shapes of one colour and kind on a plain background."""
     size = rng.randrange(56, 113)
     side = rng.randint(size // 5, size // 3) if count > 1 else rng.randint(size // 3, size // 2)
     image = Image.new("RGB", (size, size), rng.choice(BACKGROUNDS))
     draw = ImageDraw.Draw(image)
     for box in _place_boxes(rng, size, count, side):
         _draw_shape(draw, shape, box, COLOURS[colour])
+    return np.asarray(image)
+
+
+def write_image(path: Path, pixels: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG", optimize=False)
+    Image.fromarray(pixels).save(path, format="PNG", optimize=False)
 
 
-def render_video(rng: random.Random, path: Path, *, direction: str, colour: str | None = None) -> None:
-    """Write an H.264 mp4 of a coloured square sliding across a plain background in ``direction``."""
+def draw_video(rng: random.Random, *, direction: str, colour: str) -> tuple[np.ndarray, int]:
+    """Frames ``(T, S, S, 3)`` of a coloured square sliding across a plain background in ``direction``, and fps."""
     size = rng.choice((56, 70, 84))  # even sides: yuv420p needs them
     fps = rng.choice((2, 3, 4))
     seconds = rng.randint(4, 6)
     n_frames = fps * seconds
     side = size // 4
-    colour = COLOURS[colour if colour is not None else rng.choice(sorted(COLOURS))]
     background = np.array(rng.choice(BACKGROUNDS), dtype=np.uint8)
     # The square travels from one border to the other along the motion axis; its other coordinate is random.
     travel = np.linspace(2, size - side - 2, n_frames).round().astype(int)
     if direction in ("left", "up"):
         travel = travel[::-1]
     across = rng.randint(2, size - side - 2)
+    frames = np.empty((n_frames, size, size, 3), dtype=np.uint8)
+    frames[:] = background
+    for i, pos in enumerate(travel):
+        x, y = (pos, across) if direction in ("left", "right") else (across, pos)
+        frames[i, y : y + side, x : x + side] = COLOURS[colour]
+    return frames, fps
 
+
+def write_video(path: Path, frames: np.ndarray, fps: int) -> None:
+    """Encode ``frames`` as an H.264 (yuv420p) mp4 with the pinned :data:`X264_OPTIONS`."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    size = frames.shape[1]
     with av.open(str(path), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
-        # One thread and a fixed preset keep the bitstream identical across runs (determinism per seed).
-        stream.codec_context.thread_count = 1
-        stream.options = {"preset": "veryfast", "crf": "23", "threads": "1"}
+        stream.codec_context.thread_count = 1  # also the thread count of PyAV's RGB->YUV conversion
+        stream.options = dict(X264_OPTIONS)
         stream.codec_context.time_base = Fraction(1, fps)
-        for pos in travel:
-            frame = np.empty((size, size, 3), dtype=np.uint8)
-            frame[:] = background
-            x, y = (pos, across) if direction in ("left", "right") else (across, pos)
-            frame[y : y + side, x : x + side] = colour
+        for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
@@ -169,7 +282,7 @@ def render_video(rng: random.Random, path: Path, *, direction: str, colour: str 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tasks: each maker draws its media and returns (media fields, question, answer, choices)
+# Tasks: each maker draws its media for the split and returns (media fields, question, choices)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -177,66 +290,116 @@ def _conversation(prompt: str, answer: str) -> list[dict]:
     return [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
 
 
-def make_colour(rng: random.Random, out: Path, stem: str, answer: str) -> tuple[dict, str, tuple[str, ...]]:
+def _image(split: Split, rel: str, *, colour: str | None, shape: str | None, count: int = 1) -> None:
+    """Draw an image of the split's content region and write it to ``out/rel`` (None: a random colour / shape)."""
+    rng = split.rng
+
+    def draw():
+        c = colour if colour is not None else rng.choice(sorted(COLOURS))
+        s = shape if shape is not None else rng.choice(SHAPES)
+        pixels = draw_image(rng, colour=c, shape=s, count=count)
+        return (pixels,), "", pixels
+
+    write_image(split.out / rel, _draw_in_split(split, draw))
+
+
+def _video(split: Split, rel: str, *, direction: str | None, colour: str | None) -> None:
+    """Draw a video of the split's content region (pixels and frame rate) and write it to ``out/rel``."""
+    rng = split.rng
+
+    def draw():
+        d = direction if direction is not None else rng.choice(DIRECTIONS)
+        c = colour if colour is not None else rng.choice(sorted(COLOURS))
+        frames, fps = draw_video(rng, direction=d, colour=c)
+        return (frames,), f"fps={fps}", (frames, fps)
+
+    frames, fps = _draw_in_split(split, draw)
+    write_video(split.out / rel, frames, fps)
+
+
+def make_colour(split: Split, stem: str, answer: str) -> tuple[dict, str, tuple[str, ...]]:
     rel = f"media/images/{stem}.png"
-    render_image(rng, out / rel, colour=answer, shape=rng.choice(SHAPES))
+    _image(split, rel, colour=answer, shape=None)
     return {"image": rel}, "<image>\nWhat colour is the shape?" + SUFFIX, tuple(COLOURS)
 
 
-def make_shape(rng: random.Random, out: Path, stem: str, answer: str) -> tuple[dict, str, tuple[str, ...]]:
+def make_shape(split: Split, stem: str, answer: str) -> tuple[dict, str, tuple[str, ...]]:
     rel = f"media/images/{stem}.png"
-    render_image(rng, out / rel, colour=rng.choice(sorted(COLOURS)), shape=answer)
+    _image(split, rel, colour=None, shape=answer)
     return {"image": rel}, "<image>\nWhat shape is shown?" + SUFFIX, SHAPES
 
 
-def make_count(rng: random.Random, out: Path, stem: str, answer: str) -> tuple[dict, str, tuple[str, ...]]:
+def make_count(split: Split, stem: str, answer: str) -> tuple[dict, str, tuple[str, ...]]:
     rel = f"media/images/{stem}.png"
-    count = COUNT_WORDS.index(answer) + 1
-    render_image(rng, out / rel, colour=rng.choice(sorted(COLOURS)), shape=rng.choice(SHAPES), count=count)
+    _image(split, rel, colour=None, shape=None, count=COUNT_WORDS.index(answer) + 1)
     return {"image": rel}, "<image>\nHow many shapes are there?" + SUFFIX, COUNT_WORDS
 
 
-def make_same_colour(
-    rng: random.Random, out: Path, stem: str, answer: str
-) -> tuple[dict, str, tuple[str, ...]]:
-    first = rng.choice(sorted(COLOURS))
-    second = first if answer == "yes" else rng.choice([c for c in sorted(COLOURS) if c != first])
+def make_same_colour(split: Split, stem: str, answer: str) -> tuple[dict, str, tuple[str, ...]]:
+    first = split.rng.choice(sorted(COLOURS))
+    second = first if answer == "yes" else split.rng.choice([c for c in sorted(COLOURS) if c != first])
     rels = [f"media/images/{stem}_a.png", f"media/images/{stem}_b.png"]
     for rel, colour in zip(rels, (first, second)):
-        render_image(rng, out / rel, colour=colour, shape=rng.choice(SHAPES))
+        _image(split, rel, colour=colour, shape=None)
     prompt = "<image>\n<image>\nDo the two shapes have the same colour?" + SUFFIX
     return {"image": rels}, prompt, YES_NO
 
 
-def make_direction(
-    rng: random.Random, out: Path, stem: str, answer: str
-) -> tuple[dict, str, tuple[str, ...]]:
+def make_direction(split: Split, stem: str, answer: str) -> tuple[dict, str, tuple[str, ...]]:
     rel = f"media/videos/{stem}.mp4"
-    render_video(rng, out / rel, direction=answer)
+    _video(split, rel, direction=answer, colour=None)
     return {"video": rel}, "<video>\nIn which direction does the square move?" + SUFFIX, DIRECTIONS
 
 
-def make_video_colour(
-    rng: random.Random, out: Path, stem: str, answer: str
-) -> tuple[dict, str, tuple[str, ...]]:
+def make_video_colour(split: Split, stem: str, answer: str) -> tuple[dict, str, tuple[str, ...]]:
     rel = f"media/videos/{stem}.mp4"
-    render_video(rng, out / rel, direction=rng.choice(DIRECTIONS), colour=answer)
+    _video(split, rel, direction=None, colour=answer)
     return {"video": rel}, "<video>\nWhat colour is the moving square?" + SUFFIX, tuple(COLOURS)
 
 
-def make_sum(rng: random.Random, out: Path, stem: str, answer: str) -> tuple[dict, str, tuple[str, ...]]:
+def _text_prompt(split: Split, task: str, answer: str, instances, templates, n_heldout: int, fields) -> str:
+    """A prompt for ``answer`` from this split's (instance, phrasing) combinations, cycling without repeats."""
+    combos = [
+        (i, t)
+        for i in instances
+        for t in range(len(templates))
+        if heldout_combination(i, t, len(templates), n_heldout) == (split.name == "heldout")
+    ]
+    i, t = _pick(split, (task, answer), combos)
+    return templates[t].format(**fields(i)) + SUFFIX
+
+
+def make_sum(split: Split, stem: str, answer: str) -> tuple[dict, str, tuple[str, ...]]:
     total = NUMBER_WORDS.index(answer)
-    a = rng.randint(0, total)
-    prompt = f"What is {NUMBER_WORDS[a]} plus {NUMBER_WORDS[total - a]}?" + SUFFIX
+    instances = [i for i, (a, b) in enumerate(SUM_PAIRS) if a + b == total]
+    prompt = _text_prompt(
+        split,
+        "sum",
+        answer,
+        instances,
+        SUM_TEMPLATES,
+        SUM_HELDOUT_PER_INSTANCE,
+        lambda i: {"a": NUMBER_WORDS[SUM_PAIRS[i][0]], "b": NUMBER_WORDS[SUM_PAIRS[i][1]]},
+    )
     return {}, prompt, NUMBER_WORDS
 
 
-def make_opposite(rng: random.Random, out: Path, stem: str, answer: str) -> tuple[dict, str, tuple[str, ...]]:
-    word = next(k for k, v in OPPOSITES.items() if v == answer)
-    return {}, f"What is the opposite of {word}?" + SUFFIX, OPPOSITE_ANSWERS
+def make_opposite(split: Split, stem: str, answer: str) -> tuple[dict, str, tuple[str, ...]]:
+    words = list(OPPOSITES)
+    instances = [i for i, w in enumerate(words) if OPPOSITES[w] == answer]
+    prompt = _text_prompt(
+        split,
+        "opposite",
+        answer,
+        instances,
+        OPPOSITE_TEMPLATES,
+        OPPOSITE_HELDOUT_PER_INSTANCE,
+        lambda i: {"w": words[i]},
+    )
+    return {}, prompt, OPPOSITE_ANSWERS
 
 
-Maker = Callable[[random.Random, Path, str, str], tuple[dict, str, tuple[str, ...]]]
+Maker = Callable[[Split, str, str], tuple[dict, str, tuple[str, ...]]]
 
 # task -> (modality, answer classes, maker)
 TASKS: dict[str, tuple[str, tuple[str, ...], Maker]] = {
@@ -277,7 +440,11 @@ def task_counts(total: int) -> dict[str, int]:
 
 
 def build_split(rng: random.Random, out: Path, split: str, total: int, *, with_answers: bool) -> list[dict]:
-    """Make ``total`` records of one split, shuffled; media are written under ``out/media``."""
+    """Make ``total`` records of split ``split`` ("train" | "heldout"), shuffled; media are written under
+    ``out/media``. Media content and text prompts come from the split's own region (module docstring)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    ctx = Split(split, rng, out)
     records: list[dict] = []
     for task, n in task_counts(total).items():
         modality, classes, maker = TASKS[task]
@@ -286,7 +453,7 @@ def build_split(rng: random.Random, out: Path, split: str, total: int, *, with_a
         rng.shuffle(answers)
         for i, answer in enumerate(answers):
             stem = f"{split}_{task}_{i:04d}"
-            media, prompt, choices = maker(rng, out, stem, answer)
+            media, prompt, choices = maker(ctx, stem, answer)
             record = {**media, "conversations": _conversation(prompt, answer), "task": task}
             if with_answers:
                 record.update(answer=answer, choices=list(choices), modality=modality)
@@ -311,19 +478,57 @@ def media_paths(record: dict) -> list[str]:
     return paths
 
 
-def chance_accuracy(records: list[dict]) -> float:
-    """Expected exact-match accuracy of guessing uniformly among each record's choices."""
-    return sum(1.0 / len(r["choices"]) for r in records) / max(1, len(records))
+def record_key(record: dict, root: Path) -> tuple:
+    """What makes two records the same item: prompt, answer and the bytes of every media file."""
+    prompt, answer = record["conversations"][0]["value"], record["conversations"][1]["value"]
+    media = tuple(hashlib.sha256((root / rel).read_bytes()).hexdigest() for rel in media_paths(record))
+    return prompt, answer, media
+
+
+def overlap(train: list[dict], heldout: list[dict], root: Path) -> dict[str, int]:
+    """Held-out records equal to a training record (:func:`record_key`), held-out media files whose path or bytes
+    occur in training, and held-out prompts (text-only records) that occur in training with the same answer."""
+    train_keys = {record_key(r, root) for r in train}
+    train_paths = {rel for r in train for rel in media_paths(r)}
+    train_bytes = {hashlib.sha256((root / rel).read_bytes()).hexdigest() for rel in train_paths}
+    held_media = [rel for r in heldout for rel in media_paths(r)]
+    return {
+        "records": sum(record_key(r, root) in train_keys for r in heldout),
+        "media_paths": sum(rel in train_paths for rel in held_media),
+        "media_bytes": sum(
+            hashlib.sha256((root / rel).read_bytes()).hexdigest() in train_bytes for rel in held_media
+        ),
+    }
+
+
+def majority_answers(records: list[dict]) -> dict[str, str]:
+    """Per task, the most frequent answer (ties: the alphabetically first), as
+    ``videollama3_train.evaluate.majority_answers`` computes it."""
+    counts: dict[str, Counter] = {}
+    for r in records:
+        counts.setdefault(r["task"], Counter())[r["conversations"][1]["value"].strip()] += 1
+    return {task: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for task, c in counts.items()}
+
+
+def majority_baseline(train: list[dict], heldout: list[dict]) -> float:
+    """Held-out exact-match accuracy of always answering the task's most frequent training answer."""
+    answers = majority_answers(train)
+    hits = sum(answers.get(r["task"]) == r["conversations"][1]["value"].strip() for r in heldout)
+    return hits / max(1, len(heldout))
 
 
 def generate(out: Path, *, seed: int = 0, n_train: int = 360, n_heldout: int = 60) -> dict:
-    """Write the dataset under ``out``; returns a summary (record counts, media bytes, chance accuracy)."""
+    """Write the dataset under ``out``; returns a summary (record counts, media bytes, held-out baseline,
+    train/held-out overlap, which is 0 by construction and checked)."""
     if n_train < 0 or n_heldout < 0:
         raise ValueError(f"split sizes must be >= 0, got train={n_train}, heldout={n_heldout}")
     out.mkdir(parents=True, exist_ok=True)
     # Separate streams per split: the held-out set stays the same whatever --train is.
     train = build_split(random.Random(f"{seed}-train"), out, "train", n_train, with_answers=False)
     heldout = build_split(random.Random(f"{seed}-heldout"), out, "heldout", n_heldout, with_answers=True)
+    shared = overlap(train, heldout, out)
+    if any(shared.values()):  # cannot happen (module docstring); never write a leaking split
+        raise RuntimeError(f"held-out overlaps training: {shared}")
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "heldout.jsonl", heldout)
     # Count only the files these records reference: a reused --out folder may hold media of an earlier run.
@@ -332,7 +537,8 @@ def generate(out: Path, *, seed: int = 0, n_train: int = 360, n_heldout: int = 6
         "train": len(train),
         "heldout": len(heldout),
         "media_bytes": media_bytes,
-        "heldout_chance_accuracy": chance_accuracy(heldout),
+        "heldout_baseline_accuracy": majority_baseline(train, heldout),
+        "overlap": shared,
     }
 
 
@@ -349,8 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = generate(args.out, seed=args.seed, n_train=args.train, n_heldout=args.heldout)
     print(
         f"wrote {summary['train']} train + {summary['heldout']} held-out records to {args.out} "
-        f"({summary['media_bytes'] / 1e6:.2f} MB media, chance accuracy "
-        f"{summary['heldout_chance_accuracy']:.3f}) in {time.perf_counter() - start:.1f}s"
+        f"({summary['media_bytes'] / 1e6:.2f} MB media, held-out baseline accuracy "
+        f"{summary['heldout_baseline_accuracy']:.3f}, held-out/train overlap 0) in {time.perf_counter() - start:.1f}s"
     )
     return 0
 

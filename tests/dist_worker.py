@@ -1,26 +1,42 @@
 """Tiny synthetic training setups for the trainer tests, and a CLI that runs :func:`fit` on them.
 
-Imported by tests/test_fit.py and tests/test_distributed.py (helpers), and launched as a script (plain ``python`` or
-``torch.distributed.run``) for the subprocess tests:
+Imported by tests/test_fit.py, test_distributed.py, test_faults.py, test_world_size.py (helpers), and launched as a
+script (plain ``python`` or ``torch.distributed.run``) for the subprocess tests:
 
     python tests/dist_worker.py --out DIR --backend ddp --grad-accum 2 --steps 1 --plan grads
 
 Plans (which micro-batches rank r of world w gets):
   ``grads``    the 4 micro-batches of :func:`grad_check_batches`, split contiguously over the ranks;
   ``textonly`` rank 0 gets image/video micro-batches, every other rank only text-only ones;
-  ``repeat``   :func:`train_batches` (8 mixed micro-batches), the same on every rank.
+  ``repeat``   :func:`train_batches` (8 mixed micro-batches), the same on every rank;
+  ``ranked``   the real ``PackedLoader`` over a synthetic data set (``--ranked-samples`` records, text / image /
+               video, a new order every epoch), ``--rows-per-step`` packed rows per optimizer step over all ranks:
+               each rank gets different rows, the plan does not depend on the world size, and every micro-batch
+               yielded is recorded in ``samples_rank<r>.jsonl`` (see :func:`read_consumed`).
 On exit rank 0 writes ``params_after.pt`` (full state dict; ZeRO-3 parameters are gathered first) into --out.
 
-Fault hooks (tests/test_faults.py, test_fit.py): ``--stall-after N`` sleeps after step N; ``--stall-in-save N``
-sleeps inside the save of the step-N checkpoint, after ``accelerator.save_state`` has written weights, optimizer
-and RNG states into the ``.tmp`` directory (the loop state, loader states and ``COMPLETE`` are not written yet);
-``--pause-at N`` makes rank 0 wait after step N until fit has seen a SIGTERM (so the ranks stop after step N+1,
-whatever the delay of the signal). Every rank prints ``PID <rank> <pid>`` at start and writes ``exit_rank<r>`` with its exit code.
+Switches: ``--dropout P`` (dropout on every decoder layer's MLP output: resumed runs must restore RNG states);
+``--partition-all`` (ZeRO-3 with persistence threshold 0; after training every rank asserts that every parameter
+is partitioned, :func:`assert_partitioned`); ``--digests`` (every rank writes a digest of the
+parameters it stores into ``digests_rank<r>.jsonl`` before each step, and ``final`` after the last: a skipped
+step leaves it unchanged; :func:`read_digests`).
+
+Fault hooks (tests/test_faults.py, test_fit.py, test_distributed.py): ``--nan-steps 2,4 --fault-rank 1`` adds a NaN
+to the loss of the first micro-batch of those steps on that rank (its gradients stay finite); ``--stall-in
+forward|backward --stall-step N --fault-rank R`` sleeps inside step N's first forward (or its backward, from a
+gradient hook) on rank R, printing ``STALLING IN FORWARD|BACKWARD``, for a SIGKILL from the test;
+``--stall-in-save N`` sleeps inside the save of the step-N checkpoint, after ``accelerator.save_state`` has written
+weights, optimizer and RNG states into the ``.tmp`` directory (the loop state, loader states and ``COMPLETE`` are
+not written yet); ``--pause-at N`` makes rank 0 wait after step N until fit
+has seen a SIGTERM (so the ranks stop after step N+1, whatever the delay of the signal); ``--stop-after N`` stops the
+run after step N as a SIGTERM would (checkpoint of step N, exit 0), without a signal. Every rank prints
+``PID <rank> <pid>`` at start and writes ``exit_rank<r>`` with its exit code.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -162,10 +178,11 @@ def textonly_batches(tok, rank: int, n: int, seed: int = 2) -> list[dict[str, An
 
 
 class ListLoader:
-    """In-memory loader with the PackedLoader interface: iterable, ``__len__``, resumable ``state_dict``;
-    ``token_budget`` and ``skipped`` (bad samples by reason) as the trainer's metrics read them."""
+    """In-memory loader following ``contract.Loader`` (as PackedLoader does): micro-batches per epoch, an order
+    that depends on the epoch, resumable ``state_dict``; ``token_budget`` and ``skipped`` (bad samples by reason)
+    as the trainer's metrics read them."""
 
-    def __init__(self, batches: list[dict[str, Any]], token_budget: int | None = None):
+    def __init__(self, batches: list[dict[str, Any]], token_budget: int = 0):
         self.batches = batches
         self.token_budget = token_budget
         self.skipped: dict[str, int] = {}
@@ -174,6 +191,9 @@ class ListLoader:
         self.served = 0  # micro-batches handed out in this process (for tests)
 
     def __len__(self) -> int:
+        return len(self.batches)
+
+    def micro_batches_per_epoch(self, epoch: int) -> int:
         return len(self.batches)
 
     def set_epoch(self, epoch: int) -> None:
@@ -221,6 +241,234 @@ def _stall_in_save(step: int) -> None:
     Accelerator.save_state = save_state
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The ``ranked`` plan: a synthetic data set behind the real PackedLoader (global plan, global cursor)
+# ----------------------------------------------------------------------------------------------------------------
+
+RANKED_MAX_TOKENS, RANKED_MAX_PATCHES = 40, 24
+
+
+def ranked_sample_spec(record: int) -> tuple[str, int, int]:
+    """``(modality, n_prompt, n_answer)`` of synthetic record ``record`` (deterministic)."""
+    return ("text", "image", "video")[record % 3], 4 + record % 5, 2 + (record * 7) % 6
+
+
+def ranked_costs(n: int):
+    """Cost table ``(n, 2)`` (tokens, patches) of the synthetic records, exactly what :class:`RankedEncoder` makes."""
+    import numpy as np
+
+    out = np.zeros((n, 2), dtype=np.int64)
+    for r in range(n):
+        modality, n_prompt, n_answer = ranked_sample_spec(r)
+        out[r] = (
+            n_prompt + n_answer + {"text": 0, "image": 8, "video": 2}[modality],
+            0 if modality == "text" else 8,
+        )
+    return out
+
+
+class RankedEncoder:
+    """``encode_fn(dataset, record)`` of the ranked plan: a sample made from the record id alone (any rank, any
+    world size, any process gives the same one); ``meta["index"]`` is the record (the sample id the tests check)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def __call__(self, dataset: int, record: int) -> dict[str, Any]:
+        modality, n_prompt, n_answer = ranked_sample_spec(record)
+        gen = torch.Generator().manual_seed(1000 + record)
+        name = ("alpha", "beta")[record % 2]
+        return make_sample(
+            self.tok, gen, modality=modality, n_prompt=n_prompt, n_answer=n_answer, dataset=name, index=record
+        )
+
+
+def ranked_plan_fn(n: int, rows_per_step: int, seed: int = 0):
+    """``plan(epoch)`` of ``n`` synthetic records: a new order every epoch, ``rows_per_step`` packed rows per
+    optimizer step over all ranks (the global plan PackedLoader deals), the last partial step kept."""
+    import numpy as np
+
+    from videollama3_train.data.packing import pack as pack_rows
+
+    costs = ranked_costs(n)
+
+    def plan(epoch: int):
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        return pack_rows(
+            costs,
+            order,
+            max_tokens=RANKED_MAX_TOKENS,
+            max_patches=RANKED_MAX_PATCHES,
+            buffer_size=16,
+            num_ranks=rows_per_step,
+            seed=seed,
+            epoch=epoch,
+            drop_last=False,
+        )
+
+    return plan
+
+
+def ranked_loader(tok, out: Path, rank: int, world: int, n: int, rows_per_step: int):
+    """The real PackedLoader over the ranked plan; every micro-batch it yields is recorded (epoch, this rank's
+    position, sample ids) in ``<out>/samples_rank<r>.jsonl`` for the sample-id checks."""
+    from videollama3_train.data.loader import PackedLoader
+
+    class RecordingLoader(PackedLoader):
+        def __iter__(self):
+            with (out / f"samples_rank{rank}.jsonl").open("a") as log:
+                for batch in super().__iter__():
+                    ids = [m["index"] for m in batch.get("meta") or []]
+                    row = {"epoch": self.epoch, "position": self.position, "grad_accum": self.grad_accum}
+                    log.write(json.dumps({**row, "world": self.world_size, "ids": ids}) + "\n")
+                    log.flush()
+                    yield batch
+
+    plan = ranked_plan_fn(n, rows_per_step)
+    return RecordingLoader(plan, rank, RankedEncoder(tok), world_size=world, collate_fn=pack, seed=0)
+
+
+def read_consumed(out: Path) -> dict[tuple[int, int], list[int]]:
+    """``{(epoch, optimizer step in the epoch, 0-based): sorted sample ids of that step, all ranks}`` from the
+    samples_rank*.jsonl an output directory collected (later runs' records of a step replace earlier ones)."""
+    steps: dict[tuple[int, int], dict[tuple[int, int], list[int]]] = {}
+    for f in sorted(out.glob("samples_rank*.jsonl")):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            key = (r["epoch"], (r["position"] - 1) // r["grad_accum"])
+            world = r["world"]
+            steps.setdefault(key, {})
+            steps[key][(world, int(f.stem.removeprefix("samples_rank")), r["position"])] = r["ids"]
+    out_steps = {}
+    for key, rows in steps.items():
+        worlds = {w for w, _, _ in rows}
+        world = max(
+            worlds
+        )  # a step logged by two runs: both runs logged the same rows (asserted by the tests)
+        out_steps[key] = sorted(i for (w, _, _), ids in rows.items() if w == world for i in ids)
+    return out_steps
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fault and probe hooks
+# ----------------------------------------------------------------------------------------------------------------
+
+_NOW = {"step": 0, "micro": 0}
+
+
+def _local_digest(module: torch.nn.Module) -> float:
+    """A number that changes when any parameter this rank stores changes (ZeRO-3: its partitions)."""
+    total = 0.0
+    for p in module.parameters():
+        t = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+        t = t.detach().double()
+        total += float(t.sum()) + float(t.abs().sum())
+    return total
+
+
+def _write_digest(out: Path, rank: int, step: int | str, module: torch.nn.Module) -> None:
+    with (out / f"digests_rank{rank}.jsonl").open("a") as f:
+        f.write(json.dumps({"step": step, "digest": _local_digest(module)}) + "\n")
+
+
+def read_digests(out: Path, rank: int) -> dict[int | str, float]:
+    """``{step: digest before it, "final": after the last}`` that rank ``rank`` wrote with ``--digests``."""
+    rows = [json.loads(line) for line in (out / f"digests_rank{rank}.jsonl").read_text().splitlines()]
+    return {r["step"]: r["digest"] for r in rows}
+
+
+def _install_hooks(args, rank: int) -> None:
+    """Patch the loop's per-step entry (``fit.forward_backward``: knows the step) and the loss module's forward
+    (each micro-batch) for the fault switches of ``args``."""
+    import videollama3_train.trainer  # noqa: F401  (its package attribute ``fit`` is the function)
+    from videollama3_train.trainer.step import LossModule
+
+    fit_module = sys.modules["videollama3_train.trainer.fit"]
+
+    nan_steps = {int(s) for s in args.nan_steps.split(",") if s}
+    original_step = fit_module.forward_backward
+
+    def forward_backward(module, *a, **kw):
+        _NOW["step"], _NOW["micro"] = kw.get("step", 0), 0
+        if args.digests:
+            _write_digest(Path(args.out), rank, _NOW["step"], module)
+        return original_step(module, *a, **kw)
+
+    fit_module.forward_backward = forward_backward
+    original_forward = LossModule.forward
+
+    def forward(self, batch):
+        out = original_forward(self, batch)
+        step, micro = _NOW["step"], _NOW["micro"]
+        _NOW["micro"] += 1
+        here = micro == 0 and rank == args.fault_rank
+        if here and step in nan_steps:
+            # a non-finite loss whose gradients stay finite: the case a gradient-norm check alone misses
+            out = (out[0] + torch.tensor(float("nan"), device=out[0].device), *out[1:])
+        if here and step == args.stall_step and args.stall_in == "forward":
+            _stall("STALLING IN FORWARD")
+        if here and step == args.stall_step and args.stall_in == "backward":
+            out[0].register_hook(lambda g: _stall("STALLING IN BACKWARD") or g)
+        return out
+
+    LossModule.forward = forward
+
+
+def _stall(marker: str) -> None:
+    print(f"{marker} {os.getpid()}", flush=True)
+    time.sleep(600)  # bounded; the test SIGKILLs us long before
+
+
+def _partition_everything(out: Path, rank: int) -> str:
+    """A ZeRO-3 config folder whose persistence threshold is 0 (every parameter partitioned, however small)."""
+    folder = out / "deepspeed"
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        ds = json.loads(
+            (Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero3.json").read_text()
+        )
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        tmp = folder / "zero3.json.tmp"
+        tmp.write_text(json.dumps(ds))
+        os.replace(tmp, folder / "zero3.json")
+    deadline = time.monotonic() + 120
+    while not (folder / "zero3.json").is_file():  # the other ranks wait for rank 0's file
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{folder}/zero3.json not written")
+        time.sleep(0.1)
+    return str(folder)
+
+
+def assert_partitioned(model: torch.nn.Module, world: int) -> int:
+    """Every parameter is a ZeRO-3 partition: not persistent, released outside a forward, and this rank holds
+    ``ceil(numel / world)`` of its elements (fewer than all of them when it has more than one). Returns the count."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    n = 0
+    for name, p in model.named_parameters():
+        assert hasattr(p, "ds_id"), f"{name} is not managed by ZeRO-3"
+        assert not p.ds_persist, f"{name} ({p.ds_numel} elements) is persistent: whole on every rank"
+        assert p.ds_status == ZeroParamStatus.NOT_AVAILABLE, f"{name} is {p.ds_status}, not partitioned"
+        assert p.numel() == 0, f"{name} holds {p.numel()} elements outside a forward"
+        local = p.ds_tensor.numel()
+        assert local == -(-p.ds_numel // world), f"{name}: {local} of {p.ds_numel} elements on this rank"
+        assert world == 1 or p.ds_numel == 1 or local < p.ds_numel, f"{name} is whole on this rank"
+        n += 1
+    return n
+
+
+def _stop_after(step: int):
+    """on_step that makes the ranks stop (with a checkpoint, exit 0) after optimizer step ``step``: at step - 1
+    rank 0 sets fit's SIGTERM flag, which the ranks vote on in step ``step``'s all-reduce."""
+
+    def on_step(metrics: dict[str, Any]) -> None:
+        if metrics["step"] == step - 1:
+            flag = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+            flag.requested = True
+
+    return on_step
+
+
 def main(argv: list[str] | None = None) -> int:
     from videollama3_train.trainer import TrainConfig, fit
 
@@ -228,15 +476,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--backend", default="ddp")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--plan", choices=("grads", "textonly", "repeat"), default="grads")
+    p.add_argument("--steps", type=int, default=1, help="trainer.max_steps (-1: every step of --epochs)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--plan", choices=("grads", "textonly", "repeat", "ranked"), default="grads")
+    p.add_argument("--rows-per-step", type=int, default=2, help="ranked: packed rows per step, all ranks (G)")
+    p.add_argument("--ranked-samples", type=int, default=40, help="ranked: records in the synthetic data set")
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e4)
     p.add_argument("--eps", type=float, default=1e4)
+    p.add_argument("--schedule", default="constant")
     p.add_argument("--max-grad-norm", type=float, default=0.0)
+    p.add_argument("--nan-tolerance", type=int, default=5)
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout on every decoder layer's MLP output")
+    p.add_argument("--partition-all", action="store_true", help="zero3: persistence threshold 0, asserted")
     p.add_argument(
-        "--stall-after", type=int, default=0, help="sleep forever after this many steps (kill tests)"
+        "--digests", action="store_true", help="print every rank's parameter digest before each step"
     )
+    p.add_argument("--nan-steps", default="", help="comma-separated steps whose first micro-batch on")
+    p.add_argument("--fault-rank", type=int, default=0, help="... this rank gets a NaN loss / the stall")
+    p.add_argument("--stall-in", choices=("forward", "backward"), default=None)
+    p.add_argument("--stall-step", type=int, default=0, help="sleep inside this step's forward/backward")
+    p.add_argument("--stop-after", type=int, default=0, help="stop (checkpoint, exit 0) after this step")
     p.add_argument(
         "--stall-in-save", type=int, default=0, help="sleep inside the save of this step's checkpoint"
     )
@@ -246,44 +506,50 @@ def main(argv: list[str] | None = None) -> int:
 
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     print(f"PID {rank} {os.getpid()}", flush=True)
     if args.stall_in_save:
         _stall_in_save(args.stall_in_save)
+    _install_hooks(args, rank)
     model, tok = tiny_setup()
-    if args.plan == "grads":
-        all_batches = grad_check_batches(tok)
-        per_rank = len(all_batches) // world
-        batches = all_batches[rank * per_rank : (rank + 1) * per_rank]
-    elif args.plan == "textonly":
-        batches = textonly_batches(tok, rank, args.grad_accum * args.steps)
+    if args.dropout:
+        for layer in model.model.language_model.layers:
+            layer.mlp.register_forward_hook(
+                lambda m, i, o: torch.nn.functional.dropout(o, p=args.dropout, training=m.training)
+            )
+    if args.plan == "ranked":
+        loader = ranked_loader(tok, out, rank, world, args.ranked_samples, args.rows_per_step)
     else:
-        batches = train_batches(tok)
+        if args.plan == "grads":
+            all_batches = grad_check_batches(tok)
+            per_rank = len(all_batches) // world
+            batches = all_batches[rank * per_rank : (rank + 1) * per_rank]
+        elif args.plan == "textonly":
+            batches = textonly_batches(tok, rank, args.grad_accum * args.steps)
+        else:
+            batches = train_batches(tok)
+        loader = ListLoader(batches, token_budget=args.token_budget)
     cfg = TrainConfig(
         lr_vision=args.lr,
         lr_projector=args.lr,
         lr_llm=args.lr,
         adam_eps=args.eps,
         max_grad_norm=args.max_grad_norm,
-        lr_schedule="constant",
+        lr_schedule=args.schedule,
         warmup_ratio=0.0,
         grad_accum=args.grad_accum,
+        epochs=args.epochs,
         max_steps=args.steps,
         backend=args.backend,
         precision="fp32",
-        output_dir=args.out,
         save_every=args.save_every,
         keep_last=3,
         log_every=1,
+        nan_tolerance=args.nan_tolerance,
+        deepspeed_config_dir=_partition_everything(out, rank) if args.partition_all else None,
     )
     on_step = None
-    if args.stall_after:
-
-        def on_step(metrics: dict[str, Any]) -> None:
-            print(f"STEP {metrics['step']} loss {metrics['loss']}", flush=True)
-            if metrics["step"] >= args.stall_after:
-                print("STALLING", flush=True)
-                time.sleep(3600)
-
     if args.pause_at:
 
         def on_step(metrics: dict[str, Any]) -> None:
@@ -297,15 +563,22 @@ def main(argv: list[str] | None = None) -> int:
                         break
                     time.sleep(0.1)
 
+    if args.stop_after:
+        on_step = _stop_after(args.stop_after)
+
     try:
-        fit(model, ListLoader(batches, token_budget=args.token_budget or None), cfg, on_step=on_step)
+        fit(model, loader, cfg, out_dir=out, on_step=on_step)
     except SystemExit as e:  # SIGTERM: fit checkpointed and asks for a clean exit
-        (Path(args.out) / f"exit_rank{rank}").write_text(f"{e.code}\n")
+        (out / f"exit_rank{rank}").write_text(f"{e.code}\n")
         raise
-    (Path(args.out) / f"exit_rank{rank}").write_text("0\n")
+    (out / f"exit_rank{rank}").write_text("0\n")
+    if args.digests:
+        _write_digest(out, rank, "final", model)
+    if args.partition_all:
+        print(f"PARTITIONED {rank} {assert_partitioned(model, world)} parameters", flush=True)
     state = full_state_dict(model)
     if rank == 0:
-        torch.save(state, Path(args.out) / "params_after.pt")
+        torch.save(state, out / "params_after.pt")
         print("WORKER DONE", flush=True)
     return 0
 

@@ -4,7 +4,7 @@
 catalogue item rides in a micro-batch between two good samples through the real ``PackedLoader`` +
 ``DatasetEncoder(encode_record)``: the bad sample is dropped under its reason with one log line naming dataset,
 record and file, and the good ones still come out. Items that must WORK (one-frame / VFR / rotated / 10-bit video,
-unusual image modes) come out as samples. Then the aborting rule of ``train.build_train_data``.
+unusual image modes) come out as samples. Then the aborting rule of ``data.build.build_train_data``.
 
 The pre-pass normally keeps cost-detectable bad records out of the packing plan; the loader still has to survive
 them (a media file replaced or deleted after the cost cache was written, or a truncated image, which only

@@ -1,19 +1,27 @@
-"""Two CPU processes (gloo) through ``torch.distributed.run`` on tests/dist_worker.py.
+"""Two CPU processes (gloo) through ``torch.distributed.run`` on tests/dist_worker.py, on every backend: DDP and
+ZeRO-1/2/3 (accelerate's DeepSpeed plugin, DeepSpeed's CPU accelerator).
 
-* DDP, ZeRO-1 and ZeRO-2 (accelerate's DeepSpeed plugin, DeepSpeed's CPU accelerator) with grad_accum 2: the update after
-  one step equals the one computed here, in one process, from the gradient of the whole global batch (4
-  micro-batches, 2..17 label tokens each) normalised once. AdamW with ``lr = eps = 1e4`` makes the first update
-  ``lr * g / (|g| + eps)``: nearly linear in ``g``, so a wrong normalisation (per micro-batch, per rank, 1/GA twice)
-  shows. With rank 1 holding a text-only micro-batch, ZeRO-2 also proves the tower runs in the same order on
-  every rank (its gradient buckets are reduced in gradient-ready order; a dummy tower pass placed after the LLM
-  mixed up buckets across ranks).
-* ZeRO-3 where rank 1 only ever sees text-only micro-batches finishes (the dummy tower pass keeps the ranks'
-  parameter gathers in step) within the subprocess timeout.
+The oracle is a computation in one process on the whole global batch:
+
+* the gradient of the global batch normalised once by its label tokens (``grads`` plan: 4 micro-batches with
+  2..17 label tokens, 2 per rank). AdamW with ``lr = eps = 1e4`` makes the update ``lr * m / (sqrt(v) + eps)``
+  nearly linear in the gradient, so a wrong normalisation (per micro-batch, per rank, 1/GA twice) shows;
+* with clipping at a norm small enough to bite: the update of the clipped gradient, and the logged ``grad_norm``
+  equal to the reference's norm before clipping;
+* ZeRO-3 with every parameter partitioned (persistence threshold 0, asserted by every rank) and a rank that only
+  ever sees text-only micro-batches, over several steps: the weights equal those of ``fit`` run in this process on
+  the same global batches. The dummy tower pass keeps the ranks' parameter gathers in step (without it the run
+  hangs: the timeout fails the test);
+* a non-finite loss on one rank's micro-batch (its gradients finite: only the loss says so): every rank skips the
+  step (its parameters, digested on every rank, are unchanged), the schedule does not advance, the skip is counted
+  once, and ``nan_tolerance`` consecutive skips abort with the message.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import math
 import os
 import socket
 import subprocess
@@ -22,11 +30,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_worker import grad_check_batches, tiny_setup
-from test_fit import _adam_first_update, _reference_grads
+from dist_worker import ListLoader, grad_check_batches, read_digests, textonly_batches, tiny_setup
+from test_fit import _adam_first_update, _cfg, _reference_grads
+
+from videollama3_train.trainer import TrainConfig, fit
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+BACKENDS = ["ddp", "zero1", "zero2", "zero3"]
 
 
 def _free_port() -> int:
@@ -35,13 +46,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(out: Path, *args: str, timeout: int = 400) -> str:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
+def _torchrun(out: Path, *args: str, nproc: int = 2, timeout: int = 400, expect_ok: bool = True) -> str:
+    """Run tests/dist_worker.py under torchrun; a hang fails with the log after ``timeout`` seconds."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    cmd += [
         "--master_port",
         str(_free_port()),
         str(REPO / "tests" / "dist_worker.py"),
@@ -57,55 +65,141 @@ def _torchrun(out: Path, *args: str, timeout: int = 400) -> str:
             f"torchrun did not finish within {timeout}s (hang?):\n{e.stdout}\n{e.stderr}"
         ) from e
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-6000:]
-    assert "WORKER DONE" in log, log[-6000:]
+    if expect_ok:
+        assert proc.returncode == 0 and "WORKER DONE" in log, log[-6000:]
+    else:
+        assert proc.returncode != 0, log[-6000:]
     return log
 
 
+def _backend_args(backend: str) -> list[str]:
+    # ZeRO-3 with every parameter partitioned: the tiny model's tensors are all below the repository's persistence
+    # threshold, which would keep them whole on every rank (nothing would be tested)
+    return ["--backend", backend, *(["--partition-all"] if backend == "zero3" else [])]
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_partitioned(log: str, backend: str) -> None:
+    if backend == "zero3":
+        for rank in (0, 1):
+            assert f"PARTITIONED {rank} " in log, log[-3000:]
+
+
 @pytest.fixture(scope="module")
-def expected_update() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(initial state, expected first update) for the global batch of the ``grads`` plan."""
+def reference() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(initial state, gradient of the global batch of the ``grads`` plan)."""
     model, tok = tiny_setup()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    grads = _reference_grads(copy.deepcopy(model), grad_check_batches(tok))
-    return before, {k: _adam_first_update(g, 1e4, 1e4) for k, g in grads.items()}
+    return before, _reference_grads(copy.deepcopy(model), grad_check_batches(tok))
 
 
-@pytest.mark.parametrize("backend", ["ddp", "zero1", "zero2"])
-def test_two_processes_match_one_process_on_the_global_batch(
-    tmp_path: Path, backend: str, expected_update
-) -> None:
-    _torchrun(tmp_path, "--backend", backend, "--grad-accum", "2", "--steps", "1", "--plan", "grads")
-    before, update = expected_update
-    after = torch.load(tmp_path / "params_after.pt", weights_only=True)
+def _assert_update(out: Path, before: dict, update: dict, what: str) -> None:
+    after = torch.load(out / "params_after.pt", weights_only=True)
     assert update, "no gradient in the reference"
     for k, u in update.items():
-        torch.testing.assert_close(after[k] - before[k], u, atol=1e-5, rtol=1e-4, msg=f"{backend}: {k}")
+        torch.testing.assert_close(after[k] - before[k], u, atol=1e-5, rtol=1e-4, msg=f"{what}: {k}")
 
 
-def test_zero3_with_a_text_only_rank_finishes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_processes_match_one_process_on_the_global_batch(tmp_path: Path, backend: str, reference) -> None:
+    """grad_accum 2 on each of 2 ranks: the update equals the one of the global batch normalised once. With rank 1
+    holding a text-only micro-batch, ZeRO-2 also proves the tower runs in the same order on every rank (it reduces
+    gradient buckets in gradient-ready order)."""
+    log = _torchrun(tmp_path, *_backend_args(backend), "--grad-accum", "2", "--steps", "1", "--plan", "grads")
+    _assert_partitioned(log, backend)
+    before, grads = reference
+    _assert_update(tmp_path, before, {k: _adam_first_update(g, 1e4, 1e4) for k, g in grads.items()}, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clipping_matches_the_clipped_reference_and_logs_the_norm_before_clipping(
+    tmp_path: Path, backend: str, reference
+) -> None:
+    before, grads = reference
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item()
+    max_norm = 0.05
+    assert norm > 4 * max_norm  # clipping bites
     log = _torchrun(
-        tmp_path,
-        "--backend",
-        "zero3",
-        "--grad-accum",
-        "2",
-        "--steps",
-        "2",
-        "--plan",
-        "textonly",
-        "--lr",
-        "1e-3",
-        "--eps",
-        "1e-8",
-        "--max-grad-norm",
-        "1.0",
-        timeout=400,
+        tmp_path, *_backend_args(backend), "--grad-accum", "2", "--steps", "1", "--plan", "grads",
+        "--max-grad-norm", str(max_norm),
+    )  # fmt: skip
+    _assert_partitioned(log, backend)
+    coef = max_norm / (norm + 1e-6)
+    _assert_update(
+        tmp_path, before, {k: _adam_first_update(g * coef, 1e4, 1e4) for k, g in grads.items()}, backend
     )
+    (row,) = _rows(tmp_path)
+    assert row["grad_norm"] == pytest.approx(norm, rel=1e-4), backend
+
+
+def test_zero3_all_partitioned_with_a_text_only_rank_matches_one_process(tmp_path: Path) -> None:
+    """ZeRO-3, every parameter partitioned, rank 1 text-only for 3 steps of grad_accum 2: finishes within the
+    timeout and ends with the weights of ``fit`` in one process on the same global batches (4 micro-batches a step)
+    -- loss normalisation under ZeRO-3 included."""
+    steps, ga = 3, 2
+    log = _torchrun(
+        tmp_path, *_backend_args("zero3"), "--plan", "textonly", "--grad-accum", str(ga), "--steps", str(steps),
+        "--save-every", str(steps), timeout=400,
+    )  # fmt: skip
+    _assert_partitioned(log, "zero3")
+    model, tok = tiny_setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    per_rank = [textonly_batches(tok, r, ga * steps) for r in (0, 1)]
+    assert all("pixel_values" not in b and "pixel_values_videos" not in b for b in per_rank[1])
+    global_batches = [b for s in range(steps) for r in (0, 1) for b in per_rank[r][s * ga : (s + 1) * ga]]
+    cfg = _cfg(lr_vision=1e4, lr_projector=1e4, lr_llm=1e4, adam_eps=1e4, max_grad_norm=0.0, grad_accum=2 * ga,
+               max_steps=steps)  # fmt: skip
+    fit(model, ListLoader(global_batches), cfg, out_dir=tmp_path / "reference")
+    expected = {k: v - before[k] for k, v in model.state_dict().items()}
     after = torch.load(tmp_path / "params_after.pt", weights_only=True)
-    model, _ = tiny_setup()
-    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, after[k])]
-    # Every group trained, the vision tower included (rank 0's images reach it through ZeRO-3's reduce-scatter).
-    assert any(k.startswith("model.vision_model.") for k in changed), log[-3000:]
-    assert any(k.startswith("model.language_model.") for k in changed)
-    assert (tmp_path / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
+    assert any(k.startswith("model.vision_model.") and e.abs().max() > 0 for k, e in expected.items())
+    for k, e in expected.items():
+        torch.testing.assert_close(after[k] - before[k], e, atol=1e-5, rtol=1e-4, msg=k)
+    assert (tmp_path / "checkpoints" / f"step-{steps:08d}" / "COMPLETE").is_file()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_loss_on_one_rank_skips_the_step_everywhere_then_aborts(
+    tmp_path: Path, backend: str
+) -> None:
+    """Steps 2, 4 and 5 get a NaN loss on rank 1's first micro-batch (of 2); nan_tolerance 2. Step 2 is skipped
+    on every rank (parameters unchanged), the lr does not move, the skip is counted once; steps 4-5 abort."""
+    log = _torchrun(
+        tmp_path, *_backend_args(backend), "--plan", "ranked", "--ranked-samples", "80", "--rows-per-step", "4",
+        "--steps", "8", "--lr", "1e-3", "--eps", "1e-8", "--schedule", "linear", "--max-grad-norm", "1.0",
+        "--nan-steps", "2,4,5", "--fault-rank", "1", "--nan-tolerance", "2", "--digests",
+        expect_ok=False,
+    )  # fmt: skip
+    assert "2 consecutive steps with a non-finite loss or gradient norm (nan_tolerance=2)" in log, log[-4000:]
+    rows = {r["step"]: r for r in _rows(tmp_path)}
+    assert sorted(rows) == [1, 2, 3, 4, 5], log[-3000:]
+    assert [rows[s]["nonfinite"] for s in range(1, 6)] == [False, True, False, True, True]
+    # counted once per step, not once per rank
+    assert [rows[s]["skipped_nonfinite"] for s in range(1, 6)] == [0, 1, 1, 2, 3]
+    lr = [rows[s]["lr/llm"] for s in range(1, 6)]
+    assert lr[1] == lr[0] and lr[2] < lr[1] and lr[3] == lr[2]  # the schedule stands still on a skipped step
+    assert all(math.isfinite(rows[s]["grad_norm"]) for s in (1, 3))
+    for rank in (0, 1):
+        d = read_digests(tmp_path, rank)
+        assert sorted(d) == [1, 2, 3, 4, 5], log[-3000:]
+        assert d[2] != d[1] and d[4] != d[3], f"rank {rank}: an applied step changed nothing"
+        assert d[3] == d[2] and d[5] == d[4], f"rank {rank}: a skipped step changed the parameters"
+    assert not (tmp_path / "params_after.pt").exists()
+
+
+def test_a_deepspeed_config_without_gradient_norm_is_refused(tmp_path: Path) -> None:
+    """DeepSpeed returns no gradient norm with compute_grad_norm off: every step would read as non-finite while the
+    engine kept updating. Refused when the config is built."""
+    from videollama3_train.trainer.backend import deepspeed_config
+
+    ds = json.loads((REPO / "configs" / "deepspeed" / "zero2.json").read_text())
+    ds["zero_optimization"]["compute_grad_norm"] = False
+    (tmp_path / "zero2.json").write_text(json.dumps(ds))
+    with pytest.raises(ValueError, match="compute_grad_norm"):
+        deepspeed_config(TrainConfig(backend="zero2", deepspeed_config_dir=str(tmp_path)), 2)
+    built = deepspeed_config(TrainConfig(backend="zero2", precision="bf16", grad_accum=3), 4)
+    assert built["bf16"]["check_grad_overflow"] is True  # a NaN norm skips the update under bf16 too
+    assert (built["gradient_accumulation_steps"], built["train_batch_size"]) == (3, 12)

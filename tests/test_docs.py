@@ -19,6 +19,42 @@ def test_config_reference_is_current():
     assert proc.returncode == 0, proc.stderr
 
 
+def test_every_config_key_has_a_meaning():
+    """Every key of every command's config says what it means (the comment above or beside its field)."""
+    rows = [r for r in (ROOT / "docs" / "config.md").read_text().splitlines() if r.startswith("| `")]
+    assert len(rows) > 80
+    blank = [r.split("|")[1].strip() for r in rows if not r.rstrip().rstrip("|").split("|")[-1].strip()]
+    assert not blank, f"keys without a meaning in docs/config.md: {blank}"
+    for key in ("trainer.lr_scale", "stages", "doctor.workers", "prepare.max_pixels_per_frame", "checkpoint"):
+        assert any(r.startswith(f"| `{key}` |") for r in rows), key
+
+
+def test_config_doc_reads_comments_above_and_beside_a_field():
+    import importlib.util
+    from dataclasses import dataclass
+
+    spec = importlib.util.spec_from_file_location("gen_config_doc", ROOT / "scripts" / "gen_config_doc.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+
+    @dataclass
+    class Example:
+        # --- a banner is not a meaning ------------------------------------------
+        beside: int = 1  # tokens per thing
+        # a block above,
+        # over two lines
+        above: int = 2
+        wrapped: str | None = None  # the formatter moved this comment inside the parentheses
+        bare: int = 3
+
+    assert gen.field_comments(Example) == {
+        "beside": "tokens per thing",
+        "above": "a block above, over two lines",
+        "wrapped": "the formatter moved this comment inside the parentheses",
+        "bare": "",
+    }
+
+
 def test_readme_commands_are_what_ci_and_quickstart_run():
     readme = (ROOT / "README.md").read_text()
     assert "bash scripts/quickstart.sh" in readme and "bash scripts/test.sh" in readme

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from test_catalogue import GOOD_TEXT, build_catalogue, conv
 
-from videollama3_train import doctor
+from videollama3_train.config import compose
+from videollama3_train.run import run_doctor
 
 GOOD_IMAGE = {"image": "good.png", "conversations": conv("<image>\nq")}
 NON_UTF8_LINE = json.dumps({"conversations": conv("Hi?")}).encode().replace(b"Hi?", b"H\xff\xfei?")
@@ -63,9 +64,8 @@ def mixture(tmp_path_factory):
 def test_doctor_reports_every_catalogue_item(mixture, tmp_path):
     overrides, expected, sizes = mixture
     out = tmp_path / "report"
-    code = doctor.run(
-        [*overrides, f"output_dir={out}", "doctor.workers=2", "doctor.max_failure_rate=1.0"], progress=False
-    )
+    argv = [*overrides, f"output_dir={out}", "doctor.workers=2", "doctor.max_failure_rate=1.0"]
+    code = run_doctor(compose("doctor", argv), argv, progress=False)
     assert code == 0  # nothing is above a threshold of 100%
     report = json.loads((out / "report.json").read_text())
 
@@ -99,7 +99,7 @@ def test_misspelt_key_fails_at_start(tmp_path):
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException, match="doctor.workerz"):
-        doctor.compose_doctor(["data=sample", f"output_dir={tmp_path}", "doctor.workerz=2"])
+        compose("doctor", ["data=sample", f"output_dir={tmp_path}", "doctor.workerz=2"])
 
 
 @pytest.mark.slow

@@ -63,10 +63,16 @@ def _argv(sample: Path, out: Path) -> list[str]:
     ]
 
 
+def run_pipeline(argv: list[str]) -> dict:
+    """What ``python -m videollama3_train.pipeline <argv>`` runs, in this process."""
+    from videollama3_train.config import compose
+    from videollama3_train.run import run_pipeline
+
+    return run_pipeline(compose("pipeline", argv), argv)
+
+
 @pytest.fixture(scope="module")
 def pipeline_run(sample, tmp_path_factory) -> tuple[Path, list[str], dict]:
-    from videollama3_train.pipeline import run_pipeline
-
     out = tmp_path_factory.mktemp("pipeline")
     argv = _argv(sample, out)
     results = run_pipeline(argv)
@@ -138,8 +144,6 @@ def test_summary_and_loss_plot(pipeline_run) -> None:
 
 
 def test_rerun_skips_finished_stages(pipeline_run, capsys) -> None:
-    from videollama3_train.pipeline import run_pipeline
-
     out, argv, results = pipeline_run
     mtimes = {d: (out / d / "export" / "config.json").stat().st_mtime_ns for d in STAGE_DIRS}
     capsys.readouterr()
@@ -154,8 +158,6 @@ def test_rerun_after_crash_resumes_unfinished_stage(pipeline_run, capsys) -> Non
     """A crash after the last checkpoint but before the export: the rerun skips stages 1-3 and resumes stage 4
     from its checkpoint (no step is trained again), then exports."""
     import shutil
-
-    from videollama3_train.pipeline import run_pipeline
 
     out, argv, _ = pipeline_run
     last = out / STAGE_DIRS[-1]

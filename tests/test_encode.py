@@ -10,6 +10,7 @@ from mediagen import make_audio_only, make_corrupt, make_frame_folder, make_imag
 
 from videollama3_train.data import DataError, EncodeConfig, encode_record, estimate_cost, load_annotations
 from videollama3_train.data.annotations import normalize_record, record_at
+from videollama3_train.data.vision import processor_budgets, processor_frame_size, processor_image_size
 from videollama3_train.model.tokenizer import build_processor, build_tiny_tokenizer
 
 FORWARD_KEYS = {
@@ -135,8 +136,10 @@ def test_official_frames_as_image_tags(tmp_path, proc):
     _check_consistent(s, proc)
     assert s["meta"]["modality"] == "video" and s["video_grid_thw"][0, 0] == 4
     assert "Time 3.0s:" in proc.tokenizer.decode(s["input_ids"])
-    # the same frames as a folder, and as a list under one <video> tag, give the same tokens
-    as_folder = _encode({"video": "frames", "conversations": _conv("<video>\nWhat changes?")}, tmp_path, proc)
+    # the same frames as a folder at 1 fps (a list's frames are all kept, at i / fps), and as a list under one
+    # <video> tag, give the same tokens
+    folder_rec = {"video": "frames", "conversations": _conv("<video>\nWhat changes?")}
+    as_folder = _encode(folder_rec, tmp_path, proc, frame_folder_fps=1.0)
     as_list = _encode({"video": frames, "conversations": _conv("<video>\nWhat changes?")}, tmp_path, proc)
     assert torch.equal(as_folder["input_ids"], s["input_ids"]) and torch.equal(
         as_list["input_ids"], s["input_ids"]
@@ -150,7 +153,9 @@ def test_official_frames_as_image_tags(tmp_path, proc):
 
 
 @pytest.mark.parametrize("budget", [64, 256, 1000])
-def test_budget_shared_over_items(tmp_path, proc, budget):
+def test_budget_processor_sizes_else_shared(tmp_path, proc, budget):
+    """Items get the processor's own sizes while they fit max_visual_tokens together; else the budget is shared
+    equally over all images and frames (official rule)."""
     make_image(tmp_path / "a.png", size=(300, 200), pattern="noise")
     make_image(tmp_path / "b.png", size=(90, 400), pattern="noise")
     make_video(tmp_path / "v.mp4", 160, 120, seconds=4.0, fps=2.0)
@@ -159,14 +164,30 @@ def test_budget_shared_over_items(tmp_path, proc, budget):
         "video": "v.mp4",
         "conversations": _conv("<image>\n<image>\n<video>\n?"),
     }
-    s = _encode(rec, tmp_path, proc, max_visual_tokens=budget, min_tokens_per_item=4, image_merge_size=2)
+    cfg = EncodeConfig(max_visual_tokens=budget, min_tokens_per_item=4, image_merge_size=2)
+    s = encode_record(rec, data_root=tmp_path, processor=proc, config=cfg)
     _check_consistent(s, proc)
     img_tokens = (s["image_grid_thw"].prod(dim=1) // s["image_merge_sizes"] ** 2).tolist()
     g = s["video_grid_thw"][0]
     frame_tokens = int(g[1] * g[2]) // 4
-    assert sum(img_tokens) + int(g[0]) * frame_tokens <= budget
     assert min(img_tokens + [frame_tokens]) >= 4
-    assert max(img_tokens + [frame_tokens]) <= budget // 6
+    b = processor_budgets(
+        patch_size=14,
+        image_merge_size=2,
+        video_merge_size=2,
+        max_visual_tokens=budget,
+        min_tokens_per_item=4,
+        max_tokens_per_item=cfg.max_tokens_per_item,
+    )
+    alone = [processor_image_size(h, w, merge_size=2, budgets=b) for h, w in ((200, 300), (400, 90))]
+    alone.append(processor_frame_size(120, 160, int(g[0]), merge_size=2, budgets=b))
+    alone_tokens = [h * w // 28**2 for h, w in alone]
+    if sum(alone_tokens[:2]) + int(g[0]) * alone_tokens[2] <= budget:  # 256, 1000: what the processor makes
+        assert img_tokens + [frame_tokens] == alone_tokens
+        assert s["image_grid_thw"][:, 1:].tolist() == [[h // 14, w // 14] for h, w in alone[:2]]
+    else:  # 64: shared equally over 2 images + 4 frames
+        assert sum(img_tokens) + int(g[0]) * frame_tokens <= budget
+        assert max(img_tokens + [frame_tokens]) <= budget // 6
 
 
 def test_compression_on_off(tmp_path, proc):
@@ -231,6 +252,39 @@ def test_estimate_cost_equals_encode(tmp_path, proc):
                 s["meta"]["num_patches"],
             )
         assert encoded >= 2
+
+
+def test_plan_record_is_the_cost_and_encodes_without_replanning(tmp_path, proc, monkeypatch):
+    """One plan serves both: its cost is estimate_cost's, and encode_record given it reads no header again."""
+    from videollama3_train.data import encode as enc_mod
+    from videollama3_train.data.encode import plan_record
+
+    make_image(tmp_path / "a.png", size=(64, 48), pattern="noise")
+    make_video(tmp_path / "v.mp4", 64, 48, seconds=5.0, fps=4.0)
+    rec = {"image": "a.png", "video": "v.mp4", "conversations": _conv("<video>\n<image>\nSame?")}
+    cfg = EncodeConfig(max_visual_tokens=200)
+    plan = plan_record(rec, data_root=tmp_path, processor=proc, config=cfg)
+    assert plan.cost == estimate_cost(rec, data_root=tmp_path, processor=proc, config=cfg)
+    assert plan.cost[0] == plan.text_tokens + plan.visual_tokens
+    fresh = encode_record(rec, data_root=tmp_path, processor=proc, config=cfg)
+
+    def no_probe(*a, **k):
+        raise AssertionError("planned again")
+
+    monkeypatch.setattr(enc_mod, "_probe", no_probe)
+    reused = encode_record(rec, data_root=tmp_path, processor=proc, config=cfg, plan=plan)
+    assert set(reused) == set(fresh)
+    for k in fresh:
+        if k != "meta":
+            assert torch.equal(reused[k], fresh[k]), k
+    assert (reused["meta"]["num_tokens"], reused["meta"]["num_patches"]) == plan.cost
+    with pytest.raises(ValueError, match="another EncodeConfig"):
+        encode_record(rec, data_root=tmp_path, processor=proc, config=EncodeConfig(), plan=plan)
+    with pytest.raises(DataError) as e:
+        plan_record(
+            {"conversations": []}, data_root=tmp_path, processor=proc, config=cfg, dataset="d", index=3
+        )
+    assert e.value.reason == "bad_schema" and "dataset 'd', record 3" in str(e.value)
 
 
 def test_video_clip_timestamps_relative_to_start(tmp_path, proc):
@@ -417,6 +471,48 @@ def test_load_annotations_bad_line(tmp_path):
         chain.append(err)
         err = err.__cause__ or err.__context__
     assert any(isinstance(x, DataError) and "line 2" in str(x) for x in chain)
+
+
+def test_iter_records_strict_and_tolerant(tmp_path):
+    """The one annotation reader: strict raises the first bad record with its line; tolerant yields it and goes
+    on, with the record indices training uses (blank lines do not count)."""
+    from videollama3_train.data import iter_records
+
+    path = tmp_path / "ann.jsonl"
+    good = json.dumps(MIXED[0]).encode()
+    path.write_bytes(
+        good + b"\n\n[1, 2]\n{not json\n" + good.replace(b"image", b"\xff") + b"\n" + good + b"\n"
+    )
+    pairs = list(iter_records(path, strict=False))
+    assert [i for i, _ in pairs] == [0, 1, 2, 3, 4]
+    assert pairs[0][1] == MIXED[0] and pairs[4][1] == MIXED[0]
+    errors = [(r.reason, r.index) for _, r in pairs if isinstance(r, DataError)]
+    assert errors == [("bad_schema", 1), ("bad_schema", 2), ("bad_text", 3)]
+    assert "line 3 is not a JSON object" in str(pairs[1][1]) and "line 4 is not valid JSON" in str(
+        pairs[2][1]
+    )
+    assert "line 5 is not valid UTF-8" in str(pairs[3][1])
+    strict = iter_records(path)
+    assert next(strict) == MIXED[0]
+    with pytest.raises(DataError, match="line 3 is not a JSON object"):
+        next(strict)
+
+    listed = tmp_path / "ann.json"
+    listed.write_text(json.dumps([MIXED[1], "text"]))
+    assert [type(r).__name__ for _, r in iter_records(listed, strict=False)] == ["dict", "DataError"]
+    with pytest.raises(DataError, match="record is a str"):
+        list(iter_records(listed))
+    # a file that cannot be read at all fails in both modes, at the call
+    with pytest.raises(DataError) as e:
+        iter_records(tmp_path / "nope.jsonl", strict=False)
+    assert e.value.reason == "missing_file"
+    (tmp_path / "empty.json").write_text("")
+    with pytest.raises(DataError) as e:
+        iter_records(tmp_path / "empty.json")
+    assert e.value.reason == "empty_file"
+    listed.write_text("[{")
+    with pytest.raises(DataError, match="not valid JSON"):
+        next(iter_records(listed, strict=False))
 
 
 def test_normalize_official_and_messages_agree():

@@ -1,9 +1,13 @@
-"""Faults a long run meets: a kill in the middle of a checkpoint write, preemption (SIGTERM), an out-of-memory
-micro-batch. Non-finite steps are covered in tests/test_fit.py.
+"""Faults a long run meets: a SIGKILL inside a forward, inside a backward or in the middle of a checkpoint write,
+preemption (SIGTERM), an out-of-memory micro-batch. Non-finite steps are covered in tests/test_fit.py and
+tests/test_distributed.py (every backend).
 
-The subprocess tests run tests/dist_worker.py (``--plan repeat``: 6 steps of grad_accum 2, checkpoints every 2
-steps) as one plain process and as two DDP processes under ``torch.distributed.run`` (gloo), and compare with an
-uninterrupted run of the same world size. Every wait is bounded; a hung process fails the test with its log.
+The subprocess tests run tests/dist_worker.py with ``--plan ranked`` (the real PackedLoader over a synthetic data
+set: each rank gets different rows, 2 packed rows per optimizer step), dropout on in the model (so a resumed run
+must restore every rank's RNG states, not only weights, optimizer and data position), 6 steps, checkpoints every 2
+steps, as one plain process and as two DDP processes under ``torch.distributed.run`` (gloo), and compare with an
+uninterrupted run of the same world size: the losses after the resume and the final weights are bit-identical.
+Every wait is bounded; a hung process fails the test with its log.
 """
 
 from __future__ import annotations
@@ -21,15 +25,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_worker import ListLoader, tiny_setup, train_batches
+from dist_worker import ListLoader, read_consumed, tiny_setup, train_batches
 from test_fit import _cfg, _losses
 
 from videollama3_train.trainer import find_latest_checkpoint, fit
-from videollama3_train.trainer.fit import LossModule
+from videollama3_train.trainer.step import LossModule
 
 REPO = Path(__file__).resolve().parents[1]
-WORKER_ARGS = ["--plan", "repeat", "--lr", "1e-3", "--eps", "1e-8", "--max-grad-norm", "1.0"]
-WORKER_ARGS += ["--grad-accum", "2", "--steps", "6", "--save-every", "2"]
+WORKER_ARGS = ["--plan", "ranked", "--rows-per-step", "2", "--dropout", "0.1", "--schedule", "cosine"]
+WORKER_ARGS += [
+    "--lr",
+    "1e-3",
+    "--eps",
+    "1e-8",
+    "--max-grad-norm",
+    "1.0",
+    "--steps",
+    "6",
+    "--save-every",
+    "2",
+]
 TIMEOUT = 300  # seconds any one process may take (a tiny model: tens of seconds on 2 shared cores)
 
 
@@ -121,6 +136,7 @@ def clean_runs(tmp_path_factory) -> dict[int, Path]:
 def _assert_same_run(clean: Path, resumed: Path, steps: range) -> None:
     a, b = _losses(clean), _losses(resumed)
     assert [b[s] for s in steps] == [a[s] for s in steps]
+    assert read_consumed(resumed) == read_consumed(clean)  # the same samples in every step
     pa = torch.load(clean / "params_after.pt", weights_only=True)
     pb = torch.load(resumed / "params_after.pt", weights_only=True)
     for k in pa:
@@ -128,8 +144,33 @@ def _assert_same_run(clean: Path, resumed: Path, steps: range) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# (a) SIGKILL in the middle of a checkpoint write
+# (a) SIGKILL inside a forward, inside a backward, in the middle of a checkpoint write
 # ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize(("where", "step", "resumes_at"), [("forward", 4, 2), ("backward", 5, 4)])
+def test_sigkill_inside_forward_or_backward_resumes_bit_identical(
+    tmp_path: Path, world: int, where: str, step: int, resumes_at: int, clean_runs
+) -> None:
+    """kill -9 while the last rank is inside step ``step``'s first forward (or, from a gradient hook, its
+    backward); with 2 processes the other rank is waiting in that step's collectives. The restart resumes from the
+    newest checkpoint and reproduces the uninterrupted run exactly: dropout masks (RNG states of every rank), the
+    data cursor, weights and optimizer."""
+    out = tmp_path / "victim"
+    args = ["--stall-in", where, "--stall-step", str(step), "--fault-rank", str(world - 1)]
+    victim = _Run(out, world, *args)
+    victim.wait_for(f"STALLING IN {where.upper()}")
+    assert len(victim.worker_pids()) == world, victim.log
+    victim.kill_all()
+    assert find_latest_checkpoint(out).name == f"step-{resumes_at:08d}"
+
+    resumed = _Run(out, world)
+    assert resumed.finish() == 0, resumed.log
+    assert f"at step {resumes_at}" in resumed.log
+    _assert_same_run(clean_runs(world), out, range(resumes_at + 1, 7))
 
 
 @pytest.mark.slow
@@ -211,9 +252,9 @@ def test_out_of_memory_names_the_micro_batch_and_the_knobs(tmp_path: Path, monke
         return original(self, batch)
 
     monkeypatch.setattr(LossModule, "forward", forward)
-    cfg = _cfg(tmp_path, max_steps=2, grad_accum=2)
+    cfg = _cfg(max_steps=2, grad_accum=2)
     with pytest.raises(torch.OutOfMemoryError) as exc:
-        fit(model, ListLoader(batches), cfg)
+        fit(model, ListLoader(batches), cfg, out_dir=tmp_path)
     msg = str(exc.value)
     tokens = victim["input_ids"].numel()
     patches = sum(b.shape[0] for k, b in victim.items() if k in ("pixel_values", "pixel_values_videos"))

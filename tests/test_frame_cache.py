@@ -1,9 +1,12 @@
-"""Frame cache (data/frame_cache.py) and the prepare command's core (prepare.py)."""
+"""Frame cache (data/frame_cache.py), its preparation (data/prepare.py) and the prepare command."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ from videollama3_train.data import frame_cache as fc
 from videollama3_train.data import media
 from videollama3_train.data.config import EncodeConfig
 from videollama3_train.data.errors import DataError
-from videollama3_train.prepare import frame_pixel_cap, prepare
+from videollama3_train.data.prepare import frame_pixel_cap, prepare
 
 SAMPLING = {"fps": 1.0, "max_frames": 180, "min_frames": 4}
 # JPEG quality 95 with 4:4:4 chroma on these flat-band frames: measured mean |error| ~0.06 grey levels; the bound
@@ -250,8 +253,9 @@ def test_prepare_collects_both_schemas(video, tmp_path):
     assert fc.lookup_frames(tmp_path / "cache", video, **SAMPLING, start=1.0, end=4.0) is not None
 
 
-def test_prepare_command_line(video, tmp_path, capsys):
-    from videollama3_train.prepare import prepare_main
+def test_prepare_command_line(video, tmp_path):
+    """The command takes the train command's overrides (configs/prepare.yaml) and prints its counts as JSON."""
+    from videollama3_train.config import compose
 
     annotation = tmp_path / "a.jsonl"
     row = {
@@ -259,12 +263,27 @@ def test_prepare_command_line(video, tmp_path, capsys):
         "conversations": [{"from": "human", "value": "<video>"}, {"from": "gpt", "value": "ok"}],
     }
     annotation.write_text(json.dumps(row) + "\n")
-    argv = ["--data", f"{annotation}:{video.parent}", "--cache-dir", str(tmp_path / "c"), "--workers", "1"]
-    counts = prepare_main(argv + ["--max-pixels", "1536"])
-    assert counts["written"] == 1 and json.loads(capsys.readouterr().out)["written"] == 1
+    overrides = [
+        "data=file",
+        f"data.path={annotation}",
+        f"data.root={video.parent}",
+        *(f"encode.{k}={v}" for k, v in SAMPLING.items()),
+    ]
+    argv = [*overrides, f"encode.frame_cache_dir={tmp_path / 'c'}", "prepare.workers=1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "videollama3_train.prepare", *argv, "prepare.max_pixels_per_frame=1536"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,  # it writes nothing but the cache: no Hydra run directory, no log file
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout[proc.stdout.index("{") :])["written"] == 1
     assert fc.cached_size(tmp_path / "c", fc.cache_key(video, **SAMPLING)) == (32, 48)
-    with pytest.raises(SystemExit):
-        prepare_main(["--data", "no-colon", "--cache-dir", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "c"]
+    with pytest.raises(ValueError, match="encode.frame_cache_dir"):
+        compose("prepare", overrides)  # the cache folder is required
 
 
 def test_encode_record_reads_the_cache_instead_of_decoding(tmp_path, video, monkeypatch):

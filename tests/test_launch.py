@@ -1,7 +1,7 @@
 """Launching: a two-node torchrun job simulated on one machine (two agents, CPU, gloo), and the launch scripts.
 
 The two agents run the real train command exactly as ``launch/torchrun_multinode.sh`` starts it on each node
-(``--nnodes 2 --node_rank {0,1} --master_addr --master_port``), with ZeRO-2 on tiny generated data.
+(``--nnodes 2 --node_rank {0,1} --master_addr --master_port``), with ZeRO-2 and with FSDP2 on tiny generated data.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def small_data(tmp_path_factory) -> Path:
 
 
 @pytest.mark.timeout(900)
-def test_two_node_torchrun_zero2(tmp_path: Path, small_data: Path) -> None:
+@pytest.mark.parametrize("backend", ["zero2", "fsdp2"])
+def test_two_node_torchrun(tmp_path: Path, small_data: Path, backend: str) -> None:
     port = _free_port()
     out = tmp_path / "run"
     train_args = [
@@ -46,7 +47,7 @@ def test_two_node_torchrun_zero2(tmp_path: Path, small_data: Path) -> None:
         "data=file",
         f"data.path={small_data / 'train.jsonl'}",
         f"data.root={small_data}",
-        "trainer.backend=zero2",
+        f"trainer.backend={backend}",
         "trainer.max_steps=3",
         "logger=disabled",
         f"output_dir={out}",

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from videollama3_train.data.config import DatasetConfig
 from videollama3_train.data.errors import DataError
 from videollama3_train.data.loader import DatasetEncoder, PackedLoader, is_empty
-from videollama3_train.data.packing import DatasetSpec, build_epoch_plan, pack
+from videollama3_train.data.packing import build_epoch_plan, pack
 
 N = 120
 COSTS = np.stack([20 + (np.arange(N) * 37) % 90, np.zeros(N, dtype=np.int64)], axis=1)
@@ -95,7 +96,7 @@ def test_seeding_independent_of_workers_and_leaves_global_rng_alone():
 
 def test_epochs_with_a_plan_per_epoch_and_resume_across():
     costs = [COSTS[:60], COSTS[60:]]
-    specs = [DatasetSpec("a", weight=0.5), DatasetSpec("b", weight=0.5)]
+    specs = [DatasetConfig(name="a", weight=0.5), DatasetConfig(name="b", weight=0.5)]
 
     def plan_fn(epoch: int):
         return build_epoch_plan(specs, costs, seed=0, epoch=epoch, max_tokens=256, max_patches=1, num_ranks=2)
@@ -115,6 +116,31 @@ def test_epochs_with_a_plan_per_epoch_and_resume_across():
     again = PackedLoader(plan_fn, 1, _two_tables)
     again.load_state_dict(state)
     assert [b["meta"] for b in again] == e1[3:]
+
+
+def test_each_epoch_is_planned_once():
+    """The trainer asks for every epoch's count at start, then iterates the epochs: each plan is built once for
+    both (the first two stay cached; a later one is rebuilt at most once), and the loader follows the contract."""
+    from videollama3_train.contract import Loader
+
+    costs = [COSTS[:60], COSTS[60:]]
+    specs = [DatasetConfig(name="a", weight=0.5), DatasetConfig(name="b", weight=0.5)]
+    built = []
+
+    def plan_fn(epoch: int):
+        built.append(epoch)
+        return build_epoch_plan(specs, costs, seed=0, epoch=epoch, max_tokens=256, max_patches=1, num_ranks=2)
+
+    loader = PackedLoader(plan_fn, 0, _two_tables)
+    assert isinstance(loader, Loader)
+    counts = [loader.micro_batches_per_epoch(e) for e in range(3)]
+    assert built == [0, 1, 2]
+    assert [loader.micro_batches_per_epoch(e) for e in range(3)] == counts and built == [0, 1, 2]
+    for e in range(3):
+        loader.set_epoch(e)
+        assert len(list(loader)) == counts[e]
+    assert built == [0, 1, 2, 2]  # only the epoch beyond the two kept plans is packed again
+    assert loader.plan(1) is loader.plan(1)
 
 
 def _two_tables(dataset: int, record: int) -> dict:
@@ -160,3 +186,125 @@ def test_dataset_encoder_passes_location():
     enc(1, 0)
     enc(0, 1)
     assert seen == [("b0", "/rb", "B", 0, {"processor": "P"}), ("a1", "/ra", "A", 1, {"processor": "P"})]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The global plan and the global cursor: the same steps on any world size, resume at another one
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_global_plan(rows_per_step: int = 3, seed: int = 0):
+    """A global plan: ``rows_per_step`` packed rows per optimizer step, the rows short of a whole step kept."""
+    return pack(
+        COSTS, np.arange(N), max_tokens=256, max_patches=1, buffer_size=64, num_ranks=rows_per_step, seed=seed,
+        drop_last=False,
+    )  # fmt: skip
+
+
+def _steps_of(loaders: list[PackedLoader], start: int = 0, epoch: int | None = None) -> list[list[int]]:
+    """Sample ids of each optimizer step from ``start`` on, all ranks together, from ``loaders`` (one per rank)
+    iterated in lock-step (grad_accum micro-batches each per step, as the trainer takes them); ``epoch``: start
+    that epoch first (``set_epoch``, as the trainer does at an epoch boundary), else go on from where they are."""
+    if epoch is not None:
+        for ld in loaders:
+            ld.set_epoch(epoch)
+    its = [iter(ld) for ld in loaders]
+    ga = loaders[0].grad_accum
+    steps = []
+    for _ in range(start, loaders[0].micro_batches_per_epoch(loaders[0].epoch) // ga):
+        ids = []
+        for it in its:
+            for _ in range(ga):
+                ids += ids_of(next(it))
+        steps.append(sorted(ids))
+    return steps
+
+
+def test_packing_without_drop_last_trains_every_sample_in_a_last_padded_step():
+    dropped = make_plan(num_ranks=3)
+    plan = make_global_plan(3)
+    assert dropped.leftover and not plan.leftover
+    packed = sorted(i for slot in plan.micro_batches for mb in slot for i in mb)
+    assert packed == list(range(N))  # every sample of the epoch is in a row
+    last = [slot[-1] for slot in plan.micro_batches]
+    assert [] in last and any(last), last  # the partial step comes last, padded with empty rows
+    assert plan.steps == dropped.steps + 1
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_each_step_trains_on_the_same_rows_on_every_world_size(world):
+    """G = 3 rows per step dealt over 1..4 ranks (grad_accum 3, 2, 1, 1; padding rows where the world does not
+    divide 3): every step's samples are those of the plan's column, every sample once per epoch."""
+    plan = make_global_plan(3)
+    loaders = [PackedLoader(plan, r, encode, world_size=world) for r in range(world)]
+    assert loaders[0].grad_accum == -(-3 // world)
+    assert loaders[0].padding_per_step == loaders[0].grad_accum * world - 3
+    steps = _steps_of(loaders)
+    expected = [
+        sorted(i for slot in plan.micro_batches for i in slot[s] if i not in BAD) for s in range(plan.steps)
+    ]
+    assert steps == expected
+    assert sorted(i for s in steps for i in s) == sorted(set(range(N)) - BAD)
+
+
+@pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2), (2, 3), (3, 2)])
+def test_resume_at_another_world_size_sees_every_sample_once(first, second):
+    """Two epochs of a per-epoch plan; the first world runs 1 epoch and 2 steps, checkpoints every rank's state; the
+    second world resumes from them (``reshard_state``): the steps after the cursor are the uninterrupted ones, no
+    sample of the epoch is seen twice or skipped, the bad-sample counters keep their totals."""
+    specs = [DatasetConfig(name="a")]
+
+    def plan_fn(epoch: int):
+        return build_epoch_plan(
+            specs, [COSTS], seed=0, epoch=epoch, max_tokens=256, max_patches=1, buffer_size=64, num_ranks=3,
+            drop_last=False,
+        )  # fmt: skip
+
+    reference = [PackedLoader(plan_fn, r, encode, world_size=1) for r in range(1)]
+    ref_epochs = [_steps_of(reference, epoch=0), _steps_of(reference, epoch=1)]
+
+    before = [PackedLoader(plan_fn, r, encode, world_size=first) for r in range(first)]
+    assert _steps_of(before, epoch=0) == ref_epochs[0]  # epoch 0, whole
+    for ld in before:
+        ld.set_epoch(1)
+    its = [iter(ld) for ld in before]
+    head = []
+    for _ in range(2):  # two steps of epoch 1
+        ids = [i for it in its for _ in range(before[0].grad_accum) for i in ids_of(next(it))]
+        head.append(sorted(ids))
+    states = [ld.state_dict() for ld in before]
+    assert {(s["epoch"], s["step"], s["rows_per_step"]) for s in states} == {(1, 2, 3)}
+    # the global sample cursor: every sample of the first two steps, the bad ones (skipped, counted) included
+    assert states[0]["samples"] == sum(len(slot[s]) for slot in plan_fn(1).micro_batches for s in range(2))
+    skipped_total = sum(sum(s["skipped"].values()) for s in states)
+
+    after = [PackedLoader(plan_fn, r, encode, world_size=second) for r in range(second)]
+    for ld in after:
+        ld.load_state_dict(ld.reshard_state(states))
+    assert after[0].epoch == 1 and after[0].position == 2 * after[0].grad_accum
+    assert sum(sum(ld.skipped.values()) for ld in after) == skipped_total
+    tail = _steps_of(after, start=2)
+    assert head + tail == ref_epochs[1]
+    seen = [i for s in head + tail for i in s]
+    assert sorted(seen) == sorted(set(range(N)) - BAD) and len(seen) == len(set(seen))
+
+
+def test_a_cursor_moves_only_at_a_step_boundary_and_keeps_its_global_batch():
+    plan = make_global_plan(4)
+    loaders = [PackedLoader(plan, r, encode, world_size=2) for r in range(2)]  # grad_accum 2
+    its = [iter(ld) for ld in loaders]
+    for it in its:
+        next(it)  # half of step 1
+    states = [ld.state_dict() for ld in loaders]
+    with pytest.raises(ValueError, match="inside an optimizer step"):
+        PackedLoader(plan, 0, encode, world_size=1).reshard_state(states)
+    same = PackedLoader(plan, 1, encode, world_size=2)
+    same.load_state_dict(states[1])  # the same world: exact, mid-step too
+    assert same.position == 1
+    with pytest.raises(ValueError, match="reshard_state"):
+        PackedLoader(plan, 0, encode, world_size=1).load_state_dict(states[0])
+    with pytest.raises(ValueError, match="global batch changed"):
+        PackedLoader(make_global_plan(2), 0, encode, world_size=2).load_state_dict(states[0])
+    old = {"epoch": 0, "position": 3, "rank": 0, "seed": 0, "micro_batches": 10}
+    with pytest.raises(ValueError, match="before the global data cursor"):
+        PackedLoader(plan, 0, encode, world_size=2).load_state_dict(old)

@@ -1,6 +1,6 @@
 """LoRA fine-tuning of a released (transformers-native) checkpoint: adapters only train, the export is merged.
 
-The fast tests cover ``train.apply_lora`` and the component groups with adapter names; the fit test trains two
+The fast tests cover ``model.lora.apply_lora`` and the component groups with adapter names; the fit test trains two
 steps through the real loop; the slow tests run ``stage=finetune lora.enabled=true`` from a native directory, the
 way docs/finetune.md describes, and compare the merged export with the checkpoint it started from.
 """
@@ -15,14 +15,13 @@ import pytest
 import torch
 from dist_worker import ListLoader, tiny_setup, train_batches
 
-from videollama3_train.config import LoraConfig
 from videollama3_train.model.groups import (
     apply_trainable,
     build_param_groups,
     group_of,
     named_group_parameters,
 )
-from videollama3_train.train import apply_lora
+from videollama3_train.model.lora import LoraConfig, apply_lora
 
 LLM_TARGET = re.compile(
     r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\."
@@ -113,14 +112,13 @@ def test_fit_on_lora_model_trains_only_adapters_and_projector(tmp_path: Path) ->
         lr_projector=1e-3,
         lr_llm=1e-3,
         precision="fp32",
-        output_dir=str(tmp_path / "run"),
         save_every=0,
         log_every=1,
         lr_schedule="constant",
         warmup_ratio=0.0,
         max_steps=2,
     )
-    fit(peft, ListLoader(train_batches(tok, n=2)), cfg)
+    fit(peft, ListLoader(train_batches(tok, n=2)), cfg, out_dir=tmp_path / "run")
     after = dict(peft.named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
     assert any("lora_B" in n for n in changed)  # B starts at zero: a changed B means the adapter trained
@@ -180,8 +178,8 @@ def test_finetune_lora_from_released_checkpoint(tmp_path: Path, released: Path, 
     from safetensors import safe_open
     from transformers import AutoProcessor
 
-    from videollama3_train.pipeline import compose_stage
-    from videollama3_train.train import run_stage
+    from videollama3_train.config import compose_stage
+    from videollama3_train.run import run_stage
 
     overrides = [
         "model=tiny",
@@ -198,7 +196,7 @@ def test_finetune_lora_from_released_checkpoint(tmp_path: Path, released: Path, 
         # LLM-only LoRA: the tower has no adapters, so freeze it (it would otherwise train in full at lr_vision).
         *([] if vision else ["trainer.lr_vision=null"]),
     ]
-    cfg, _ = compose_stage("finetune", overrides, tmp_path / "ft", str(released))
+    cfg = compose_stage("finetune", overrides, tmp_path / "ft", str(released))
     assert cfg.stage == "finetune" and cfg.lora.enabled and cfg.init_from == str(released)
     result = run_stage(cfg)
     export = Path(result["export"])

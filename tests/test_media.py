@@ -221,6 +221,45 @@ def test_sample_subclip():
         sample_frame_times(_info(10.0), fps=1, max_frames=8, min_frames=1, start=12.0)
 
 
+def test_sample_frames_follow_the_processors_rule():
+    """Indices are VideoLlama3VideoProcessor.sample_frames' (float32 arange), less the index past the last frame
+    that its float32 range holds for some lengths (17 frames at n = 7: [0, 2, 4, 7, 9, 12, 14, 17]); prompt
+    timestamps are index / fps in float32, as the processor's metadata computes them."""
+    info = _info(17 / 30, num_frames=17)
+    s = media.sample_frames(info, fps=1, max_frames=7, min_frames=7)
+    assert s.indices == [0, 2, 4, 7, 9, 12, 14]
+    assert s.times == [i / 30 for i in s.indices]
+    assert s.timestamps == [float(np.float32(np.float32(i) / np.float32(30.0))) for i in s.indices]
+    # a 29.97 fps clip: the float32 timestamps are what `Time {t:.1f}s` is written from
+    odd = dataclasses.replace(_info(20.0, fps=29.97, num_frames=600), average_fps=29.97)
+    s = media.sample_frames(odd, fps=1, max_frames=180, min_frames=4)
+    assert len(s.indices) == 20 and s.timestamps == media.prompt_timestamps(s.indices, 29.97)
+
+
+def test_sample_subclip_is_numbered_from_its_start():
+    s = media.sample_frames(_info(10.0, fps=10), fps=2, max_frames=180, min_frames=1, start=3.0, end=5.0)
+    assert s.indices == [0, 5, 10, 15] and s.times == pytest.approx([3.0, 3.5, 4.0, 4.5])
+    assert s.timestamps == pytest.approx([0.0, 0.5, 1.0, 1.5])
+    # a range between two frames still holds the frame on screen
+    assert media.sample_frames(
+        _info(10.0, fps=10), fps=1, max_frames=8, min_frames=1, start=3.04, end=3.06
+    ).times == [pytest.approx(3.0)]
+
+
+def test_probe_numbers_frames_by_packet_scan(tmp_path: Path):
+    """num_frames / average_fps / frame_times come from a packet scan (torchcodec's exact mode): exact for
+    matroska too, whose header stores no frame count, and for irregular timestamps."""
+    mkv = probe_video(make_video(tmp_path / "a.mkv", seconds=1.3, fps=12.0))
+    assert mkv.num_frames == 16 and len(mkv.frame_times) == 16
+    assert mkv.average_fps == pytest.approx(12.0, abs=0.01)  # matroska times are whole milliseconds
+    vfr = probe_video(make_video(tmp_path / "v.mp4", seconds=2.0, fps=10.0, vfr=True, bframes=2))
+    assert np.allclose(vfr.frame_times, expected_frame_times(2.0, 10.0, vfr=True), atol=1e-6)
+    s = media.sample_frames(vfr, fps=2.0, max_frames=180, min_frames=1)
+    assert s.times == [float(vfr.frame_times[i]) for i in s.indices]
+    frames, _ = decode_video(tmp_path / "v.mp4", s.times, info=vfr)
+    assert _indices(frames) == s.indices
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # videos
 # ---------------------------------------------------------------------------------------------------------------
@@ -379,11 +418,36 @@ def test_seek_and_sequential_paths_agree(tmp_path: Path, monkeypatch, bframes: i
     assert _indices(seq_frames) == [math.floor(t * 5 + 1e-6) for t in times]
 
 
-def test_size_scales_at_decode(tmp_path: Path):
+def test_size_resizes_each_frame_as_the_processor(tmp_path: Path):
+    """``size``: every frame is resized as soon as it is decoded, with the processor's resize; equal to resizing
+    the native frames afterwards in one batch. ``prescale`` (decode_scale) lets FFmpeg shrink first: close."""
+    import torch
+    import torchvision.transforms.v2.functional as tvF
+
     path = make_video(tmp_path / "a.mp4", width=128, height=96, seconds=1.0, fps=10.0)
     frames, _ = decode_video(path, [0.0, 0.5], size=(24, 32))
     assert frames.shape == (2, 24, 32, 3)
     assert _indices(frames) == [0, 5]
+    native, _ = decode_video(path, [0.0, 0.5])
+    batch = torch.from_numpy(native).permute(0, 3, 1, 2).contiguous()
+    batched = tvF.resize(batch, [24, 32], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
+    assert np.array_equal(frames, batched.permute(0, 2, 3, 1).numpy())
+    fast, _ = decode_video(path, [0.0, 0.5], size=(24, 32), prescale=(48, 64))
+    assert fast.shape == frames.shape and _indices(fast) == [0, 5]
+    assert 0 < np.abs(fast.astype(int) - frames.astype(int)).mean() < 3
+
+
+def test_resize_frame_equals_batched_resize():
+    import torch
+    import torchvision.transforms.v2.functional as tvF
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (3, 61, 93, 3), dtype=np.uint8)
+    for size in ((28, 42), (70, 98), (61, 93)):
+        batch = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()
+        want = tvF.resize(batch, list(size), interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
+        got = np.stack([media.resize_frame(f, size) for f in frames])
+        assert np.array_equal(got, want.permute(0, 2, 3, 1).numpy())
 
 
 def test_subclip_decode(tmp_path: Path):

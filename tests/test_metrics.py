@@ -1,4 +1,4 @@
-"""FLOPs / MFU follow REFERENCE §6 exactly; RunLogger writes JSONL and an offline W&B run."""
+"""FLOPs / MFU follow REFERENCE §6 exactly; the MetricsWriter writes JSONL, an offline W&B run and a progress bar."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from videollama3_train.model.presets import build_model_config
 from videollama3_train.trainer.metrics import (
     FlopsShape,
+    MetricsWriter,
     RunLogger,
     batch_stats,
     combine_batch_stats,
@@ -147,7 +148,7 @@ def test_mfu_and_throughput() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# RunLogger
+# MetricsWriter
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -208,12 +209,15 @@ def offline_wandb(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
 
 
-def test_run_logger_offline_wandb_and_jsonl(offline_wandb, tmp_path: Path) -> None:
+def test_metrics_writer_offline_wandb_and_jsonl(offline_wandb, tmp_path: Path) -> None:
     out = tmp_path / "stage1"
-    with RunLogger(out, project="test", name="unit", wandb_mode="offline", config={"lr": 1e-3}) as logger:
+    with MetricsWriter(
+        out, project="test", run_name="unit", wandb_mode="offline", config={"lr": 1e-3}
+    ) as logger:
         for step in range(1, 4):
             logger.log(step, {"loss": torch.tensor(2.0 / step), "loss/modality/image": 1.5, "mfu": 0.25})
         logger.summary({"heldout_accuracy": 0.75})
+    assert logger.summaries == {"heldout_accuracy": 0.75}
 
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3]
@@ -227,13 +231,33 @@ def test_run_logger_offline_wandb_and_jsonl(offline_wandb, tmp_path: Path) -> No
     assert rows[2]["loss"] == pytest.approx(2.0 / 3)
 
 
-def test_run_logger_disabled_needs_no_wandb(monkeypatch, tmp_path: Path) -> None:
+def test_metrics_writer_disabled_wandb_needs_no_wandb(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setitem(sys.modules, "wandb", None)  # any `import wandb` now raises ImportError
-    logger = RunLogger(tmp_path, wandb_mode="disabled")
+    assert RunLogger is MetricsWriter  # the old name of the W&B half
+    logger = MetricsWriter(tmp_path)  # W&B disabled by default
     logger.log(0, {"loss": 1.0})
     logger.finish()
     logger.finish()  # idempotent
     assert logger.wandb_run is None
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 0, "loss": 1.0}
     with pytest.raises(ValueError, match="wandb_mode"):
-        RunLogger(tmp_path, wandb_mode="dryrun")
+        MetricsWriter(tmp_path, wandb_mode="dryrun")
+
+
+def test_metrics_writer_progress_bar_and_non_finite_values(tmp_path: Path) -> None:
+    """The bar shows the loss and the lr of each trainable group (short names); NaN is written as a string."""
+    writer = MetricsWriter(tmp_path, total_steps=4)
+    writer.log(1, {"loss": float("nan"), "lr/vision": 2e-6, "lr/llm": 1e-5, "tokens_per_s": 10.0})
+    postfix = writer._bar.postfix
+    assert "lr_vision=2.00e-06" in postfix and "lr_llm=1.00e-05" in postfix and "lr_projector" not in postfix
+    writer.finish()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == "nan"
+
+
+def test_disabled_metrics_writer_writes_nothing(tmp_path: Path) -> None:
+    """Built on every rank, enabled on rank 0 only: elsewhere it opens no file and no bar."""
+    writer = MetricsWriter(tmp_path / "rank1", enabled=False, total_steps=3)
+    writer.log(1, {"loss": 1.0})
+    writer.summary({"accuracy": 0.5})
+    writer.finish()
+    assert not (tmp_path / "rank1").exists()

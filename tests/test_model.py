@@ -18,6 +18,7 @@ from transformers import (
 )
 from transformers.video_utils import VideoMetadata
 
+from videollama3_train.model import api
 from videollama3_train.model.attention import (
     VARLEN,
     cu_seqlens_from_position_ids,
@@ -88,6 +89,63 @@ def test_tiny_forward_backward_image_video(tiny_model, tiny_processor):
     for group in GROUPS:
         grads = [p.grad for n, p in tiny_model.named_parameters() if group_of(n) == group]
         assert all(g is not None and torch.isfinite(g).all() for g in grads), group
+
+
+def test_api_takes_the_model_apart_like_its_forward(tiny_model, tiny_processor):
+    """tower + projector, LLM body and output layer, called one by one as the trainer does, give the logits of the
+    native forward; the names the API uses exist."""
+    inputs = _mm_inputs(tiny_processor, with_labels=False)
+    tiny_model.eval()
+    with torch.no_grad():
+        reference = tiny_model(**inputs).logits
+        encoded = {
+            "image": api.visual_features(
+                tiny_model, inputs["pixel_values"], inputs["image_grid_thw"], inputs["image_merge_sizes"]
+            ),
+            "video": api.visual_features(
+                tiny_model,
+                inputs["pixel_values_videos"],
+                inputs["video_grid_thw"],
+                inputs["video_merge_sizes"],
+            ),
+        }
+        tower_keys = {"pixel_values", "image_grid_thw", "image_merge_sizes"}
+        tower_keys |= {"pixel_values_videos", "video_grid_thw", "video_merge_sizes"}
+        rest = {k: v for k, v in inputs.items() if k not in tower_keys}
+        hidden = api.hidden_states(tiny_model, mm_encoder_outputs=encoded, **rest)
+        head = api.output_layer(tiny_model)
+        logits = torch.nn.functional.linear(hidden, head.weight, head.bias)
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+    assert api.patch_dim(tiny_model) == inputs["pixel_values"].shape[1] == 3 * 14 * 14
+    assert all(hasattr(tiny_model.model, name) for name in api.TOWER_MODULES.values())
+
+    class Wrapper(torch.nn.Module):  # what PEFT looks like from outside
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_base_model(self):
+            return self.inner
+
+    assert api.base_model(Wrapper(tiny_model)) is tiny_model and api.base_model(tiny_model) is tiny_model
+    assert api.output_layer(Wrapper(tiny_model)) is tiny_model.lm_head
+
+
+@pytest.mark.parametrize(("mode", "every"), [("llm", 2), ("vision", 1), ("both", 2), ("none", 1)])
+def test_gradient_checkpointing_selects_towers_and_layers(tiny_model, mode, every):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    api.apply_gradient_checkpointing(tiny_model, mode, every)
+    flags: dict[str, list[bool]] = {"llm": [], "vision": []}
+    for name, module in tiny_model.named_modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            flags["vision" if ".vision_model." in name else "llm"].append(module.gradient_checkpointing)
+    for tower, got in flags.items():
+        on = mode in (tower, "both")
+        assert got == [on and i % every == 0 for i in range(len(got))], (tower, got)
+    assert len(flags["llm"]) > 1 and len(flags["vision"]) > 1
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        api.apply_gradient_checkpointing(tiny_model, "all")
 
 
 def test_presets_have_reference_dimensions():

@@ -7,27 +7,27 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from videollama3_train.data.config import DataConfig, DatasetConfig, EncodeConfig, check_data_and_encode
 from videollama3_train.data.errors import DataError
 from videollama3_train.data.packing import (
-    DatasetSpec,
     build_epoch_plan,
     compute_costs,
-    config_hash,
-    cost_cache_path,
-    file_fingerprint,
+    cost_cache,
+    cost_config_hash,
     fill_ratio,
     mixture_counts,
     pack,
     plan_mixture,
     rank_balance,
 )
+from videollama3_train.data.pool import parallel_map
 
 # ------------------------------------------------------------------------------------------------------------
 # mixtures
 
 
 def test_plan_mixture_deterministic_and_seeded():
-    specs = [DatasetSpec("a"), DatasetSpec("b", repeat=2)]
+    specs = [DatasetConfig(name="a"), DatasetConfig(name="b", repeat=2)]
     sizes = [50, 30]
     a = plan_mixture(specs, sizes, seed=1, epoch=0)
     assert a == plan_mixture(specs, sizes, seed=1, epoch=0)
@@ -39,7 +39,11 @@ def test_plan_mixture_deterministic_and_seeded():
 
 
 def test_plan_mixture_weights_within_one_percent():
-    specs = [DatasetSpec("img", weight=0.5), DatasetSpec("vid", weight=0.3), DatasetSpec("txt", weight=0.2)]
+    specs = [
+        DatasetConfig(name="img", weight=0.5),
+        DatasetConfig(name="vid", weight=0.3),
+        DatasetConfig(name="txt", weight=0.2),
+    ]
     sizes = [1000, 5000, 200]
     plan = plan_mixture(specs, sizes, seed=0, epoch=0)
     share = np.bincount([d for d, _ in plan], minlength=3) / len(plan)
@@ -53,14 +57,14 @@ def test_plan_mixture_weights_within_one_percent():
 
 
 def test_weighted_with_unweighted_datasets():
-    specs = [DatasetSpec("w", weight=0.25), DatasetSpec("u")]
+    specs = [DatasetConfig(name="w", weight=0.25), DatasetConfig(name="u")]
     assert mixture_counts(specs, [10, 300]) == [100, 300]
     with pytest.raises(ValueError, match="below 1"):
-        mixture_counts([DatasetSpec("w", weight=1.0), DatasetSpec("u")], [10, 10])
+        mixture_counts([DatasetConfig(name="w", weight=1.0), DatasetConfig(name="u")], [10, 10])
 
 
 def test_cap_is_a_fixed_subset():
-    specs = [DatasetSpec("big", max_samples=40), DatasetSpec("small")]
+    specs = [DatasetConfig(name="big", max_samples=40), DatasetConfig(name="small")]
     e0 = {r for d, r in plan_mixture(specs, [1000, 5], seed=3, epoch=0) if d == 0}
     e1 = {r for d, r in plan_mixture(specs, [1000, 5], seed=3, epoch=1) if d == 0}
     assert len(e0) == 40 and e0 == e1
@@ -68,11 +72,74 @@ def test_cap_is_a_fixed_subset():
 
 def test_spec_validation():
     with pytest.raises(ValueError, match="not both"):
-        DatasetSpec("x", weight=0.5, repeat=2)
+        DatasetConfig(name="x", weight=0.5, repeat=2)
     with pytest.raises(ValueError, match="weight"):
-        DatasetSpec("x", weight=1.5)
+        DatasetConfig(name="x", weight=1.5)
+    with pytest.raises(ValueError, match=r"data.datasets.x: repeat must be >= 1"):
+        DatasetConfig(name="x", repeat=0)
+    with pytest.raises(ValueError, match="max_samples"):
+        DatasetConfig(name="x", max_samples=0)
     with pytest.raises(ValueError, match="sizes"):
-        mixture_counts([DatasetSpec("x")], [1, 2])
+        mixture_counts([DatasetConfig(name="x")], [1, 2])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the data config
+
+
+def test_mixture_validated_at_config_time_as_hydra_builds_it():
+    """A bad dataset stops the config (before any cost pass), and named datasets get their key as name."""
+    from omegaconf import OmegaConf
+
+    schema = OmegaConf.structured(DataConfig)
+    bad = OmegaConf.merge(schema, {"datasets": {"imgs": {"path": "a.jsonl", "weight": 2.0}}})
+    with pytest.raises(ValueError, match=r"weight must be in \(0, 1\], got 2.0"):
+        OmegaConf.to_object(bad)
+    good = OmegaConf.to_object(OmegaConf.merge(schema, {"datasets": {"imgs": {"path": "a.jsonl"}}}))
+    assert good.datasets["imgs"].name == "imgs"
+
+
+def test_resolved_datasets_and_check_paths(tmp_path):
+    ann = tmp_path / "ann" / "a.jsonl"
+    ann.parent.mkdir()
+    ann.write_text("{}\n")
+    media = tmp_path / "media"
+    media.mkdir()
+    cfg = DataConfig(
+        path=str(ann),
+        datasets={"b": DatasetConfig(path=str(ann), root=str(media), repeat=2)},
+    )
+    resolved = cfg.resolved_datasets()
+    assert list(resolved) == ["main", "b"]
+    assert resolved["main"].name == "main" and resolved["main"].root == str(ann.parent)
+    assert resolved["b"].name == "b" and resolved["b"].root == str(media) and resolved["b"].repeat == 2
+    cfg.check_paths()
+
+    missing = DataConfig(datasets={"c": DatasetConfig(path=str(tmp_path / "nope.jsonl"))})
+    with pytest.raises(
+        FileNotFoundError, match=r"data.datasets.c.path: annotation file of dataset 'c' not found"
+    ):
+        missing.check_paths()
+    with pytest.raises(
+        FileNotFoundError, match=r"data.root: media root of dataset 'main' is not a directory"
+    ):
+        DataConfig(path=str(ann), root=str(tmp_path / "no_media")).check_paths()
+    with pytest.raises(FileNotFoundError, match="data.heldout_path"):
+        DataConfig(path=str(ann), heldout_path=str(tmp_path / "held.jsonl")).check_paths()
+
+
+def test_data_and_encode_cross_checks():
+    data = DataConfig(path="a.jsonl", max_tokens=1024, max_patches=4096)
+    check_data_and_encode(data, EncodeConfig(max_length=1024, max_visual_tokens=1024))
+    with pytest.raises(ValueError, match=r"encode.max_length=2048 .* data.max_tokens=1024"):
+        data.validate_against(EncodeConfig(max_length=2048))
+    # merge-2 video frames: 2048 tokens x 4 patches each do not fit 4096 patches
+    with pytest.raises(
+        ValueError, match=r"encode.max_visual_tokens=2048 .*video_merge_size=2.*data.max_patches"
+    ):
+        data.validate_against(EncodeConfig(max_length=1024, max_visual_tokens=2048))
+    with pytest.raises(ValueError, match="image_merge_size"):
+        data.validate_against(EncodeConfig(max_length=1024, max_visual_tokens=8192, video_merge_size=1))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -105,12 +172,37 @@ def test_compute_costs_serial_parallel_and_failures():
     assert "points nowhere" in parallel.failures[5][1]
 
 
+class FakeTokenizer:
+    name_or_path = "fake"
+
+    def __init__(self, size: int = 100):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def test_cost_cache_key(tmp_path):
+    """One key scheme: the file name follows the cost-relevant encode fields; the key adds file and tokenizer."""
+    ann = tmp_path / "ann.jsonl"
+    ann.write_text("x")
+    enc = EncodeConfig()
+    path, key = cost_cache(ann, enc, FakeTokenizer())
+    assert path.parent == tmp_path and path.name.endswith(".costs.npy")
+    # compression and decoding never change a cost: same cache
+    same = EncodeConfig(use_token_compression=True, decode_scale=False, frame_cache_dir="/c")
+    assert cost_cache(ann, same, FakeTokenizer()) == (path, key)
+    assert cost_config_hash(same) == cost_config_hash(enc)
+    assert cost_cache(ann, EncodeConfig(image_merge_size=2), FakeTokenizer())[0] != path
+    assert cost_cache(ann, enc, FakeTokenizer(101))[1] != key
+    ann.write_text("xy")  # an edited annotation file
+    assert cost_cache(ann, enc, FakeTokenizer())[1] != key
+
+
 def test_compute_costs_cache(tmp_path):
     ann = tmp_path / "ann.jsonl"
     ann.write_text("x")
-    path = cost_cache_path(ann, {"merge": 1})
-    assert path.parent == tmp_path and path.name.endswith(".costs.npy")
-    key = file_fingerprint(ann) + config_hash({"merge": 1})
+    path, key = cost_cache(ann, EncodeConfig(), FakeTokenizer())
     first = compute_costs(RECORDS, _cost, cache_path=path, cache_key=key, progress=False)
     again = compute_costs(RECORDS, _explode, cache_path=path, cache_key=key, progress=False)
     np.testing.assert_array_equal(first.costs, again.costs)
@@ -174,7 +266,11 @@ def test_pack_seeded():
 
 def test_realistic_mixture_fill_and_balance():
     costs = [realistic_costs(6000, seed=2), realistic_costs(3000, seed=3), realistic_costs(1000, seed=4)]
-    specs = [DatasetSpec("img", weight=0.5), DatasetSpec("vid", weight=0.3), DatasetSpec("txt", weight=0.2)]
+    specs = [
+        DatasetConfig(name="img", weight=0.5),
+        DatasetConfig(name="vid", weight=0.3),
+        DatasetConfig(name="txt", weight=0.2),
+    ]
     plan = build_epoch_plan(
         specs, costs, seed=0, epoch=0, max_tokens=16384, max_patches=40000, buffer_size=2048, num_ranks=8
     )
@@ -211,3 +307,47 @@ def test_pack_rejects_bad_arguments():
         pack(np.zeros((1, 2)), [0], max_tokens=0, max_patches=1)
     with pytest.raises(ValueError, match="shape"):
         pack(np.zeros((3,)), [0], max_tokens=1, max_patches=1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the process pool
+
+
+def _square(x: int) -> int:
+    if x == 13:
+        raise KeyError("thirteen")
+    return x * x
+
+
+_STATE: dict[str, int] = {}
+
+
+def _init(offset: int) -> None:
+    _STATE["offset"] = offset
+
+
+def _shifted(x: int) -> int:
+    return x + _STATE["offset"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_parallel_map_order_initializer_and_progress_hooks(workers):
+    seen = []
+    out = parallel_map(
+        _shifted,
+        range(20),
+        workers=workers,
+        desc="test",
+        progress=False,
+        initializer=_init,
+        initargs=(100,),
+        on_result=lambda r: seen.append(r) or {"n": len(seen)},
+    )
+    assert out == [100 + i for i in range(20)] and seen == out
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_parallel_map_error_keeps_its_type_and_names_the_item(workers):
+    with pytest.raises(KeyError, match="thirteen") as e:
+        parallel_map(_square, range(20), workers=workers, desc="squares", progress=False)
+    assert any("squares" in n and "item 13" in n for n in getattr(e.value, "__notes__", []))

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from videollama3_train.config import STAGES
-from videollama3_train.pipeline import compose_stage
+from videollama3_train.config import STAGES, compose, compose_stage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,8 +39,8 @@ TABLE = {
 # visual and packing budgets, one CPU process and no worker processes. docs/stages.md lists them; any other
 # difference (what trains, merge sizes, pruning, optimizer, schedule shape) would be a recipe change.
 TINY_KEYS = {
-    "lr_scale",
-    "lr_max",
+    "trainer.lr_scale",
+    "trainer.lr_max",
     "model.preset",
     "model.tokenizer",
     "model.dtype",
@@ -78,8 +77,7 @@ def _flat(obj, prefix: str = "") -> dict[str, object]:
 
 
 def _compose(stage: str, *overrides: str, tmp: Path = Path("/tmp/recipes")):
-    cfg, _ = compose_stage(stage, list(overrides), tmp / stage, None)
-    return cfg
+    return compose_stage(stage, list(overrides), tmp / stage, None)
 
 
 def _assert_shared(cfg) -> None:
@@ -102,9 +100,8 @@ def test_full_size_recipe_matches_reference(stage: str, model: str) -> None:
     cfg = _compose(stage, f"model={model}")
     row = TABLE[stage]
     assert cfg.stage == stage
-    assert cfg.lr_scale == 1.0
-    assert cfg.lrs == row["lrs"]
-    assert cfg.trainer.lrs == row["lrs"]
+    assert cfg.trainer.lr_scale == 1.0 and cfg.trainer.lr_max is None
+    assert cfg.trainer.lrs == cfg.trainer.base_lrs == row["lrs"]
     assert (cfg.encode.image_merge_size, cfg.encode.video_merge_size) == (
         row["image_merge"],
         row["video_merge"],
@@ -131,7 +128,7 @@ def test_tiny_recipe_differs_only_as_documented(stage: str) -> None:
     full = _compose(stage, "model=videollama3_2b")
     row = TABLE[stage]
     # What trains, the vision knobs, the optimizer and the schedule shape are the recipe's.
-    assert tiny.trainer.lrs == row["lrs"]
+    assert tiny.trainer.base_lrs == row["lrs"]
     assert (tiny.encode.image_merge_size, tiny.encode.video_merge_size) == (
         row["image_merge"],
         row["video_merge"],
@@ -140,21 +137,21 @@ def test_tiny_recipe_differs_only_as_documented(stage: str) -> None:
     _assert_shared(tiny)
     # Only the documented keys differ from the 2B preset ...
     a, b = _flat(tiny), _flat(full)
-    differing = {k for k in a if a[k] != b[k]} - {"output_dir", "trainer.output_dir"}
+    differing = {k for k in a if a[k] != b[k]} - {"output_dir"}
     assert differing <= TINY_KEYS, sorted(differing - TINY_KEYS)
     # ... and they hold what configs/model/tiny.yaml says.
     for key, value in _flat_yaml(OmegaConf.to_container(OmegaConf.load(TINY_YAML))).items():
         assert a[key] == value, key
-    assert tiny.lr_scale > 1
+    assert tiny.trainer.lr_scale > 1
     # The effective learning rates: the recipe's, scaled, capped by lr_max; frozen stays frozen.
     for g, lr in row["lrs"].items():
         if lr is None:
-            assert tiny.lrs[g] is None
+            assert tiny.trainer.lrs[g] is None
         else:
-            expected = lr * tiny.lr_scale
-            if tiny.lr_max is not None:
-                expected = min(expected, tiny.lr_max)
-            assert tiny.lrs[g] == pytest.approx(expected)
+            expected = lr * tiny.trainer.lr_scale
+            if tiny.trainer.lr_max is not None:
+                expected = min(expected, tiny.trainer.lr_max)
+            assert tiny.trainer.lrs[g] == pytest.approx(expected)
 
 
 def _flat_yaml(d: dict, prefix: str = "") -> dict[str, object]:
@@ -172,9 +169,9 @@ def test_finetune_recipe_is_stage4_as_custom_stage() -> None:
     cfg = _compose("finetune", "model=videollama3_2b", "init_from=/ckpt/released")
     s4 = _compose("video_finetune", "model=videollama3_2b")
     assert cfg.stage == "finetune"
-    assert cfg.lrs == s4.lrs == TABLE["video_finetune"]["lrs"]
+    assert cfg.trainer.lrs == s4.trainer.lrs == TABLE["video_finetune"]["lrs"]
     assert cfg.encode == s4.encode
-    assert dataclasses.replace(cfg.trainer, output_dir="") == dataclasses.replace(s4.trainer, output_dir="")
+    assert cfg.trainer == s4.trainer
     assert cfg.init_from == "/ckpt/released"
     assert cfg.lora.enabled is False  # full fine-tuning unless lora.enabled=true
     lora = _compose("finetune", "lora.enabled=true", "lora.vision=true", "lora.r=8")
@@ -183,7 +180,7 @@ def test_finetune_recipe_is_stage4_as_custom_stage() -> None:
 
 def test_freezing_a_group_from_the_command_line() -> None:
     cfg = _compose("multitask_sft", "model=videollama3_2b", "trainer.lr_vision=null")
-    assert cfg.lrs == {"vision": None, "projector": 1e-5, "llm": 1e-5}
+    assert cfg.trainer.lrs == {"vision": None, "projector": 1e-5, "llm": 1e-5}
     # The schema's cross-field check runs when the config becomes dataclasses, before anything is built.
     with pytest.raises(ValueError, match="nothing would train"):
         _compose("alignment", "trainer.lr_vision=null", "trainer.lr_projector=null", "trainer.lr_llm=null")
@@ -215,13 +212,31 @@ def test_unknown_stage_fails_at_compose() -> None:
 
 
 def test_pipeline_rejects_bad_override_before_training(tmp_path: Path) -> None:
-    """run_pipeline composes every stage before the first one trains: a typo fails at once, no stage dir."""
-    from videollama3_train.pipeline import run_pipeline
+    """The pipeline's config is the train config plus ``stages``: a typo fails when it is composed. And
+    run_pipeline composes every stage before the first one trains: a value that only a later stage rejects fails
+    at once too, before any stage directory exists."""
+    from videollama3_train.run import run_pipeline
 
     with pytest.raises(ConfigCompositionException) as err:
-        run_pipeline(["model=tiny", f"output_dir={tmp_path}", "trainer.lr_vison=1"])
+        compose("pipeline", ["model=tiny", f"output_dir={tmp_path}", "trainer.lr_vison=1"])
     assert "lr_vison" in _chain(err.value)
+    with pytest.raises(ValueError, match=r"use stages=\[\.\.\.\]"):
+        compose("pipeline", ["model=tiny", f"output_dir={tmp_path}", "stage=alignment"])
+    # stage 2 trains its LLM; stage 1 has it frozen, so freezing the other two leaves stage 1 nothing to train
+    overrides = [
+        "model=tiny",
+        f"output_dir={tmp_path}",
+        "stages=[alignment,encoder_adaptation]",
+        "trainer.lr_vision=null",
+        "trainer.lr_projector=null",
+    ]
+    cfg = compose("pipeline", overrides)
+    assert cfg.stages == ["alignment", "encoder_adaptation"]
+    with pytest.raises(ValueError, match="nothing would train"):
+        run_pipeline(cfg, overrides)
     assert not any(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="unknown stages"):
+        compose("pipeline", ["model=tiny", f"output_dir={tmp_path}", "stages=[alignment,stage5]"])
 
 
 @pytest.mark.timeout(180)

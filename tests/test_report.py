@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from videollama3_train.report import read_metrics, stage_summary, write_summary
+from videollama3_train.reports import read_metrics, stage_summary, write_summary
 
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:
@@ -38,7 +38,7 @@ def test_write_summary(tmp_path: Path) -> None:
             "output_dir": str(tmp_path / "s2"),
             "accuracy_before": 0.25,
             "accuracy_after": 0.875,
-            "chance_accuracy": 0.2517,
+            "baseline_accuracy": 0.2517,
         },
         {"name": "multitask_sft", "output_dir": str(tmp_path / "missing")},  # not run yet
     ]
@@ -70,6 +70,10 @@ def test_read_metrics_deduplicates_replayed_steps_and_rejects_bad_lines(tmp_path
     summary = stage_summary(rows)
     assert summary["steps"] == 2 and summary["final_loss"] == pytest.approx(2.5)
     assert summary["tokens_per_s_mean"] is None
+
+    # an evaluation row joins its step's training row (fit writes it after the step)
+    _write_metrics(path, [{"step": 1, "loss": 3.0}, {"step": 1, "eval/heldout_accuracy": 0.5}])
+    assert read_metrics(path) == [{"step": 1, "loss": 3.0, "eval/heldout_accuracy": 0.5}]
 
     path.write_text('{"step": 1, "loss": 1.0}\n{"loss": 2.0}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: every line needs a 'step'"):

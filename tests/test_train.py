@@ -50,15 +50,19 @@ def _overrides(sample: Path, *extra: str) -> list[str]:
 def test_one_stage_end_to_end_with_wandb_and_export_command(sample, tmp_path, offline_wandb):  # noqa: F811
     from transformers import AutoModelForImageTextToText
 
-    from videollama3_train.export import ExportConfig, export_checkpoint
-    from videollama3_train.pipeline import compose_stage
-    from videollama3_train.train import run_stage
+    from videollama3_train.config import ExportConfig, compose_stage
+    from videollama3_train.run import export_checkpoint, run_stage
 
     out = tmp_path / "run"
-    cfg, _ = compose_stage(
+    cfg = compose_stage(
         "alignment",
         _overrides(
-            sample, "trainer.max_steps=4", "trainer.save_every=2", "trainer.log_every=1", "logger=offline"
+            sample,
+            "trainer.max_steps=4",
+            "trainer.save_every=2",
+            "trainer.log_every=1",
+            "logger=offline",
+            "eval.every=2",
         ),
         out,
         None,
@@ -70,9 +74,21 @@ def test_one_stage_end_to_end_with_wandb_and_export_command(sample, tmp_path, of
     model = AutoModelForImageTextToText.from_pretrained(export, local_files_only=True)
     assert results["heldout_before"]["n"] == 8 and "accuracy" in results["heldout_after"]
     assert json.loads((out / "resolved_config.json").read_text())["stage"] == "alignment"
+    # the effective values beside the configured ones: the tiny preset's scaled and capped lrs, the budgets
+    effective = json.loads((out / "effective.json").read_text())
+    assert effective["lrs"] == pytest.approx(cfg.trainer.lrs) and effective["lrs"]["llm"] == pytest.approx(
+        3e-3
+    )
+    assert effective["world_size"] == 1 and effective["micro_batches_per_step"] == cfg.trainer.grad_accum
+    assert effective["max_tokens_per_micro_batch"] == cfg.data.max_tokens == 1024
+    assert effective["optimizer_steps_per_epoch"] >= 4 and effective["samples_per_step_mean"] > 0
 
     # metrics: one JSON line per step, and the same keys in the offline W&B run
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # eval.every=2: a held-out evaluation row after steps 2 and 4
+    evals = [r for r in rows if "eval/heldout_accuracy" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all("eval/heldout_loss" in r for r in evals)
+    rows = [r for r in rows if r not in evals]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     expected = {
         "loss",

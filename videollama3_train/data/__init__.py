@@ -14,8 +14,11 @@ _EXPORTS = {
     "EncodeConfig": ".config",
     "encode_record": ".encode",
     "estimate_cost": ".encode",
+    "iter_records": ".annotations",
     "load_annotations": ".annotations",
     "normalize_record": ".annotations",
+    "parallel_map": ".pool",
+    "plan_record": ".encode",
     "record_at": ".annotations",
 }
 

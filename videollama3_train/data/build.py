@@ -23,23 +23,45 @@ def _cost_of(row, *, root, processor, config, dataset):
     return estimate_cost(row, data_root=root, processor=processor, config=config, dataset=dataset)
 
 
-def dataset_spec(name: str, d, root: str):
-    """The packer's view (``DatasetSpec``) of one configured dataset (``DatasetConfig``) with its resolved root."""
-    from .packing import DatasetSpec
+def _encode_per_dataset(record, *, dataset: str, configs: dict[str, EncodeConfig], **kwargs):
+    """``encode_record`` under the encode config of ``dataset`` (``DatasetConfig.encode_config``: the stage's
+    config with the dataset's media clocks), for ``DatasetEncoder``."""
+    from .encode import encode_record
 
-    return DatasetSpec(
-        name=name, path=str(d.path), root=root, weight=d.weight, repeat=d.repeat, max_samples=d.max_samples
-    )
+    return encode_record(record, dataset=dataset, config=configs[dataset], **kwargs)
 
 
 @dataclasses.dataclass
 class DataBundle:
-    loader: Any
-    names: list[str]
-    records: list[Any]
-    roots: list[str]
-    failures: dict[str, dict[str, int]]
+    loader: Any  # PackedLoader of this rank
+    names: list[str]  # dataset names, in the order of the loader's dataset indices
+    records: list[Any]  # per dataset: the annotations (memory-mapped datasets.Dataset)
+    roots: list[str]  # per dataset: its resolved media root
+    failures: dict[str, dict[str, int]]  # dataset -> DataError reason -> records that failed the cost pass
+    # epoch 0's plan as this world runs it: PackPlan.stats() with micro_batches_per_rank (incl. padding rows),
+    # optimizer_steps, rows_per_step (G), grad_accum, padding_rows_per_step, samples_per_row
     plan_stats: dict[str, float]
+    rows_per_step: int = 1  # G: packed rows of one optimizer step, over all ranks (the global batch)
+    grad_accum: int = 1  # micro-batches per rank per optimizer step: ceil(G / world size)
+
+
+def global_rows_per_step(
+    global_batch_samples: int | None, grad_accum: int, world_size: int, samples_per_row: float
+) -> int:
+    """``G``, the packed rows of one optimizer step over all ranks.
+
+    With ``global_batch_samples`` (the recipe's batch in samples) it is ``round(global_batch_samples /
+    samples_per_row)`` (at least 1), ``samples_per_row`` being epoch 0's mean: the same on every world size, so a
+    recipe trains on the same steps on 1, 8 or 64 GPUs and a run can resume at another world size. Without it,
+    ``grad_accum x world_size`` (``trainer.grad_accum`` rows per rank, as before: the global batch then scales
+    with the world size)."""
+    if global_batch_samples is None:
+        return grad_accum * world_size
+    if global_batch_samples < 1:
+        raise ValueError(f"trainer.global_batch_samples must be >= 1 or None, got {global_batch_samples}")
+    if not samples_per_row > 0:
+        raise ValueError("no packed row in epoch 0: cannot turn trainer.global_batch_samples into rows")
+    return max(1, round(global_batch_samples / samples_per_row))
 
 
 def build_train_data(
@@ -51,30 +73,30 @@ def build_train_data(
     rank: int,
     world_size: int,
     is_main: bool,
+    global_batch_samples: int | None = None,
 ) -> DataBundle:
-    """Annotations -> cost pre-pass (cached) -> mixture + packing plan per epoch -> this rank's loader."""
-    from .annotations import load_annotations
-    from .encode import encode_record
-    from .loader import DatasetEncoder, PackedLoader
-    from .packing import build_epoch_plan, compute_costs, config_hash, file_fingerprint
+    """Annotations -> cost pre-pass (cached) -> mixture + global packing plan per epoch -> this rank's loader.
 
-    specs, records, roots, names, costs = [], [], [], [], []
+    The plan of each epoch is global (``G`` rows per optimizer step, :func:`global_rows_per_step`), independent
+    of the world size; the loader deals each step's rows to the ranks (``grad_accum = ceil(G / world_size)``
+    each; the trainer takes it from the loader)."""
+    from .annotations import load_annotations
+    from .loader import DatasetEncoder, PackedLoader
+    from .packing import build_epoch_plan, compute_costs, cost_cache
+
+    dcfg.check_paths()
+    datasets = dcfg.resolved_datasets()
+    records, costs = [], []
     failures: dict[str, dict[str, int]] = {}
-    for name, d in dcfg.dataset_dict().items():
-        path = Path(d.path)
-        if not path.is_file():
-            raise FileNotFoundError(f"data: annotation file of dataset {name!r} not found: {path}")
-        root = str(d.root if d.root is not None else path.parent)
-        if not Path(root).is_dir():
-            raise FileNotFoundError(f"data: media root of dataset {name!r} is not a directory: {root}")
-        ds = load_annotations(path)
-        key = f"{file_fingerprint(path)}-{config_hash(enc)}-{len(processor.tokenizer)}"
-        cache = path.with_name(f".{path.name}.costs.{config_hash(enc)[:12]}.npy") if dcfg.cost_cache else None
+    configs = {name: d.encode_config(enc) for name, d in datasets.items()}  # per-dataset media clocks
+    for name, d in datasets.items():
+        ds = load_annotations(d.path)
+        cache, key = cost_cache(d.path, configs[name], processor.tokenizer)
         table = compute_costs(
             ds,
-            partial(_cost_of, root=root, processor=processor, config=enc, dataset=name),
+            partial(_cost_of, root=d.root, processor=processor, config=configs[name], dataset=name),
             num_workers=dcfg.cost_workers,
-            cache_path=cache,
+            cache_path=cache if dcfg.cost_cache else None,
             cache_key=key,
             progress=is_main,
         )
@@ -99,28 +121,50 @@ def build_train_data(
                     f"data.max_bad_fraction={dcfg.max_bad_fraction}; run `python -m videollama3_train.doctor` for a "
                     f"full report, or raise data.max_bad_fraction"
                 )
-        specs.append(dataset_spec(name, d, root))
         records.append(ds)
-        roots.append(root)
-        names.append(name)
         costs.append(table.costs)
 
-    plan_fn = partial(
-        build_epoch_plan,
-        specs,
-        costs,
-        seed=dcfg.seed,
-        max_tokens=dcfg.max_tokens,
-        max_patches=dcfg.max_patches,
-        buffer_size=dcfg.buffer_size,
-        num_ranks=world_size,
-        grad_accum=grad_accum,
+    names = list(datasets)
+    roots = [d.root for d in datasets.values()]
+    specs = list(datasets.values())
+
+    def plan_for(epoch: int, rows: int):
+        return build_epoch_plan(
+            specs,
+            costs,
+            seed=dcfg.seed,
+            epoch=epoch,
+            max_tokens=dcfg.max_tokens,
+            max_patches=dcfg.max_patches,
+            buffer_size=dcfg.buffer_size,
+            num_ranks=rows,  # the global plan: G rows per step, dealt to the ranks by the loader
+            grad_accum=1,
+            drop_last=False,  # the rows short of a whole step make a last, smaller step: no sample left out
+        )
+
+    samples_per_row = 0.0
+    if global_batch_samples is not None:
+        # the rows of a pack do not depend on how they are grouped into steps: one probe gives their mean fill
+        probe = plan_for(0, 1).stats()
+        samples_per_row = probe["samples_packed"] / max(probe["micro_batches_per_rank"], 1)
+    rows = global_rows_per_step(global_batch_samples, grad_accum, world_size, samples_per_row)
+
+    encoder = DatasetEncoder(
+        records, roots, names, partial(_encode_per_dataset, configs=configs), processor=processor
     )
-
-    def plan_for(epoch: int):
-        return plan_fn(epoch=epoch)
-
-    plan0 = plan_for(0)
+    # the loader builds (and keeps) epoch 0's plan; it is read back here, not packed a second time
+    loader = PackedLoader(
+        partial(plan_for, rows=rows),
+        rank,
+        encoder,
+        world_size=world_size,
+        num_workers=dcfg.num_workers,
+        prefetch_factor=dcfg.prefetch_factor,
+        pin_memory=True,
+        seed=dcfg.seed,
+        max_bad_fraction=dcfg.max_bad_fraction,
+    )
+    plan0 = loader.plan(0)
     if plan0.oversized and is_main:
         log.warning(
             "%d samples exceed the packing budget (data.max_tokens=%d, data.max_patches=%d) and are left out; "
@@ -131,31 +175,57 @@ def build_train_data(
         )
     if plan0.steps == 0:
         raise RuntimeError(
-            f"the packing plan has no optimizer step: {sum(len(c) for c in costs)} records over {world_size} ranks "
-            f"x trainer.grad_accum={grad_accum}; use more data or a smaller grad_accum"
+            f"the packing plan has no optimizer step: {sum(len(c) for c in costs)} records, {rows} packed rows "
+            "per step; use more data"
         )
-    encoder = DatasetEncoder(records, roots, names, encode_record, processor=processor, config=enc)
-    loader = PackedLoader(
-        plan_for,
-        rank,
-        encoder,
-        num_workers=dcfg.num_workers,
-        prefetch_factor=dcfg.prefetch_factor,
-        pin_memory=True,
-        seed=dcfg.seed,
-        max_bad_fraction=dcfg.max_bad_fraction,
+    stats = plan0.stats()
+    packed_rows = sum(1 for slot in plan0.micro_batches for mb in slot if mb)
+    stats.update(
+        micro_batches_per_rank=plan0.steps * loader.grad_accum,  # this rank's, padding rows included
+        optimizer_steps=plan0.steps,
+        rows_per_step=rows,
+        grad_accum=loader.grad_accum,
+        padding_rows_per_step=loader.padding_per_step,
+        samples_per_row=stats["samples_packed"] / max(packed_rows, 1),
     )
-    return DataBundle(loader, names, records, roots, failures, plan0.stats())
+    if is_main:
+        source = (
+            f"trainer.global_batch_samples={global_batch_samples} / {samples_per_row:.2f} samples per row"
+            if global_batch_samples is not None
+            else f"trainer.grad_accum={grad_accum} x {world_size} ranks"
+        )
+        log.info(
+            "global batch: %d packed rows per optimizer step (%s), ~%.0f samples; %d ranks x grad_accum %d",
+            rows,
+            source,
+            rows * stats["samples_per_row"],
+            world_size,
+            loader.grad_accum,
+        )
+        if loader.padding_per_step:
+            log.warning(
+                "%d ranks do not divide the %d rows of a step: %d of the %d micro-batches of each step are empty "
+                "(%.0f%% of the ranks' time idle); a world size dividing %d, or another "
+                "trainer.global_batch_samples, avoids it",
+                world_size,
+                rows,
+                loader.padding_per_step,
+                world_size * loader.grad_accum,
+                100 * loader.padding_per_step / (world_size * loader.grad_accum),
+                rows,
+            )
+    return DataBundle(loader, names, records, roots, failures, stats, rows, loader.grad_accum)
 
 
-def load_heldout(dcfg: DataConfig, enc: EncodeConfig, processor) -> list[tuple[dict, dict]]:
-    """Encoded held-out samples with their raw records (bad ones skipped and counted in the log)."""
+def load_heldout(dcfg: DataConfig, enc: EncodeConfig, processor) -> tuple[list[tuple[dict, dict]], int]:
+    """``(samples, bad)``: encoded held-out samples with their raw records, and the number of held-out records that
+    failed to encode (skipped, each logged; the evaluation reports the count beside its accuracy)."""
     from .annotations import load_annotations, record_at
     from .encode import encode_record
     from .errors import DataError
 
     if not dcfg.heldout_path:
-        return []
+        return [], 0
     path = Path(dcfg.heldout_path)
     if not path.is_file():
         raise FileNotFoundError(f"data.heldout_path not found: {path}")
@@ -181,4 +251,4 @@ def load_heldout(dcfg: DataConfig, enc: EncodeConfig, processor) -> list[tuple[d
         except DataError as e:
             bad += 1
             log.warning("held-out record skipped: %s", e)
-    return out
+    return out, bad

@@ -18,18 +18,28 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from ..contract import (
+    FORWARD_KEYS,
+    IGNORE_INDEX,
+    IMAGE_KEYS,
+    VIDEO_KEYS,
+    VISUAL_KEYS,
+    forward_kwargs,
+    merged_token_counts,
+)
 
-IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_merge_sizes")
-VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "video_merge_sizes", "video_compression_mask")
-VISUAL_KEYS = IMAGE_KEYS + VIDEO_KEYS
-# Keys of a collated batch that are model forward kwargs (visual ones only when present).
-MODEL_KEYS = ("input_ids", "labels", "position_ids", "attention_mask") + VISUAL_KEYS
-
-
-def forward_kwargs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The model's forward kwargs of a collated batch (drops ``cu_seqlens``, ``max_seqlen``, ``meta``...)."""
-    return {k: batch[k] for k in MODEL_KEYS if k in batch}
+# Re-exported: these names were defined here before they moved to the contract shared with model/ and trainer/.
+MODEL_KEYS = FORWARD_KEYS
+__all__ = [
+    "IGNORE_INDEX",
+    "IMAGE_KEYS",
+    "MODEL_KEYS",
+    "VIDEO_KEYS",
+    "VISUAL_KEYS",
+    "collate_packed",
+    "collate_padded",
+    "forward_kwargs",
+]
 
 
 def _concat_visual(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -53,7 +63,7 @@ def _concat_visual(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]
                 if "video_compression_mask" in s:
                     masks.append(s["video_compression_mask"].to(torch.bool))
                 else:
-                    n = int((s["video_grid_thw"].prod(dim=1) // s["video_merge_sizes"] ** 2).sum())
+                    n = sum(merged_token_counts(s["video_grid_thw"], s["video_merge_sizes"]))
                     masks.append(torch.ones(n, dtype=torch.bool))
             out["video_compression_mask"] = torch.cat(masks)
         grid, pixels = out[keys[1]], out[keys[0]]

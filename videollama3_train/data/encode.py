@@ -2,13 +2,30 @@
 
 The work is split in two so that the packer can cost records without decoding pixels:
 
-* :func:`_plan` reads headers / container metadata only: normalises the record, picks the sampled frame times,
-  shares the visual budget, applies the length policy and tokenises the text (with one pad per image / frame);
-* :func:`encode_record` executes a plan: decodes, resizes, normalises, patchifies, prunes video tokens
-  (DiffFP) and expands the pads; :func:`estimate_cost` returns the plan's counts.
+* :func:`plan_record` reads headers / container metadata only: normalises the record, picks the sampled frame
+  times, shares the visual budget, applies the length policy and tokenises the text (with one pad per image /
+  frame) into a :class:`Plan`, whose ``cost`` is what the packer needs;
+* :func:`encode_record` executes a plan (its own, or one passed in): decodes, resizes, normalises, patchifies,
+  prunes video tokens (DiffFP) and expands the pads; :func:`estimate_cost` is ``plan_record(...).cost``.
 
 Both see the same plan, so ``estimate_cost`` equals ``encode_record``'s counts whenever token compression is off
 (pruning can only make the real sample shorter).
+
+The default path is the inference path: a sample equals what transformers' ``VideoLlama3Processor`` built with
+:func:`processor_settings` (the processor each stage exports) makes of the same conversation, called with file
+paths and the stage's fps (``tests/test_parity.py``): the processor's per-item budgets, its frame sampler on
+torchcodec's frame numbering, torchcodec's RGB bytes, its resize, normalisation, patch order and pruning mask.
+Where it cannot be followed: a sample whose items exceed ``max_visual_tokens`` together shares that budget
+(the processor sizes each item alone), ``max_length`` rebudgets, clips (``start`` / ``end``), frame lists and
+folders, the frame cache, and ``decode_scale`` (opt-in, approximate pixels).
+
+Why the loader's workers plan a record again instead of receiving the cost pass's plan: the cost pass runs once
+per annotation file and encode config (its table is cached on disk, so a second run has no plans at all), in
+other processes, long before the record is encoded; keeping every record's plan (token ids, media metadata)
+would cost 1-11 KiB per record pickled (a 1080p image, a 1- and a 10-minute 720p video), gigabytes for a
+million-record mixture. Planning again costs under 1% of the encode for an image (0.3 ms of 53 ms) and 1-3% for
+a video, most of it the packet scan that numbers frames as the processor's decoder does (100 ms for a 1-minute
+and 180 ms for a 10-minute 720p clip, against 3.6 s and 18.5 s to decode their frames; 2 busy shared CPUs).
 """
 
 from __future__ import annotations
@@ -23,35 +40,55 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as tvF
 
+from ..contract import IGNORE_INDEX, merged_token_counts, merged_tokens
 from . import media
 from .annotations import RECORD_COLUMN, normalize_record
 from .config import EncodeConfig
 from .errors import DataError
-from .text import IGNORE_INDEX, build_skeleton, expand_pads, tokenize_skeleton
-from .vision import compression_mask, patchify, per_item_tokens, resize_and_normalize, target_size
+from .text import build_skeleton, expand_pads, tokenize_skeleton
+from .vision import (
+    compression_mask,
+    patchify,
+    per_item_tokens,
+    processor_budgets,
+    processor_frame_size,
+    processor_image_size,
+    resize_and_normalize,
+    target_size,
+)
 
-__all__ = ["encode_record", "estimate_cost"]
+__all__ = [
+    "PLAN_VERSION",
+    "MediaPlan",
+    "Plan",
+    "encode_record",
+    "estimate_cost",
+    "plan_record",
+    "processor_settings",
+]
+
+# Bumped when the same record and EncodeConfig plan to other sizes, frames or token counts, so that cost tables
+# cached on disk under an older rule are not reused (2: the processor's budgets and frame sampling).
+PLAN_VERSION = 2
 
 
 @dataclass
-class _Media:
+class MediaPlan:
     """One image or video of a record, with what its header / metadata says (no pixels)."""
 
     kind: str  # "image" | "video"
     source: str  # as written in the record, for messages
     paths: list[Path]  # one file, or the frames of a video given as a list of images
-    width: int  # display size of an image / a video frame
-    height: int
+    width: int  # display width of an image / a video frame, pixels
+    height: int  # display height, pixels
     info: Any = None  # media.VideoInfo of a video file or frame folder
     times: list[float] = field(default_factory=list)  # video: seconds of the frames to decode (absolute)
     timestamps: list[float] = field(default_factory=list)  # video: the same, relative to the clip start
     frame_indices: list[int] = field(default_factory=list)  # video given as a list of images: which ones
     size: tuple[int, int] = (0, 0)  # target (height, width) after the budget
-    merge: int = 1
-    clip: tuple[float | None, float | None] = (
-        None,
-        None,
-    )  # video: the record's (start, end), for the cache key
+    merge: int = 1  # patches merged per side into one LLM token
+    # video: the record's (start, end) in seconds, for the frame-cache key
+    clip: tuple[float | None, float | None] = (None, None)
 
     @property
     def num_frames(self) -> int:
@@ -59,14 +96,35 @@ class _Media:
 
 
 @dataclass
-class _Plan:
-    messages: list[dict[str, Any]]
-    media: list[_Media]
+class Plan:
+    """What one record will encode to, from headers and metadata only (:func:`plan_record`)."""
+
+    messages: list[dict[str, Any]]  # the normalised record (system prompt added)
+    media: list[MediaPlan]  # images and videos in text order, with their target sizes
     ids: list[int]  # skeleton tokens (one pad per image / frame)
     flags: list[bool]  # loss flag per skeleton token
     text_tokens: int  # skeleton tokens that are not pads
-    item_tokens: int  # LLM tokens allowed per image / frame after the length policy
+    # LLM tokens allowed per image / frame when the sample's budget is shared (over max_visual_tokens, or rebudgeted
+    # by the length policy); None when every item has the processor's own size
+    item_tokens: int | None
+    config: EncodeConfig  # the config the plan was made under (encode_record refuses another)
     truncate_to: int | None = None  # "truncate" policy: cut the expanded ids to this length
+
+    @property
+    def visual_tokens(self) -> int:
+        """LLM visual tokens before token compression."""
+        return sum(m.num_frames * _tokens_of(m, self.config.patch_size) for m in self.media)
+
+    @property
+    def cost(self) -> tuple[int, int]:
+        """``(num_tokens, num_patches)`` of the sample: the packer's cost, exact without token compression and
+        an upper bound on the tokens with it."""
+        patch = self.config.patch_size
+        num_tokens = self.text_tokens + self.visual_tokens
+        if self.truncate_to is not None:
+            num_tokens = min(num_tokens, self.truncate_to)
+        num_patches = sum(m.num_frames * (m.size[0] // patch) * (m.size[1] // patch) for m in self.media)
+        return num_tokens, num_patches
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -74,12 +132,12 @@ class _Plan:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _probe(item: dict[str, Any], data_root: Path, config: EncodeConfig) -> _Media:
+def _probe(item: dict[str, Any], data_root: Path, config: EncodeConfig) -> MediaPlan:
     path = item["path"]
     if item["type"] == "image":
         p = media.resolve_media_path(data_root, path)
         w, h = media.probe_image(p, max_pixels=config.max_image_pixels)
-        return _Media("image", path, [p], w, h)
+        return MediaPlan("image", path, [p], w, h)
 
     if isinstance(path, list):  # a video given frame by frame (official "<image> per frame" convention)
         frames = [media.resolve_media_path(data_root, f) for f in path]
@@ -88,18 +146,20 @@ def _probe(item: dict[str, Any], data_root: Path, config: EncodeConfig) -> _Medi
         # evenly spaced when over the cap, as for decoded videos
         idx = sorted({int(i * n / count) for i in range(count)})
         w, h = media.probe_image(frames[0], max_pixels=config.max_image_pixels)
-        m = _Media("video", str(path[0]) + f" (+{n - 1} frames)", frames, w, h)
+        m = MediaPlan("video", str(path[0]) + f" (+{n - 1} frames)", frames, w, h)
         m.frame_indices = idx
         # a frame list carries no clock: its frames are taken as sampled at `config.fps`
         m.timestamps = [i / config.fps for i in idx]
         return m
 
     p = media.resolve_media_path(data_root, path)
-    # a folder of frames is taken as sampled at `config.fps`, like a list of frames
-    info = media.probe_video(p, folder_fps=config.fps)
+    # a frame folder's clock is config.frame_folder_fps (a GIF's: its own, or config.gif_fps); media.sample_frames
+    # samples such assigned clocks by the official code's rule
+    info = media.probe_video(p, folder_fps=config.frame_folder_fps, gif_fps=config.gif_fps)
     start, end = item.get("start"), item.get("end")
     try:
-        times = media.sample_frame_times(
+        # the processor's frame sampler on torchcodec's frame numbering (media.sample_frames)
+        sample = media.sample_frames(
             info,
             fps=config.fps,
             max_frames=config.max_frames,
@@ -109,18 +169,64 @@ def _probe(item: dict[str, Any], data_root: Path, config: EncodeConfig) -> _Medi
         )
     except ValueError as e:  # an empty [start, end] range
         raise DataError("no_frames", str(e), path=str(p)) from e
-    if not times:
+    if not sample.times:
         raise DataError("no_frames", "no frame to sample in the requested range", path=str(p))
-    origin = max(0.0, start) if start is not None else 0.0
-    m = _Media("video", path, [p], info.width, info.height, info=info)
+    m = MediaPlan("video", path, [p], info.width, info.height, info=info)
     m.clip = (start, end)
-    m.times = list(times)
-    m.timestamps = [max(0.0, t - origin) for t in times]
+    m.times = sample.times
+    m.timestamps = sample.timestamps
     return m
 
 
-def _apply_budget(items: list[_Media], per_item: int, config: EncodeConfig) -> int:
-    """Set each item's target size for ``per_item`` tokens; returns the sample's LLM visual tokens."""
+def processor_settings(config: EncodeConfig) -> dict[str, Any]:
+    """``build_processor``'s keywords for this config: the processor to save with a stage's export, so that
+    inference sizes, samples and prunes as the stage trained (``encode_record`` equals its output whenever the
+    sample's items fit ``max_visual_tokens`` together; ``tests/test_parity.py``)."""
+    return {
+        "image_merge_size": config.image_merge_size,
+        "video_merge_size": config.video_merge_size,
+        **_budgets(config),
+        "use_token_compression": config.use_token_compression,
+        "fps": config.fps,
+        "max_frames": config.max_frames,
+        "min_frames": config.min_frames,
+    }
+
+
+def _budgets(config: EncodeConfig) -> dict[str, int]:
+    return processor_budgets(
+        patch_size=config.patch_size,
+        image_merge_size=config.image_merge_size,
+        video_merge_size=config.video_merge_size,
+        max_visual_tokens=config.max_visual_tokens,
+        min_tokens_per_item=config.min_tokens_per_item,
+        max_tokens_per_item=config.max_tokens_per_item,
+    )
+
+
+def _apply_processor_sizes(items: list[MediaPlan], config: EncodeConfig) -> int:
+    """Give each item the size the stage's processor gives it (an image its own budget, a video its budget over
+    its frames); returns the sample's LLM visual tokens."""
+    budgets = _budgets(config)
+    total = 0
+    for m in items:
+        m.merge = config.image_merge_size if m.kind == "image" else config.video_merge_size
+        m.size = _with_path(_processor_size, m, m.source, budgets, config.patch_size)
+        total += m.num_frames * _tokens_of(m, config.patch_size)
+    return total
+
+
+def _processor_size(m: MediaPlan, budgets: dict[str, int], patch: int) -> tuple[int, int]:
+    if m.kind == "image":
+        return processor_image_size(m.height, m.width, merge_size=m.merge, budgets=budgets, patch_size=patch)
+    return processor_frame_size(
+        m.height, m.width, m.num_frames, merge_size=m.merge, budgets=budgets, patch_size=patch
+    )
+
+
+def _apply_budget(items: list[MediaPlan], per_item: int, config: EncodeConfig) -> int:
+    """Set each item's target size for ``per_item`` tokens (the shared budget); returns the sample's LLM visual
+    tokens."""
     total = 0
     for m in items:
         m.merge = config.image_merge_size if m.kind == "image" else config.video_merge_size
@@ -129,7 +235,7 @@ def _apply_budget(items: list[_Media], per_item: int, config: EncodeConfig) -> i
     return total
 
 
-def _item_size(m: _Media, per_item: int, config: EncodeConfig) -> tuple[int, int]:
+def _item_size(m: MediaPlan, per_item: int, config: EncodeConfig) -> tuple[int, int]:
     return target_size(
         m.height,
         m.width,
@@ -140,13 +246,13 @@ def _item_size(m: _Media, per_item: int, config: EncodeConfig) -> tuple[int, int
     )
 
 
-def _tokens_of(m: _Media, patch: int) -> int:
+def _tokens_of(m: MediaPlan, patch: int) -> int:
     """LLM tokens of one image / one frame at the item's target size."""
     h, w = m.size
-    return (h // patch) * (w // patch) // (m.merge * m.merge)
+    return merged_tokens(1, h // patch, w // patch, m.merge)
 
 
-def _pad_counts(items: list[_Media], patch: int, kept: list[list[int]] | None = None) -> list[int]:
+def _pad_counts(items: list[MediaPlan], patch: int, kept: list[list[int]] | None = None) -> list[int]:
     """Pads per skeleton pad, in text order; ``kept[k]``: kept tokens per frame of the k-th video (compression)."""
     counts: list[int] = []
     vid = 0
@@ -178,7 +284,8 @@ def _truncation_point(
     return max_length
 
 
-def _plan(record: dict[str, Any], data_root: str | Path, tokenizer, config: EncodeConfig, pad_ids) -> _Plan:
+def _plan(record: dict[str, Any], data_root: str | Path, tokenizer, config: EncodeConfig, pad_ids) -> Plan:
+    """:func:`plan_record` with the tokenizer and pad ids given directly; DataErrors are not located."""
     if isinstance(record, dict) and set(record) == {RECORD_COLUMN} and isinstance(record[RECORD_COLUMN], str):
         record = json.loads(
             record[RECORD_COLUMN]
@@ -206,8 +313,14 @@ def _plan(record: dict[str, Any], data_root: str | Path, tokenizer, config: Enco
     per_item = per_item_tokens(
         n_slots, config.max_visual_tokens, config.min_tokens_per_item, config.max_tokens_per_item
     )
-    visual = _apply_budget(items, per_item, config) if items else 0
-    plan = _Plan(messages, items, ids, flags, text_tokens, per_item)
+    # The processor's sizes (what inference makes of each item); a sample whose items exceed max_visual_tokens
+    # together shares the budget equally instead (the official rule; the processor sizes items one by one).
+    visual = _apply_processor_sizes(items, config) if items else 0
+    item_tokens = None
+    if visual > config.max_visual_tokens:
+        visual = _apply_budget(items, per_item, config)
+        item_tokens = per_item
+    plan = Plan(messages, items, ids, flags, text_tokens, item_tokens, config)
     total = text_tokens + visual
     if total <= config.max_length:
         return plan
@@ -215,7 +328,9 @@ def _plan(record: dict[str, Any], data_root: str | Path, tokenizer, config: Enco
     # ---- over max_length: the length policy ----------------------------------------------------------------
     if config.length_policy == "rebudget" and items:
         allowed = config.max_length - text_tokens
-        per_item = min(per_item - 1, max(config.min_tokens_per_item, allowed // n_slots))
+        # from the shared budget (not yet tried when the items had the processor's sizes), downwards
+        first = per_item if item_tokens is None else per_item - 1
+        per_item = min(first, max(config.min_tokens_per_item, allowed // n_slots))
         while per_item >= config.min_tokens_per_item:
             # smart_resize rounds to the factor grid, so a budget can land a little above; step down until it fits
             visual = _apply_budget(items, per_item, config)
@@ -245,8 +360,9 @@ def _to_chw(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()
 
 
-def _decode_size(m: _Media, config: EncodeConfig) -> tuple[int, int] | None:
-    """Size ``(height, width)`` to ask the decoder's scaler for, or None for the native size.
+def _decode_size(m: MediaPlan, config: EncodeConfig) -> tuple[int, int] | None:
+    """With ``decode_scale`` (opt-in, approximate), the size ``(height, width)`` FFmpeg's scaler shrinks frames to
+    during conversion, before the exact resize to the target; None (the default path) for none.
 
     Only when the target is under half the native size (where decode-time scaling saves real work): then the
     smallest even size, same aspect ratio, at least the target in both dimensions, so the exact bicubic resize
@@ -263,11 +379,13 @@ def _decode_size(m: _Media, config: EncodeConfig) -> tuple[int, int] | None:
     return (h, w)
 
 
-def _cached_frames(m: _Media, config: EncodeConfig) -> np.ndarray | None:
+def _cached_frames(m: MediaPlan, config: EncodeConfig) -> np.ndarray | None:
     """Frames of ``m`` from the frame cache written by ``prepare`` (None: caching off, absent, or stored smaller
     than this stage's target, in which case the video is decoded as usual)."""
     if config.frame_cache_dir is None:
         return None
+    if m.info is not None and m.info.assigned_fps is not None:
+        return None  # `prepare` caches files on their own clock (and skips frame folders)
     from .frame_cache import lookup_frames
 
     hit = lookup_frames(
@@ -290,7 +408,7 @@ def _cached_frames(m: _Media, config: EncodeConfig) -> np.ndarray | None:
     return arr
 
 
-def _pixels(m: _Media, config: EncodeConfig, mean, std) -> torch.Tensor:
+def _pixels(m: MediaPlan, config: EncodeConfig, mean, std) -> torch.Tensor:
     """Normalised patch rows ``(t*h*w, 3*14*14)`` of one image / video at its target size."""
     if m.kind == "image":
         img = media.load_image(m.paths[0], max_pixels=config.max_image_pixels)
@@ -306,7 +424,13 @@ def _pixels(m: _Media, config: EncodeConfig, mean, std) -> torch.Tensor:
     else:
         arr = _cached_frames(m, config)
         if arr is None:
-            arr, _ = media.decode_video(m.paths[0], m.times, size=_decode_size(m, config), info=m.info)
+            # Each frame is converted as torchcodec converts it and resized to the target as soon as it is decoded
+            # (the processor's resize): memory holds the sampled frames at target size plus one native frame.
+            # Frame folders are images: read at native size, resized below like any image.
+            size = None if m.info is not None and m.info.kind == "frames" else m.size
+            arr, _ = media.decode_video(
+                m.paths[0], m.times, size=size, info=m.info, prescale=_decode_size(m, config)
+            )
         if len(arr) != len(m.times):
             raise DataError(
                 "corrupt_video", f"decoded {len(arr)} frames, asked for {len(m.times)}", path=str(m.paths[0])
@@ -327,7 +451,7 @@ def _pad_ids(processor) -> tuple[int, int]:
     return int(processor.image_token_id), int(processor.video_token_id)
 
 
-def _modality(items: list[_Media]) -> str:
+def _modality(items: list[MediaPlan]) -> str:
     kinds = {m.kind for m in items}
     if not kinds:
         return "text"
@@ -342,6 +466,7 @@ def encode_record(
     config: EncodeConfig,
     dataset: str = "",
     index: int = -1,
+    plan: Plan | None = None,
 ) -> dict[str, Any]:
     """Turn one annotation record (either schema) into a Sample dict.
 
@@ -352,6 +477,8 @@ def encode_record(
         processor: ``VideoLlama3Processor`` (its tokenizer, pad ids and mean/std are used).
         config: vision / text knobs of the stage.
         dataset, index: where the record comes from; written into every ``DataError`` and into ``meta``.
+        plan: the record's :func:`plan_record` under the same ``config``, when the caller has it already (the
+            record is then not planned again: no header reads, no tokenising); None plans it here.
     Returns:
         ``input_ids`` / ``labels`` long ``(L,)``; when the sample has images ``pixel_values`` float32
         ``(sum h*w, 588)``, ``image_grid_thw`` ``(n_img, 3)``, ``image_merge_sizes`` ``(n_img,)``; when it has videos
@@ -360,15 +487,20 @@ def encode_record(
     Raises:
         DataError: naming ``dataset``, ``index`` and the file at fault.
     """
+    if plan is not None and plan.config != config:
+        raise ValueError("encode_record: the plan was made under another EncodeConfig than `config`")
     try:
-        return _encode(record, data_root, processor, config, dataset, index)
+        return _encode(record, data_root, processor, config, dataset, index, plan)
     except DataError as e:
         raise e.locate(dataset=dataset, index=index) from None
 
 
-def _encode(record, data_root, processor, config: EncodeConfig, dataset: str, index: int) -> dict[str, Any]:
+def _encode(
+    record, data_root, processor, config: EncodeConfig, dataset: str, index: int, plan: Plan | None
+) -> dict[str, Any]:
     pad_ids = _pad_ids(processor)
-    plan = _plan(record, data_root, processor.tokenizer, config, pad_ids)
+    if plan is None:
+        plan = _plan(record, data_root, processor.tokenizer, config, pad_ids)
     ip = processor.image_processor
     mean, std = tuple(ip.image_mean), tuple(ip.image_std)
 
@@ -390,7 +522,7 @@ def _encode(record, data_root, processor, config: EncodeConfig, dataset: str, in
         if config.use_token_compression:
             mask = compression_mask(pv, grid, merges, threshold=config.compression_threshold)
         else:
-            mask = torch.ones(int((grid.prod(dim=1) // merges**2).sum()), dtype=torch.bool)
+            mask = torch.ones(sum(merged_token_counts(grid, merges)), dtype=torch.bool)
         offset = 0
         for m in videos:
             per_frame = _tokens_of(m, patch)
@@ -420,7 +552,7 @@ def _encode(record, data_root, processor, config: EncodeConfig, dataset: str, in
     return sample
 
 
-def _located(fn, m: _Media, *args):
+def _located(fn, m: MediaPlan, *args):
     """Run ``fn(m, ...)`` and make sure a ``DataError`` from it names the media file."""
     return _with_path(fn, m, m.source, *args)
 
@@ -436,6 +568,29 @@ def _with_path(fn, first, path, *args):
         raise
 
 
+def plan_record(
+    record: dict[str, Any],
+    *,
+    data_root: str | Path,
+    processor,
+    config: EncodeConfig,
+    dataset: str = "",
+    index: int = -1,
+) -> Plan:
+    """The :class:`Plan` of one record, from image headers / video metadata only (no pixel decode).
+
+    Arguments as :func:`encode_record`. ``plan.cost`` is ``(num_tokens, num_patches)``; ``plan.media`` holds each
+    image / video with its native size, sampled frame times and target size; ``plan.text_tokens`` and
+    ``plan.visual_tokens`` split the tokens. Pass the plan to ``encode_record(..., plan=plan)`` to encode the
+    record without planning it again. Raises the same ``DataError`` as :func:`encode_record` for anything
+    detectable without decoding pixels, located at ``dataset`` / ``index``.
+    """
+    try:
+        return _plan(record, data_root, processor.tokenizer, config, _pad_ids(processor))
+    except DataError as e:
+        raise e.locate(dataset=dataset, index=index) from None
+
+
 def estimate_cost(
     record: dict[str, Any],
     *,
@@ -445,20 +600,8 @@ def estimate_cost(
     dataset: str = "",
     index: int = -1,
 ) -> tuple[int, int]:
-    """``(num_tokens, num_patches)`` the record will encode to, from image headers / video metadata only.
-
-    Exact when token compression is off; an upper bound on ``num_tokens`` when it is on. Raises the same
-    ``DataError`` as :func:`encode_record` for anything detectable without decoding pixels.
-    """
-    try:
-        pad_ids = _pad_ids(processor)
-        plan = _plan(record, data_root, processor.tokenizer, config, pad_ids)
-    except DataError as e:
-        raise e.locate(dataset=dataset, index=index) from None
-    patch = config.patch_size
-    visual = sum(m.num_frames * _tokens_of(m, patch) for m in plan.media)
-    num_tokens = plan.text_tokens + visual
-    if plan.truncate_to is not None:
-        num_tokens = min(num_tokens, plan.truncate_to)
-    num_patches = sum(m.num_frames * (m.size[0] // patch) * (m.size[1] // patch) for m in plan.media)
-    return num_tokens, num_patches
+    """``(num_tokens, num_patches)`` the record will encode to: ``plan_record(...).cost`` (see :class:`Plan`)."""
+    plan = plan_record(
+        record, data_root=data_root, processor=processor, config=config, dataset=dataset, index=index
+    )
+    return plan.cost

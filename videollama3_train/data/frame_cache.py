@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -32,7 +33,6 @@ import tarfile
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from PIL import Image
 
 from . import media
 from .errors import DataError
+from .pool import parallel_map
 
 __all__ = [
     "CACHE_VERSION",
@@ -55,7 +56,9 @@ __all__ = [
 ]
 
 # Bump when the file layout or the meaning of a key changes: old entries then simply miss.
-CACHE_VERSION = 1
+# 2: frames sampled by the processor's rule on torchcodec's frame numbering (media.sample_frames), converted and
+# resized exactly as the processor does.
+CACHE_VERSION = 2
 CODECS = ("jpeg", "png", "npy")
 _HEADER = "header.json"
 _SUFFIX = {"jpeg": ".jpg", "png": ".png"}
@@ -139,7 +142,9 @@ def _info_dict(info: Any) -> dict[str, Any]:
     if info is None:
         return {}
     if dataclasses.is_dataclass(info) and not isinstance(info, type):
-        return dataclasses.asdict(info)
+        d = dataclasses.asdict(info)
+        d.pop("frame_times", None)  # one float per frame of the video: not needed to read an entry
+        return d
     if isinstance(info, dict):
         return dict(info)
     raise TypeError(f"info must be a VideoInfo, a dict or None, got {type(info).__name__}")
@@ -401,26 +406,31 @@ def build_frame_cache(
         raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
     jobs = list(dict.fromkeys((os.fspath(p), s, e) for p, s, e in videos))
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    args = (os.fspath(cache_dir), fps, max_frames, min_frames, max_pixels_per_frame, codec, overwrite)
+    args = dict(
+        cache_dir=os.fspath(cache_dir),
+        fps=fps,
+        max_frames=max_frames,
+        min_frames=min_frames,
+        max_pixels_per_frame=max_pixels_per_frame,
+        codec=codec,
+        overwrite=overwrite,
+    )
     counts: Counter[str] = Counter()
 
-    from tqdm.auto import tqdm
+    def tally(outcome: str) -> dict[str, int]:
+        counts[outcome] += 1
+        return {"failed": sum(v for k, v in counts.items() if k.startswith("error:"))}
 
-    bar = tqdm(total=len(jobs), desc="frame cache", unit="video", disable=not progress)
-    try:
-        if num_workers <= 1 or len(jobs) <= 1:
-            for job in jobs:
-                counts[_cache_one(job, *args)] += 1
-                bar.update()
-        else:
-            # Small chunks: videos differ a lot in cost, and one slow chunk must not stall the tail of the run.
-            with ProcessPoolExecutor(max_workers=num_workers) as pool:
-                for outcome in pool.map(_cache_one, jobs, *[[a] * len(jobs) for a in args], chunksize=1):
-                    counts[outcome] += 1
-                    bar.update()
-                    bar.set_postfix(failed=sum(v for k, v in counts.items() if k.startswith("error:")))
-    finally:
-        bar.close()
+    # One video per task: videos differ a lot in cost, and one slow chunk must not stall the tail of the run.
+    parallel_map(
+        functools.partial(_cache_one, **args),
+        jobs,
+        workers=num_workers,
+        desc="frame cache",
+        unit="video",
+        progress=progress,
+        on_result=tally,
+    )
     result = {"videos": len(jobs), "written": counts.pop("written", 0), "existing": counts.pop("existing", 0)}
     result["failed"] = sum(v for k, v in counts.items() if k.startswith("error:"))
     result.update(sorted(counts.items()))

@@ -1,16 +1,33 @@
-"""PackedLoader: one rank's micro-batches of a :class:`PackPlan`, encoded in worker processes, resumable.
+"""PackedLoader: one rank's micro-batches of an epoch's GLOBAL packing plan, encoded in worker processes, resumable
+at any world size.
 
 Design:
 
-* A torch ``DataLoader`` with ``batch_size=None`` runs over *tasks* ``(epoch, index, keys)``: the sampler
+* The epoch's plan is global and independent of the world size: a :class:`~.packing.PackPlan` built with
+  ``num_ranks = G`` (packed rows per optimizer step over all ranks: the global batch; ``data.build`` derives
+  ``G`` from ``trainer.global_batch_samples``, or from ``trainer.grad_accum x world size`` when that is unset)
+  lists, for each optimizer step ``s``, its ``G`` rows ``plan.micro_batches[v][s]`` (``v``: the row's *slot*).
+  What a step trains on is fixed by the plan; only who computes which row depends on the world size ``W``:
+  rank ``r`` runs slots ``r, r + W, r + 2W, ...``, i.e. ``grad_accum = ceil(G / W)`` micro-batches per step.
+  When ``W`` does not divide ``G`` the missing slots are empty rows, yielded as empty markers (the trainer runs
+  a label-free placeholder for them, so every rank does the same number of forward/backward passes).
+* The cursor is global: ``state_dict()`` saves the epoch and the optimizer steps of it consumed (``step``: the
+  rows consumed are ``step x G``; ``samples``, the samples in those rows, checks that the data did not change),
+  plus this rank's exact micro-batch ``position`` and skip counters. Loaded at the same world size the position
+  is exact; at another one (:meth:`PackedLoader.reshard_state` merges the states every saved rank wrote) the new
+  ranks start at the next step's rows and the rest of the epoch is dealt over the new world: no sample of the
+  epoch is seen twice or skipped, and every later step trains on the same rows as it would have. A cursor moves
+  to another world size only at a step boundary (where checkpoints are written). Nothing is replayed or
+  re-decoded; prefetched but unconsumed batches are simply produced again after a restart.
+* A ``torch`` ``DataLoader`` with ``batch_size=None`` runs over *tasks* ``(epoch, index, keys)``: the sampler
   (main process) hands each worker the ``(dataset, record)`` keys of one micro-batch; the worker encodes them
   with ``encode_fn`` and collates the row. Because the task carries everything that changes per epoch, the
   dataset held by the (persistent) workers never changes and workers live as long as the loader.
-* Resume: the loader counts the micro-batches it has *yielded*; ``state_dict()`` saves ``(epoch, position)``
-  and ``load_state_dict()`` starts the sampler at that position — nothing is replayed or re-decoded.
-  Prefetched but unconsumed batches are simply produced again after a restart.
-* Randomness inside ``encode_fn`` (if any) is seeded per micro-batch from ``(seed, epoch, rank, index)``, so
-  the batches do not depend on which worker ran them or on ``num_workers``.
+* Randomness inside ``encode_fn`` (if any) is seeded per row from ``(seed, epoch, step, slot)``, so a row's
+  samples do not depend on which worker, which rank or how many ranks encoded it.
+* Leftover rows: ``data.build`` packs with ``drop_last=False``, so the rows that do not fill a whole step of
+  ``G`` become the epoch's last step (a smaller one, padded with empty rows): every packed sample of the epoch
+  is trained once and nothing is carried into the next epoch.
 * Bad data (``on_error="skip"``): a sample whose ``encode_fn`` raises ``DataError`` is dropped from its
   micro-batch, counted by reason, and the first error of each reason is logged with its message. A micro-batch
   whose samples all failed is yielded as an *empty marker* ``{"empty": True, "meta": [], "sample_lengths": [],
@@ -32,6 +49,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..contract import EMPTY_KEY, is_empty
 from .collate import collate_packed
 from .errors import DataError
 from .packing import PackPlan
@@ -39,11 +57,12 @@ from .packing import PackPlan
 logger = logging.getLogger(__name__)
 
 EncodeFn = Callable[[int, int], dict]
-
-
-def is_empty(batch: dict[str, Any]) -> bool:
-    """True for the marker of a micro-batch whose samples all failed to encode."""
-    return bool(batch.get("empty", False))
+__all__ = ["DatasetEncoder", "PackedLoader", "is_empty"]  # is_empty: re-exported from the contract
+# Packing plans kept in memory (see PackedLoader.plan): one epoch's plan holds a few ids per sample, so two cover
+# the current epoch and the next one (the trainer asks for micro-batch counts ahead) without holding every epoch.
+PLANS_KEPT = 2
+# Version tag of PackedLoader.state_dict(): the global cursor (older states were per-rank positions).
+CURSOR_FORMAT = "global-cursor-1"
 
 
 class DatasetEncoder:
@@ -82,8 +101,9 @@ class DatasetEncoder:
 
 class _Task(NamedTuple):
     epoch: int
-    index: int
+    index: int  # this rank's micro-batch index in the epoch
     keys: list[tuple[int, int]]
+    row: tuple[int, int]  # (optimizer step, slot) of the row in the epoch's global plan: its seed
 
 
 class _TaskSampler(Sampler):
@@ -117,14 +137,12 @@ def _seeded(seed: int):
 
 
 class _EncodeDataset(Dataset):
-    def __init__(self, encode_fn: EncodeFn, collate_fn: Callable, on_error: str, seed: int, rank: int):
+    def __init__(self, encode_fn: EncodeFn, collate_fn: Callable, on_error: str, seed: int):
         self.encode_fn, self.collate_fn = encode_fn, collate_fn
-        self.on_error, self.seed, self.rank = on_error, seed, rank
+        self.on_error, self.seed = on_error, seed
 
     def __getitem__(self, task: _Task) -> dict[str, Any]:
-        seed = int(
-            np.random.SeedSequence([self.seed, task.epoch, self.rank, task.index]).generate_state(1)[0]
-        )
+        seed = int(np.random.SeedSequence([self.seed, task.epoch, *task.row]).generate_state(1)[0])
         samples, skipped = [], []
         with _seeded(seed):
             for d, r in task.keys:
@@ -137,7 +155,7 @@ class _EncodeDataset(Dataset):
         if samples:
             batch = self.collate_fn(samples)
         else:
-            batch = {"empty": True, "meta": [], "sample_lengths": [], "num_skipped": len(skipped)}
+            batch = {EMPTY_KEY: True, "meta": [], "sample_lengths": [], "num_skipped": len(skipped)}
         return {"index": task.index, "batch": batch, "skipped": skipped}
 
 
@@ -146,11 +164,16 @@ def _identity(item: Any) -> Any:
 
 
 class PackedLoader:
-    """Iterate rank ``rank``'s collated micro-batches of ``plan``, one epoch per ``iter()``.
+    """Iterate rank ``rank``'s collated micro-batches of the epoch's global plan, one epoch per ``iter()``.
 
     ``plan``: a :class:`PackPlan` (the same micro-batches every epoch) or ``plan(epoch) -> PackPlan`` (a fresh
-    mixture and packing per epoch; must be deterministic, it is called again after a resume).
-    ``encode_fn(dataset, record) -> Sample`` must be picklable when ``num_workers > 0`` (see
+    mixture and packing per epoch; must be deterministic, it is called again after a resume). Either way the
+    plan is global: ``plan.num_ranks`` is ``G``, the packed rows of one optimizer step over all ranks, and must be
+    the same in every epoch (module docstring). ``world_size``: the ranks that share each step's rows (default
+    ``G``: one row per rank per step); rank ``rank`` gets :attr:`grad_accum` micro-batches per step.
+    Follows ``contract.Loader``: ``micro_batches_per_epoch``, ``set_epoch``, ``state_dict`` /
+    ``load_state_dict``, ``skipped``, ``token_budget``; and :meth:`reshard_state` for a checkpoint of another
+    world size. ``encode_fn(dataset, record) -> Sample`` must be picklable when ``num_workers > 0`` (see
     :class:`DatasetEncoder`); the sample's key is ``plan.entries[id]``, or ``(0, id)`` for a plan built
     without a mixture. ``on_error``: ``"skip"`` or ``"raise"`` (see the module docstring). Yields packed rows
     from ``collate_fn`` (default :func:`collate_packed`) or empty markers (:func:`is_empty`).
@@ -162,6 +185,7 @@ class PackedLoader:
         rank: int,
         encode_fn: EncodeFn,
         *,
+        world_size: int | None = None,
         num_workers: int = 0,
         prefetch_factor: int = 2,
         pin_memory: bool = False,
@@ -180,18 +204,23 @@ class PackedLoader:
         self.rank = rank
         self.seed = seed
         self._epoch = 0
-        self._position = 0
+        self._position = 0  # micro-batches of the current epoch this rank has yielded
         self._skipped: Counter = Counter()
         self._seen = 0  # samples attempted (kept or skipped), over the whole run
         # a bad file is skipped and counted; a bad *dataset* (more than this share failing) stops the run
         self.max_bad_fraction = max_bad_fraction
         self.min_samples_before_abort = min_samples_before_abort
         self._logged_reasons: set[str] = set()
-        self._cached_plan: tuple[int, PackPlan] | None = None
-        self._check_rank(self._plan(0))
+        self._plans: dict[int, PackPlan] = {}  # epoch -> plan, at most PLANS_KEPT (see plan())
+        # epoch -> optimizer steps of the epoch, for every epoch planned so far (ints: kept for the whole run)
+        self._steps: dict[int, int] = {}
+        self.rows_per_step = self.plan(0).num_ranks  # G: packed rows of one optimizer step, all ranks
+        self.world_size = int(world_size) if world_size is not None else self.rows_per_step
+        if self.world_size < 1 or not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside the world of {self.world_size} ranks")
         self._sampler = _TaskSampler()
         self._loader = DataLoader(
-            _EncodeDataset(encode_fn, collate_fn, on_error, seed, rank),
+            _EncodeDataset(encode_fn, collate_fn, on_error, seed),
             batch_size=None,
             sampler=self._sampler,
             num_workers=num_workers,
@@ -205,18 +234,49 @@ class PackedLoader:
             generator=torch.Generator().manual_seed(seed),
         )
 
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches this rank runs per optimizer step: ``ceil(G / world_size)`` (the trainer's grad_accum)."""
+        return -(-self.rows_per_step // self.world_size)
+
+    @property
+    def padding_per_step(self) -> int:
+        """Empty rows per optimizer step over all ranks (``grad_accum x world - G``): idle micro-batches."""
+        return self.grad_accum * self.world_size - self.rows_per_step
+
     # --- plan
     # --------------------------------------------------------------------------------------------------------
-    def _plan(self, epoch: int) -> PackPlan:
+    def plan(self, epoch: int) -> PackPlan:
+        """The global packing plan of ``epoch``, built once and kept while it may still be needed.
+
+        Packing an epoch of a large mixture takes seconds, and the plan is asked for by the trainer (counts of
+        every epoch, at start), by resume and by iteration. At most ``PLANS_KEPT`` plans are kept: past epochs
+        go first, then the furthest future one, so the trainer's look-ahead over all epochs does not evict the
+        epochs about to run. Step counts of every epoch seen are kept apart (``micro_batches_per_epoch``).
+        """
         if isinstance(self._plan_arg, PackPlan):
             return self._plan_arg
-        if self._cached_plan is None or self._cached_plan[0] != epoch:
-            self._cached_plan = (epoch, self._plan_arg(epoch))
-        return self._cached_plan[1]
+        epoch = int(epoch)
+        if epoch in self._plans:
+            return self._plans[epoch]
+        plan = self._plan_arg(epoch)
+        if hasattr(self, "rows_per_step") and plan.num_ranks != self.rows_per_step:
+            raise ValueError(
+                f"the plan of epoch {epoch} has {plan.num_ranks} rows per step, epoch 0's has {self.rows_per_step}"
+            )
+        self._steps[epoch] = plan.steps
+        self._plans[epoch] = plan
+        while len(self._plans) > PLANS_KEPT:
+            past = [e for e in self._plans if e < self._epoch]
+            del self._plans[min(past) if past else max(self._plans)]
+        return plan
 
-    def _check_rank(self, plan: PackPlan) -> None:
-        if not 0 <= self.rank < plan.num_ranks:
-            raise ValueError(f"rank {self.rank} is outside the plan's {plan.num_ranks} ranks")
+    def _rows(self, plan: PackPlan, step: int) -> list[list[int]]:
+        """This rank's rows of optimizer ``step`` in micro-step order (slots ``rank + j x world``); ``[]`` pads."""
+        G, W = self.rows_per_step, self.world_size
+        return [
+            plan.micro_batches[v][step] if v < G else [] for v in range(self.rank, self.grad_accum * W, W)
+        ]
 
     # --- iteration
     # --------------------------------------------------------------------------------------------------------
@@ -226,7 +286,7 @@ class PackedLoader:
 
     @property
     def position(self) -> int:
-        """Micro-batches of the current epoch already yielded (the next one to come)."""
+        """Micro-batches of the current epoch already yielded by this rank (the next one to come)."""
         return self._position
 
     @property
@@ -236,19 +296,23 @@ class PackedLoader:
 
     def __len__(self) -> int:
         """Micro-batches of this rank in the current epoch (the whole epoch, not only what remains)."""
-        return len(self._plan(self._epoch).micro_batches[self.rank])
+        return self.micro_batches_per_epoch(self._epoch)
 
     @property
     def token_budget(self) -> int:
         """Tokens per packed row the plan was built for (``data.max_tokens``): the trainer's packing-fill
-        denominator."""
-        return self._plan(self._epoch).max_tokens
+        denominator; the same in every epoch, so any plan kept answers it."""
+        kept = next(iter(self._plans.values()), None)
+        return (kept or self.plan(self._epoch)).max_tokens
 
     def micro_batches_per_epoch(self, epoch: int) -> int:
-        """Micro-batches of this rank in ``epoch`` (plans differ a little from epoch to epoch)."""
+        """Micro-batches of this rank in ``epoch``: the epoch's optimizer steps (plans differ a little from epoch
+        to epoch) times :attr:`grad_accum`; each epoch's plan is built once for it (see :meth:`plan`)."""
         if isinstance(self._plan_arg, PackPlan):
-            return len(self._plan_arg.micro_batches[self.rank])
-        return len(self._plan_arg(epoch).micro_batches[self.rank])
+            return self._plan_arg.steps * self.grad_accum
+        if int(epoch) not in self._steps:
+            self.plan(epoch)
+        return self._steps[int(epoch)] * self.grad_accum
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its first micro-batch at the next ``iter()`` (the trainer calls this at each
@@ -257,16 +321,17 @@ class PackedLoader:
         self._position = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        plan = self._plan(self._epoch)
-        self._check_rank(plan)
-        mbs = plan.micro_batches[self.rank]
-        if self._position > len(mbs):
-            raise ValueError(f"resume position {self._position} is past the epoch's {len(mbs)} micro-batches")
+        plan = self.plan(self._epoch)
+        n = plan.steps * self.grad_accum
+        if self._position > n:
+            raise ValueError(f"resume position {self._position} is past the epoch's {n} micro-batches")
         entries = plan.entries
-        self._sampler.tasks = [
-            _Task(self._epoch, i, [entries[s] if entries is not None else (0, s) for s in mb])
-            for i, mb in enumerate(mbs)
-        ]
+        tasks = []
+        for s in range(plan.steps):
+            for j, mb in enumerate(self._rows(plan, s)):
+                keys = [entries[i] if entries is not None else (0, i) for i in mb]
+                tasks.append(_Task(self._epoch, len(tasks), keys, (s, self.rank + j * self.world_size)))
+        self._sampler.tasks = tasks
         self._sampler.start = self._position
         for item in self._loader:
             self._position = item["index"] + 1
@@ -303,35 +368,103 @@ class PackedLoader:
 
     # --- resume
     # --------------------------------------------------------------------------------------------------------
+    def samples_before(self, epoch: int, step: int) -> int:
+        """Samples in the first ``step`` optimizer steps of ``epoch`` (all ranks): the global sample cursor."""
+        plan = self.plan(epoch)
+        return sum(len(rows[s]) for rows in plan.micro_batches for s in range(min(step, plan.steps)))
+
     def state_dict(self) -> dict[str, Any]:
-        """Plain dict for the checkpoint: where the next micro-batch is, and the skip counters."""
+        """Plain dict for the checkpoint: the global cursor (epoch, optimizer steps of it consumed, rows per step,
+        samples consumed), this rank's exact position, and its skip counters."""
+        step = self._position // self.grad_accum
         return {
+            "format": CURSOR_FORMAT,
             "epoch": self._epoch,
-            "position": self._position,
+            "step": step,
+            "rows_per_step": self.rows_per_step,
+            "samples": self.samples_before(self._epoch, step),
+            "world_size": self.world_size,
             "rank": self.rank,
+            "position": self._position,
             "seed": self.seed,
-            "micro_batches": len(self),
             "skipped": dict(self._skipped),
             "seen": self._seen,
         }
 
+    def reshard_state(self, states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """This rank's state from the states every rank of a run at another world size saved (one per saved rank,
+        in rank order): the shared global cursor; the skip counters summed into rank 0 (totals are kept)."""
+        if not states:
+            raise ValueError("no saved loader state to reshard")
+        first = states[0]
+        _check_format(first)
+        for st in states:
+            _check_format(st)
+            if st["position"] % _grad_accum_of(st):
+                raise ValueError(
+                    f"rank {st['rank']}'s saved position {st['position']} is inside an optimizer step: a cursor "
+                    "moves to another world size only at a step boundary"
+                )
+            if (st["epoch"], st["step"], st["rows_per_step"], st["seed"]) != (
+                first["epoch"],
+                first["step"],
+                first["rows_per_step"],
+                first["seed"],
+            ):
+                raise ValueError(f"the saved ranks disagree on the data cursor: {first} vs {st}")
+        total: Counter = Counter()
+        for st in states:
+            total.update(st.get("skipped", {}))
+        mine = self.rank == 0
+        return {
+            **first,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "position": first["step"] * self.grad_accum,
+            "skipped": dict(total) if mine else {},
+            "seen": sum(int(st.get("seen", 0)) for st in states) if mine else 0,
+        }
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue at ``state``'s next micro-batch. The plan must be the one the state was saved under (same
-        seed, ranks and data); a different micro-batch count is refused rather than resumed at a wrong
-        place."""
-        if state["rank"] != self.rank:
-            raise ValueError(f"state was saved by rank {state['rank']}, this loader is rank {self.rank}")
+        """Continue at ``state``'s cursor. The plan must be the one the state was saved under (same seed, data,
+        budgets and rows per step ``G``: the global batch); the world size may differ when the state comes from
+        :meth:`reshard_state`. A mismatch is refused rather than resumed at a wrong place."""
+        _check_format(state)
         if state["seed"] != self.seed:
             raise ValueError(f"state was saved with seed {state['seed']}, this loader has seed {self.seed}")
-        self._epoch = int(state["epoch"])
-        n = len(self)
-        if state["micro_batches"] != n:
+        if state["rows_per_step"] != self.rows_per_step:
             raise ValueError(
-                f"the plan of epoch {self._epoch} has {n} micro-batches for rank {self.rank} but the saved "
-                f"state had {state['micro_batches']}: data, budgets or world size changed, exact resume is "
-                "impossible"
+                f"the checkpoint's optimizer steps hold {state['rows_per_step']} packed rows, this loader's "
+                f"{self.rows_per_step}: the global batch changed (trainer.global_batch_samples, or "
+                "trainer.grad_accum x world size when that is unset), exact resume is impossible"
             )
+        if (state["world_size"], state["rank"]) != (self.world_size, self.rank):
+            raise ValueError(
+                f"state of rank {state['rank']} of {state['world_size']}, this loader is rank {self.rank} of "
+                f"{self.world_size}: use reshard_state() for a checkpoint of another world size"
+            )
+        epoch, step = int(state["epoch"]), int(state["step"])
+        steps = self.micro_batches_per_epoch(epoch) // self.grad_accum
+        if step > steps or self.samples_before(epoch, step) != state["samples"]:
+            raise ValueError(
+                f"the plan of epoch {epoch} has {steps} steps and {self.samples_before(epoch, step)} samples "
+                f"before step {step}, the saved cursor {state['samples']}: data or budgets changed, exact "
+                "resume is impossible"
+            )
+        self._epoch = epoch
         self._position = int(state["position"])
         self._skipped = Counter(state.get("skipped", {}))
         self._seen = int(state.get("seen", 0))
         self._logged_reasons = set(self._skipped)
+
+
+def _grad_accum_of(state: dict[str, Any]) -> int:
+    return -(-int(state["rows_per_step"]) // int(state["world_size"]))
+
+
+def _check_format(state: dict[str, Any]) -> None:
+    if state.get("format") != CURSOR_FORMAT:
+        raise ValueError(
+            "this loader state was written before the global data cursor (a per-rank position of a plan packed "
+            "for one world size): resume it with the version of the code that wrote it, or start the run over"
+        )

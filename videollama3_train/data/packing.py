@@ -3,10 +3,11 @@
 The pipeline for one epoch (``build_epoch_plan`` runs all of it):
 
 1. ``compute_costs`` measures every record once (``(num_tokens, num_patches)`` without decoding pixels), in
-   parallel, and caches the table as ``.npy`` beside the annotations. A record that raises ``DataError`` gets
+   parallel, and caches the table as ``.npy`` beside the annotations (:func:`cost_cache` names the file and its
+   key). A record that raises ``DataError`` gets
    cost ``-1`` and its reason is kept: it is reported, never silently lost and never decoded later.
 2. ``plan_mixture`` draws the epoch's sample list ``(dataset, record)`` from the datasets' weights / repeats /
-   caps.
+   caps (``DatasetConfig``: validated when the config is built, before any of this runs).
 3. ``pack`` fills micro-batches under a token budget *and* a vision-patch budget (best-fit-decreasing inside a
    shuffle buffer), then deals them to data-parallel ranks so that every rank has the same number of
    micro-batches and about the same tokens and patches per step.
@@ -24,14 +25,15 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .config import DatasetConfig, EncodeConfig
 from .errors import DataError
+from .pool import parallel_map
 
 logger = logging.getLogger(__name__)
 
@@ -43,35 +45,7 @@ TOKENS, PATCHES = 0, 1  # columns of a cost table
 # ============================================================================================================
 
 
-@dataclass
-class DatasetSpec:
-    """One dataset of a mixture.
-
-    ``weight``: share of the epoch's samples drawn from this dataset (0 < weight <= 1), sampling with as few
-    repeats as possible. ``repeat``: integer number of copies of the dataset per epoch. At most one of the
-    two; with neither the dataset is used once. ``max_samples``: cap on the records used (a fixed seeded
-    subset, the same every epoch).
-    """
-
-    name: str
-    path: str = ""
-    root: str = ""
-    weight: float | None = None
-    repeat: int | None = None
-    max_samples: int | None = None
-
-    def __post_init__(self):
-        if self.weight is not None and self.repeat is not None:
-            raise ValueError(f"dataset {self.name!r}: give weight or repeat, not both")
-        if self.weight is not None and not 0 < self.weight <= 1:
-            raise ValueError(f"dataset {self.name!r}: weight must be in (0, 1], got {self.weight}")
-        if self.repeat is not None and self.repeat < 1:
-            raise ValueError(f"dataset {self.name!r}: repeat must be >= 1, got {self.repeat}")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise ValueError(f"dataset {self.name!r}: max_samples must be >= 1, got {self.max_samples}")
-
-
-def _capped_records(spec: DatasetSpec, size: int, seed: int, dataset_idx: int) -> np.ndarray:
+def _capped_records(spec: DatasetConfig, size: int, seed: int, dataset_idx: int) -> np.ndarray:
     """Record indices a dataset contributes from, sorted. The subset under a cap depends on the seed only (not
     on the epoch), so a capped dataset always trains on the same records."""
     if spec.max_samples is None or spec.max_samples >= size:
@@ -90,7 +64,7 @@ def _draw(records: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarr
     return np.concatenate(parts)
 
 
-def mixture_counts(specs: Sequence[DatasetSpec], sizes: Sequence[int]) -> list[int]:
+def mixture_counts(specs: Sequence[DatasetConfig], sizes: Sequence[int]) -> list[int]:
     """Samples per dataset in one epoch.
 
     Unweighted datasets contribute ``repeat * size`` (after the cap). Weighted datasets share the epoch so
@@ -126,7 +100,7 @@ def mixture_counts(specs: Sequence[DatasetSpec], sizes: Sequence[int]) -> list[i
 
 
 def plan_mixture(
-    specs: Sequence[DatasetSpec], sizes: Sequence[int], seed: int, epoch: int
+    specs: Sequence[DatasetConfig], sizes: Sequence[int], seed: int, epoch: int
 ) -> list[tuple[int, int]]:
     """The epoch's samples as ``(dataset index, record index)``, shuffled; deterministic in ``(seed, epoch)``.
 
@@ -175,10 +149,32 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def cost_cache_path(annotation_path: str | os.PathLike, config: Any) -> Path:
-    """``<annotations>.<config hash>.costs.npy`` beside the annotation file (one cache per encode config)."""
+# EncodeConfig fields that never change a record's cost: compression only prunes tokens after the cost pass
+# (costs are upper bounds then), and how frames are decoded does not change their target size.
+COST_FREE_FIELDS = ("use_token_compression", "compression_threshold", "decode_scale", "frame_cache_dir")
+
+
+def cost_config_hash(encode: EncodeConfig) -> str:
+    """Hash of the encode fields a record's cost depends on: two configs with the same hash cost every record the
+    same (stages 1-3 share one cost table; stage 4 merges images, so it needs its own)."""
+    fields = dataclasses.asdict(encode)
+    for k in COST_FREE_FIELDS:
+        fields.pop(k, None)
+    return config_hash(fields)
+
+
+def cost_cache(annotation_path: str | os.PathLike, encode: EncodeConfig, tokenizer: Any) -> tuple[Path, str]:
+    """``(cache file, cache key)`` of the cost table of one annotation file: THE cost-cache scheme, for training
+    and the doctor alike (pass both to :func:`compute_costs`).
+
+    The file is ``.<annotations>.<hash>.costs.npy`` beside the annotations, one per cost-relevant encode config;
+    the key adds what invalidates it without changing the name: the annotation file's size and mtime
+    (:func:`file_fingerprint`), and the tokenizer (its class, name and vocabulary size: token counts depend on it).
+    """
     p = Path(annotation_path)
-    return p.with_name(f"{p.name}.{config_hash(config)}.costs.npy")
+    h = cost_config_hash(encode)
+    tok = f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}"
+    return p.with_name(f".{p.name}.{h[:12]}.costs.npy"), f"{file_fingerprint(p)}-{h}-{tok}"
 
 
 # Worker-side state: the records and the cost function are sent once per worker (initializer), then each task
@@ -191,16 +187,17 @@ def _init_worker(records: Any, cost_fn: Callable) -> None:
     _WORKER["cost_fn"] = cost_fn
 
 
-def _cost_range(start: int, stop: int) -> list[tuple[int, int, int, str | None, str | None]]:
-    records, cost_fn = _WORKER["records"], _WORKER["cost_fn"]
-    out = []
+def _cost_range(span: tuple[int, int]) -> tuple[int, np.ndarray, dict[int, tuple[str, str]]]:
+    """``(start, costs (stop - start, 2), failures)`` of the records ``start:stop`` (compact: 16 bytes a record)."""
+    (start, stop), records, cost_fn = span, _WORKER["records"], _WORKER["cost_fn"]
+    costs = np.full((stop - start, 2), -1, dtype=np.int64)
+    failures = {}
     for i in range(start, stop):
         try:
-            tokens, patches = cost_fn(i if records is None else records[i])
-            out.append((i, int(tokens), int(patches), None, None))
+            costs[i - start] = cost_fn(i if records is None else records[i])
         except DataError as e:
-            out.append((i, -1, -1, e.reason, str(e)))
-    return out
+            failures[i] = (e.reason, str(e))
+    return start, costs, failures
 
 
 def compute_costs(
@@ -216,10 +213,10 @@ def compute_costs(
     """(tokens, patches) of every record, in parallel, cached.
 
     ``records``: an indexable sequence (``cost_fn(records[i])``) or a count ``N`` (``cost_fn(i)``).
-    ``cost_fn`` must be picklable when ``num_workers > 0`` and raise ``DataError`` for a bad record (recorded,
-    not fatal; any other exception is a bug and propagates). ``cache_path`` + ``cache_key``: reuse a table
-    computed under the same key (e.g. ``file_fingerprint(annotations) + config_hash(config)``); a stale or
-    unreadable cache is recomputed. Returns a :class:`CostTable` with ``costs`` int64 ``(N, 2)``.
+    ``cost_fn`` must be picklable when ``num_workers > 1`` and raise ``DataError`` for a bad record (recorded,
+    not fatal; any other exception is a bug and propagates). ``num_workers <= 1`` runs in this process.
+    ``cache_path`` + ``cache_key``: reuse a table computed under the same key (:func:`cost_cache` gives both); a
+    stale or unreadable cache is recomputed. Returns a :class:`CostTable` with ``costs`` int64 ``(N, 2)``.
     """
     n = records if isinstance(records, int) else len(records)
     seq = None if isinstance(records, int) else records
@@ -230,28 +227,24 @@ def compute_costs(
 
     costs = np.full((n, 2), -1, dtype=np.int64)
     failures: dict[int, tuple[str, str]] = {}
-    ranges = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
-    bar = _progress(total=n, enabled=progress)
-
-    def absorb(rows):
-        for i, t, p, reason, message in rows:
-            costs[i] = (t, p)
-            if reason is not None:
-                failures[i] = (reason, message)
-        bar.update(len(rows))
-
+    spans = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
     try:
-        if num_workers > 0 and len(ranges) > 1:
-            with ProcessPoolExecutor(num_workers, initializer=_init_worker, initargs=(seq, cost_fn)) as pool:
-                for rows in pool.map(_cost_range, *zip(*ranges, strict=True)):
-                    absorb(rows)
-        else:
-            _init_worker(seq, cost_fn)
-            for s, e in ranges:
-                absorb(_cost_range(s, e))
+        chunks = parallel_map(
+            _cost_range,
+            spans,
+            workers=num_workers,
+            desc="cost pre-pass",
+            unit="rec",
+            progress=progress,
+            weight=lambda span: span[1] - span[0],
+            initializer=_init_worker,
+            initargs=(seq, cost_fn),
+        )
     finally:
-        bar.close()
-        _WORKER.clear()
+        _WORKER.clear()  # the inline run filled it in this process
+    for start, part, failed in chunks:
+        costs[start : start + len(part)] = part
+        failures.update(failed)
 
     table = CostTable(costs, failures)
     if failures:
@@ -261,12 +254,6 @@ def compute_costs(
     if cache_path is not None:
         _save_cache(Path(cache_path), cache_key, table)
     return table
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="cost pre-pass", unit="rec", mininterval=1.0, disable=not enabled)
 
 
 def _sidecar(cache_path: Path) -> Path:
@@ -318,7 +305,13 @@ class PackPlan:
     record)``) when the plan came from a mixture, else it is the record index itself. ``oversized``: ids over
     a budget on their own (never packed, reported). ``failed``: ids whose cost pre-pass failed. ``leftover``:
     ids of the micro-batches that did not fill a whole step of ``num_ranks * grad_accum`` (the least-filled
-    ones); they are not trained this epoch; a caller may put them in front of the next epoch.
+    ones); they are not trained this epoch. With ``pack(drop_last=False)`` there is no leftover: those rows
+    form the epoch's last step instead, padded with empty rows (``[]``, no sample).
+
+    The trainer reads a plan built with ``num_ranks = G`` (packed rows per optimizer step, over all ranks) and
+    ``grad_accum = 1`` as the GLOBAL plan of the epoch: column ``i`` is optimizer step ``i``, its ``G`` rows
+    are split over however many ranks run it (``data.loader.PackedLoader``), so the plan, and what each step
+    trains on, do not depend on the world size.
     """
 
     micro_batches: list[list[list[int]]]
@@ -342,7 +335,8 @@ class PackPlan:
         return len(self.micro_batches[0]) if self.micro_batches else 0
 
     def fill_ratio(self) -> float:
-        return fill_ratio(self.costs, [mb for rank in self.micro_batches for mb in rank], self.max_tokens)
+        rows = [mb for rank in self.micro_batches for mb in rank if mb]  # padding rows are not packed rows
+        return fill_ratio(self.costs, rows, self.max_tokens)
 
     def balance(self) -> dict[str, float]:
         return rank_balance(self.costs, self.micro_batches)
@@ -439,6 +433,7 @@ def pack(
     epoch: int = 0,
     close_fill: float = 0.97,
     entries: list[tuple[int, int]] | None = None,
+    drop_last: bool = True,
 ) -> PackPlan:
     """Pack the samples ``order`` (ids into ``costs`` (N, 2) = tokens, patches) into balanced micro-batches.
 
@@ -454,7 +449,8 @@ def pack(
     (tokens/max_tokens + patches/max_patches) goes to the rank with the least work so far (LPT), so epoch
     totals stay level too. The step order is then shuffled (seeded by ``seed, epoch``). When the bin count is
     not a multiple of ``num_ranks * grad_accum``, the bins with the fewest tokens are left out and their ids
-    listed in ``leftover`` (counted, never silent).
+    listed in ``leftover`` (counted, never silent); with ``drop_last=False`` they make a last, partial step
+    instead (after the shuffled ones), padded with empty rows, so every packed sample is trained.
     """
     if max_tokens <= 0 or max_patches <= 0:
         raise ValueError(f"budgets must be positive, got max_tokens={max_tokens}, max_patches={max_patches}")
@@ -511,24 +507,37 @@ def pack(
     by_fill = np.argsort(-bin_tokens, kind="stable")
     group = num_ranks * grad_accum
     keep = (len(bins) // group) * group
-    leftover = [i for b in by_fill[keep:] for i in bins[b][0]]
+    tail = by_fill[keep:]  # too few rows for a whole step
+    leftover = [i for b in tail for i in bins[b][0]] if drop_last else []
     # Token fill is nearly uniform after packing while patches vary a lot between bins (text vs video), so
     # bins side by side in a step are matched on patches first, then tokens.
     kept = by_fill[:keep]
     kept = kept[np.lexsort((-bin_tokens[kept], -bin_patches[kept]))]
 
     rank_load = np.zeros(num_ranks)
-    steps: list[list[list[int]]] = []  # steps[s][rank] -> ids
-    for s in range(keep // num_ranks):
-        step_bins = kept[s * num_ranks : (s + 1) * num_ranks]
-        step_bins = step_bins[np.argsort(-work[step_bins], kind="stable")]
-        assignment: list[list[int]] = [[] for _ in range(num_ranks)]
-        for r, b in zip(np.argsort(rank_load, kind="stable"), step_bins, strict=True):
-            assignment[r] = bins[b][0]
-            rank_load[r] += work[b]
-        steps.append(assignment)
+
+    def deal(order: np.ndarray) -> list[list[list[int]]]:
+        """``steps[s][rank] -> ids`` for bins ``order`` (-1: an empty padding row), ``num_ranks`` per step."""
+        out = []
+        for s in range(len(order) // num_ranks):
+            step_bins = order[s * num_ranks : (s + 1) * num_ranks]
+            step_work = np.array([work[b] if b >= 0 else 0.0 for b in step_bins])
+            step_bins = step_bins[np.argsort(-step_work, kind="stable")]
+            assignment: list[list[int]] = [[] for _ in range(num_ranks)]
+            for r, b in zip(np.argsort(rank_load, kind="stable"), step_bins, strict=True):
+                if b >= 0:
+                    assignment[r] = bins[b][0]
+                    rank_load[r] += work[b]
+            out.append(assignment)
+        return out
+
+    steps = deal(kept)
     rng = np.random.default_rng([seed, epoch, 0xBA1])
     steps = [steps[i] for i in rng.permutation(len(steps))]
+    if not drop_last and len(tail):
+        padded = np.full(group, -1, dtype=np.int64)
+        padded[: len(tail)] = np.sort(tail)  # packing order: the partial step is the same on every rank count
+        steps += deal(padded)
     micro_batches = [[steps[s][r] for s in range(len(steps))] for r in range(num_ranks)]
     return PackPlan(
         micro_batches=micro_batches,
@@ -545,7 +554,7 @@ def pack(
 
 
 def build_epoch_plan(
-    specs: Sequence[DatasetSpec],
+    specs: Sequence[DatasetConfig],
     costs: Sequence[np.ndarray],
     *,
     seed: int,
@@ -555,9 +564,10 @@ def build_epoch_plan(
     buffer_size: int = 2048,
     num_ranks: int = 1,
     grad_accum: int = 1,
+    drop_last: bool = True,
 ) -> PackPlan:
     """Mixture + packing for one epoch. ``costs[d]``: the cost table (N_d, 2) of dataset ``d``. Sample ids of
-    the plan index ``plan.entries`` -> ``(dataset, record)``."""
+    the plan index ``plan.entries`` -> ``(dataset, record)``. ``drop_last``: see :func:`pack`."""
     sizes = [len(c) for c in costs]
     entries = plan_mixture(specs, sizes, seed, epoch)
     ent = np.asarray(entries, dtype=np.int64).reshape(-1, 2)
@@ -576,4 +586,5 @@ def build_epoch_plan(
         seed=seed,
         epoch=epoch,
         entries=entries,
+        drop_last=drop_last,
     )

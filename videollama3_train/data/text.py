@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ..contract import IGNORE_INDEX
+
 __all__ = [
     "IMAGE_TOKEN",
     "VIDEO_TOKEN",
@@ -37,7 +39,6 @@ __all__ = [
 
 IMAGE_TOKEN = "<|image_pad|>"
 VIDEO_TOKEN = "<|video_pad|>"
-IGNORE_INDEX = -100
 
 
 def video_text(timestamps: list[float], counts: list[int] | None = None) -> str:

@@ -1,9 +1,10 @@
 """Pixels -> patch rows: per-sample visual budget, resize + normalise, block-major patchify, frame pruning.
 
 Follows transformers' ``models/video_llama_3/{image,video}_processing_video_llama_3.py`` (same ``smart_resize``, same
-torchvision calls, same row layout) so a sample encoded here equals what ``VideoLlama3Processor`` produces for the
-same frames and sizes (``tests/test_parity.py``), and the official budget rule (REFERENCE §3): a sample's
-``max_visual_tokens`` is split equally over all its images and video frames.
+torchvision calls, same row layout) so a sample encoded here equals what ``VideoLlama3Processor`` produces
+(``tests/test_parity.py``). Sizes follow the processor's own budgets (:func:`processor_budgets`: per image, and per
+video divided by its frame count) while a sample's items fit ``max_visual_tokens`` together; a sample over it falls
+back to the official rule (REFERENCE §3), the budget split equally over all its images and frames.
 """
 
 from __future__ import annotations
@@ -12,11 +13,16 @@ import torch
 import torchvision.transforms.v2.functional as tvF
 from transformers.models.video_llama_3.image_processing_video_llama_3 import smart_resize
 
+from ..contract import merged_tokens
 from .errors import DataError
 
 __all__ = [
     "per_item_tokens",
+    "processor_budgets",
+    "processor_frame_size",
+    "processor_image_size",
     "target_size",
+    "target_size_pixels",
     "resize_and_normalize",
     "patchify",
     "compression_mask",
@@ -44,25 +50,88 @@ def target_size(
     min_tokens: int,
     patch_size: int = 14,
 ) -> tuple[int, int]:
-    """``(height, width)`` in pixels that one image / frame is resized to.
+    """``(height, width)`` in pixels that one image / frame is resized to under a budget in LLM tokens.
 
     ``smart_resize`` with ``factor = patch * merge`` and pixel bounds expressed in LLM tokens: one token covers
     ``factor**2`` pixels, so the item yields between ``min_tokens`` and ``max_tokens`` tokens (up to rounding to the
     factor grid). Raises ``DataError("bad_aspect_ratio")`` beyond 200:1, which the model cannot take.
     """
     factor = patch_size * merge_size
+    return target_size_pixels(
+        height,
+        width,
+        factor=factor,
+        min_pixels=min_tokens * factor * factor,
+        max_pixels=max_tokens * factor * factor,
+    )
+
+
+def target_size_pixels(
+    height: int, width: int, *, factor: int, min_pixels: int, max_pixels: int
+) -> tuple[int, int]:
+    """transformers' ``smart_resize`` with pixel bounds as the processor holds them; ``DataError`` instead of its
+    ``ValueError`` (aspect ratio over 200:1, or an empty image)."""
     if height < 1 or width < 1:
         raise DataError("bad_aspect_ratio", f"image of size {width}x{height} has no pixels")
     try:
-        return smart_resize(
-            height,
-            width,
-            factor=factor,
-            min_pixels=min_tokens * factor * factor,
-            max_pixels=max_tokens * factor * factor,
-        )
+        return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     except ValueError as e:  # smart_resize's only ValueError is the aspect-ratio check
         raise DataError("bad_aspect_ratio", f"{width}x{height}: {e}") from e
+
+
+def processor_budgets(
+    *,
+    patch_size: int,
+    image_merge_size: int,
+    video_merge_size: int,
+    max_visual_tokens: int,
+    min_tokens_per_item: int,
+    max_tokens_per_item: int,
+) -> dict[str, int]:
+    """Pixel budgets of the stage's processor (``build_processor``'s keywords): an image gets up to
+    ``min(max_visual_tokens, max_tokens_per_item)`` tokens, a video ``max_visual_tokens`` over all its frames (the
+    video processor divides its pixel budget by the frame count), each item at least ``min_tokens_per_item``."""
+    fi = (patch_size * image_merge_size) ** 2
+    fv = (patch_size * video_merge_size) ** 2
+    return {
+        "image_min_pixels": min_tokens_per_item * fi,
+        "image_max_pixels": min(max_visual_tokens, max_tokens_per_item) * fi,
+        "video_min_pixels": min_tokens_per_item * fv,
+        "video_max_pixels": max_visual_tokens * fv,
+    }
+
+
+def processor_image_size(
+    height: int, width: int, *, merge_size: int, budgets: dict[str, int], patch_size: int = 14
+) -> tuple[int, int]:
+    """What ``VideoLlama3ImageProcessor.resize`` picks for one image under ``budgets`` (:func:`processor_budgets`)."""
+    return target_size_pixels(
+        height,
+        width,
+        factor=patch_size * merge_size,
+        min_pixels=budgets["image_min_pixels"],
+        max_pixels=budgets["image_max_pixels"],
+    )
+
+
+def processor_frame_size(
+    height: int,
+    width: int,
+    num_frames: int,
+    *,
+    merge_size: int,
+    budgets: dict[str, int],
+    patch_size: int = 14,
+) -> tuple[int, int]:
+    """What ``VideoLlama3VideoProcessor.resize`` picks for the frames of a ``num_frames``-frame video: its pixel
+    budget divided by the frame count (integer division, in pixels); the minimum is not divided."""
+    return target_size_pixels(
+        height,
+        width,
+        factor=patch_size * merge_size,
+        min_pixels=budgets["video_min_pixels"],
+        max_pixels=budgets["video_max_pixels"] // max(1, num_frames),
+    )
 
 
 def resize_and_normalize(
@@ -120,7 +189,7 @@ def patchify(frames: torch.Tensor, *, patch_size: int = 14, merge_size: int = 1)
 
 def tokens_per_frame(grid_thw: torch.Tensor, merge_sizes: torch.Tensor) -> list[int]:
     """LLM tokens of one frame of each item: ``h * w / m**2`` for rows of ``grid_thw (n, 3)``."""
-    return [int(h * w // (m * m)) for (_, h, w), m in zip(grid_thw.tolist(), merge_sizes.tolist())]
+    return [merged_tokens(1, h, w, m) for (_, h, w), m in zip(grid_thw.tolist(), merge_sizes.tolist())]
 
 
 def compression_mask(
@@ -147,7 +216,7 @@ def compression_mask(
     for rows, (t, h, w), m in zip(
         pixel_values_videos.split(sizes, dim=0), grid_thw.tolist(), merge_sizes.tolist()
     ):
-        per_frame = h * w // (m * m)
+        per_frame = merged_tokens(1, h, w, m)
         if t == 1:
             masks.append(torch.ones(per_frame, dtype=torch.bool))
             continue

@@ -7,6 +7,12 @@
 vision tower, on ``torch.nn.attention.varlen.varlen_attn``. The name contains "flash" on purpose: transformers'
 VideoLLaMA3 vision attention hands ``cu_seqlens`` to the backend only for flash-type implementations, and the mask
 builder then skips the dense (L, L) mask. It runs on CUDA only; :func:`select_attention` says so on CPU.
+
+``flash_varlen_reference`` is the same plumbing (registration with transformers' attention and mask interfaces,
+segments from ``cu_seq_lens_q`` or from packed ``position_ids``, the (1, H, L, D) -> (L, H, D) layout, GQA, causal
+vs bidirectional) with :func:`reference_varlen_kernel` in place of the CUDA call: plain PyTorch, one
+``scaled_dot_product_attention`` per segment. It runs anywhere, so the CPU tests exercise exactly the code path the
+GPU runs, and only the kernel itself is left to the device check.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 log = logging.getLogger(__name__)
 
 VARLEN = "flash_varlen"
+VARLEN_REFERENCE = "flash_varlen_reference"
 _registered = False
 
 
@@ -42,6 +49,31 @@ def _varlen_kernel():
         return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
 
     return call
+
+
+def reference_varlen_kernel(q, k, v, cu, max_len, *, causal: bool, scale: float | None):  # noqa: ARG001
+    """The varlen call in plain PyTorch: ``q`` ``(L, Hq, D)``, ``k``/``v`` ``(L, Hkv, D)``, int32 ``cu`` ``(n + 1,)``.
+
+    Returns ``(L, Hq, D)``. Each segment ``cu[i]:cu[i+1]`` attends only to itself; ``Hq`` may be a multiple of
+    ``Hkv`` (grouped-query attention). Same signature and layout as the CUDA kernel of :func:`_varlen_kernel`.
+    """
+    if q.shape[1] != k.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = torch.empty_like(q)
+    bounds = cu.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        if b <= a:
+            continue
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))  # (H, s, D)
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=causal, scale=scale
+        ).transpose(0, 1)
+    return out
+
+
+def _reference_attention_forward(*args, **kwargs):
+    return varlen_attention_forward(*args, kernel=reference_varlen_kernel, **kwargs)
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -100,7 +132,34 @@ def register_varlen() -> None:
 
     AttentionInterface.register(VARLEN, varlen_attention_forward)
     AttentionMaskInterface.register(VARLEN, flash_attention_mask)
+    AttentionInterface.register(VARLEN_REFERENCE, _reference_attention_forward)
+    AttentionMaskInterface.register(VARLEN_REFERENCE, flash_attention_mask)
     _registered = True
+
+
+VARLEN_BACKENDS = (VARLEN, VARLEN_REFERENCE)
+
+
+def construction_backend(attn: str) -> str:
+    """The backend to construct / load a model with when ``attn`` is to be used: ``sdpa`` for ours.
+
+    transformers (5.24) treats every implementation whose name contains "flash" as a flash-attn kernel to import at
+    model construction and fails for ours ("Could not find the currently requested flash attention
+    implementation"); so the model is built with ``sdpa`` and switched by :func:`use_attention` afterwards. The
+    attention modules read the config's implementation at every forward, so the switch is complete.
+    """
+    return "sdpa" if attn in VARLEN_BACKENDS else attn
+
+
+def use_attention(model: torch.nn.Module, attn: str) -> None:
+    """Switch a built model (and its text / vision sub-configs) to attention backend ``attn``."""
+    if attn in VARLEN_BACKENDS:
+        register_varlen()
+    configs = [model.config] + [
+        getattr(model.config, k) for k in ("text_config", "vision_config") if hasattr(model.config, k)
+    ]
+    for c in configs:
+        c._attn_implementation_internal = attn
 
 
 def varlen_available() -> tuple[bool, str]:
@@ -143,6 +202,10 @@ def select_attention(requested: str = "auto") -> str:
             )
         register_varlen()
         return VARLEN
+    if requested in ("varlen_reference", VARLEN_REFERENCE):
+        # the varlen plumbing with a plain-PyTorch kernel: runs anywhere, slow; for tests and debugging
+        register_varlen()
+        return VARLEN_REFERENCE
     if requested == "flash_attention_2" and not flash_attn_available():
         raise RuntimeError(
             "attention backend 'flash_attention_2' needs the flash-attn package and a CUDA device "
@@ -150,6 +213,7 @@ def select_attention(requested: str = "auto") -> str:
         )
     if requested not in ("sdpa", "eager", "flash_attention_2"):
         raise ValueError(
-            f"unknown attention backend {requested!r}: choose auto, sdpa, eager, varlen or flash_attention_2"
+            f"unknown attention backend {requested!r}: choose auto, sdpa, eager, varlen, varlen_reference or "
+            "flash_attention_2"
         )
     return requested

@@ -28,7 +28,7 @@ from transformers import (
     VideoLlama3VisionConfig,
 )
 
-from .attention import select_attention
+from .attention import construction_backend, select_attention, use_attention
 from .presets import PRESETS, build_model_config
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,9 @@ class ModelConfig:
     init_kind: str = "auto"  # auto | random | native | official | assemble
     vision_from: str | None = None  # assemble: SigLIP vision-model directory
     llm_from: str | None = None  # assemble: Qwen2 causal-LM directory
-    attn_implementation: str = "auto"  # auto | sdpa | eager | varlen | flash_attention_2
+    attn_implementation: str = (
+        "auto"  # auto | sdpa | eager | varlen | varlen_reference (CPU, tests) | flash_attention_2
+    )
     dtype: str = "float32"  # weights' dtype in memory (mixed precision is the trainer's business)
     projector_init_std: float = 0.02  # std of the projector's normal init (biases 0)
     seed: int = 0  # random init
@@ -228,6 +230,7 @@ def build_model(cfg: ModelConfig, tokenizer) -> VideoLlama3ForConditionalGenerat
     image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     video_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
     attn = select_attention(cfg.attn_implementation)
+    built_with = construction_backend(attn)  # ours are switched on after construction (see attention.py)
     dtype = getattr(torch, cfg.dtype)
     kind = cfg.init_kind
     if kind == "auto":
@@ -237,7 +240,7 @@ def build_model(cfg: ModelConfig, tokenizer) -> VideoLlama3ForConditionalGenerat
 
     if kind == "native":
         model = VideoLlama3ForConditionalGeneration.from_pretrained(
-            cfg.init_from, local_files_only=True, dtype=dtype, attn_implementation=attn
+            cfg.init_from, local_files_only=True, dtype=dtype, attn_implementation=built_with
         )
         if (model.config.image_token_id, model.config.video_token_id) != (image_id, video_id):
             raise ValueError(
@@ -252,7 +255,7 @@ def build_model(cfg: ModelConfig, tokenizer) -> VideoLlama3ForConditionalGenerat
                 image_token_id=image_id,
                 video_token_id=video_id,
                 vocab_size=_vocab_for(cfg.preset, tokenizer),
-                attn_implementation=attn,
+                attn_implementation=built_with,
             )
             state = None
         elif kind == "official":
@@ -264,7 +267,7 @@ def build_model(cfg: ModelConfig, tokenizer) -> VideoLlama3ForConditionalGenerat
                 cfg.vision_from, cfg.llm_from, image_token_id=image_id, video_token_id=video_id
             )
             state = assemble_state_dict(cfg.vision_from, cfg.llm_from)
-        config._attn_implementation = attn
+        config._attn_implementation = built_with
         model = VideoLlama3ForConditionalGeneration(config)
         init_projector(model, cfg.projector_init_std)
         if state is not None:
@@ -277,6 +280,7 @@ def build_model(cfg: ModelConfig, tokenizer) -> VideoLlama3ForConditionalGenerat
         raise ValueError(
             f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {model.config.text_config.vocab_size}"
         )
+    use_attention(model, attn)
     _set_generation_defaults(model, tokenizer)
     return model
 

@@ -41,6 +41,11 @@ def named_group_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Par
     return out
 
 
+def has_adapters(model: nn.Module) -> bool:
+    """True when PEFT adapters (``lora_*`` weights) are injected: then only they train in their groups."""
+    return any("lora_" in name for name, _ in model.named_parameters())
+
+
 def _check_lrs(lrs: dict[str, float | None]) -> None:
     unknown = set(lrs) - set(GROUPS)
     if unknown:
@@ -146,6 +151,7 @@ __all__ = [
     "GROUPS",
     "group_of",
     "named_group_parameters",
+    "has_adapters",
     "apply_trainable",
     "build_param_groups",
     "group_counts",

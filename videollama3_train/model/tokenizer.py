@@ -177,7 +177,12 @@ def build_processor(
     """transformers' ``VideoLlama3Processor`` around ``tokenizer`` with the native chat template.
 
     Pixel budgets are in pixels (a 14x14 patch is 196 pixels); the video budget is for the whole clip (the native
-    video processor divides it by the frame count).
+    video processor divides it by the frame count). ``data.encode.processor_settings(encode_config)`` gives every
+    keyword for a stage, and ``encode_record`` under that config equals this processor's output.
+
+    The video processor samples frames itself (``do_sample_frames=True``, saved in the config) at ``fps`` with
+    ``min_frames`` / ``max_frames``: a video passed to the exported processor without an ``fps`` is sampled as
+    the stage trained, not taken frame by frame (the class default, ``do_sample_frames=False``, keeps every frame).
     """
     from transformers import VideoLlama3ImageProcessor, VideoLlama3Processor, VideoLlama3VideoProcessor
 
@@ -197,6 +202,7 @@ def build_processor(
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
         use_token_compression=use_token_compression,
+        do_sample_frames=True,
         fps=fps,
         max_frames=max_frames,
         min_frames=min_frames,

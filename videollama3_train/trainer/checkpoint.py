@@ -1,12 +1,26 @@
-"""Atomic checkpoints: save, find the newest complete one, resume, keep the last K.
+"""Checkpoints: when to write one, how to write it atomically, how to resume, and preemption.
 
-Layout of one checkpoint ``<output_dir>/checkpoints/step-00000120/``:
+:class:`Checkpointer` owns the cadence (``should_save``: every ``save_every`` steps, at the last step, and at a
+stop) and turns SIGTERM into a flag the loop reads after each step: the ranks vote on it in the step's one
+all-reduce, so they all stop after the same step, with a checkpoint, and exit 0 (a preempted job resumes where it
+stopped instead of losing up to ``save_every`` steps).
 
-* what ``accelerator.save_state`` writes: model weights (safetensors), optimizer, RNG states of every rank (and the
-  DeepSpeed engine files under ZeRO);
-* ``trainer_state.pt``: the loop state (step, epoch, counters) and the lr scheduler, written by rank 0;
-* ``loader_rank{r}.pt``: each rank's loader ``state_dict()`` (its own shard of the data order);
+Layout of one checkpoint ``<out_dir>/checkpoints/step-00000120/``:
+
+* what the backend's ``save_state`` writes (``accelerator.save_state``): model weights (safetensors), optimizer, RNG
+  states of every rank (and the DeepSpeed engine files under ZeRO);
+* ``trainer_state.pt``: the loop state (step, epoch, counters), the lr scheduler and the world size, written by
+  rank 0;
+* ``loader_rank{r}.pt``: each rank's loader ``state_dict()``: with ``PackedLoader`` the global data cursor (epoch,
+  optimizer steps consumed, packed rows per step) plus that rank's position and skip counters;
+* ``model_config/`` and ``processor/``: what an export or a reader needs beside the weights;
 * ``COMPLETE``: written last, before the rename.
+
+Resuming at another world size (:func:`load_checkpoint`): the loop state and the schedule count optimizer steps,
+which do not depend on the world size; the loader's ``reshard_state`` turns every saved rank's state into this
+rank's (the next step's rows dealt over the new world); model and optimizer are loaded by a backend that can
+reshard them (``backend.reshards``: DDP's state is whole; ZeRO-1/2 through :func:`load_zero12_resharded`). Any
+other backend (ZeRO-3) is refused at start with a message that says so.
 
 Everything is written into ``step-XXXXXXXX.tmp`` first; after a barrier rank 0 renames it with ``os.replace`` (atomic
 on one filesystem). A crash mid-save leaves a ``.tmp`` that :func:`find_latest_checkpoint` ignores and the next save
@@ -19,12 +33,19 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from videollama3_train.contract import Loader
+from videollama3_train.trainer.config import TrainConfig
+
+if TYPE_CHECKING:
+    from videollama3_train.trainer.backend import Backend
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 TRAINER_STATE = "trainer_state.pt"
@@ -43,6 +64,18 @@ class LoopState:
     skipped_nonfinite: int = 0  # optimizer steps skipped because the loss or the gradient norm was not finite
     consecutive_nonfinite: int = 0  # current run of non-finite steps (abort at cfg.nan_tolerance)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def advance(self, *, applied: bool, label_tokens: float, tokens: float) -> None:
+        """Count one finished optimizer step; ``applied`` is False for a step skipped as non-finite."""
+        self.step += 1
+        self.step_in_epoch += 1
+        self.label_tokens += int(label_tokens)
+        self.tokens += int(tokens)
+        if applied:
+            self.consecutive_nonfinite = 0
+        else:
+            self.skipped_nonfinite += 1
+            self.consecutive_nonfinite += 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,11 +114,15 @@ def save_checkpoint(
     state: LoopState,
     *,
     scheduler,
-    loader,
+    loader: Loader,
     keep_last: int,
     write_extras: Callable[[Path], None] | None = None,
+    save_state: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write a checkpoint of ``state.step`` on every rank (collective: all ranks must call it)."""
+    """Write a checkpoint of ``state.step`` on every rank (collective: all ranks must call it).
+
+    ``save_state(dir)`` writes model, optimizer and RNG states (default: ``accelerator.save_state``; a backend
+    with its own sharded format passes its own)."""
     root = checkpoint_root(output_dir)
     final = root / step_dir_name(state.step)
     tmp = root / (final.name + ".tmp")
@@ -97,14 +134,20 @@ def save_checkpoint(
         tmp.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
 
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    if hasattr(loader, "state_dict"):
-        torch.save(loader.state_dict(), tmp / f"loader_rank{accelerator.process_index}.pt")
+    if save_state is None:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+    else:
+        save_state(tmp)
+    torch.save(loader.state_dict(), tmp / f"loader_rank{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        torch.save({"loop": state.to_dict(), "scheduler": scheduler.state_dict()}, tmp / TRAINER_STATE)
-        if (
-            write_extras is not None
-        ):  # model config, processor: what an export or a reader needs beside weights
+        trainer_state = {
+            "loop": state.to_dict(),
+            "scheduler": scheduler.state_dict(),
+            "world_size": accelerator.num_processes,
+        }
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+        # model config, processor: what an export or a reader needs beside weights
+        if write_extras is not None:
             write_extras(tmp)
     accelerator.wait_for_everyone()
 
@@ -127,20 +170,249 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def load_checkpoint(accelerator, path: str | os.PathLike, *, scheduler, loader) -> LoopState:
-    """Restore model, optimizer, RNG (accelerate), scheduler and loader from ``path``; return the loop state."""
+def saved_world_size(path: str | os.PathLike) -> int:
+    """The number of processes that wrote the checkpoint ``path`` (recorded; older checkpoints: their loader
+    files)."""
+    path = Path(path)
+    trainer_state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+    if "world_size" in trainer_state:
+        return int(trainer_state["world_size"])
+    return len(list(path.glob("loader_rank*.pt")))
+
+
+def load_checkpoint(
+    accelerator,
+    path: str | os.PathLike,
+    *,
+    scheduler,
+    loader: Loader,
+    load_state: Callable[[Path], None] | None = None,
+    reshards: bool = False,
+    backend: str = "this",
+    why_not: str = "",
+) -> LoopState:
+    """Restore model, optimizer, RNG (``load_state``, default ``accelerator.load_state``), scheduler and loader
+    from ``path``; return the loop state.
+
+    A checkpoint of another world size is loaded only when ``reshards`` (``load_state`` can reshard model and
+    optimizer) and the loader has ``reshard_state`` (a global data cursor); otherwise it is refused before
+    anything is loaded, naming ``backend`` and ``why_not``."""
     path = Path(path)
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
-    accelerator.load_state(str(path))
+    saved, world = saved_world_size(path), accelerator.num_processes
+    if saved != world and not hasattr(loader, "reshard_state"):
+        raise RuntimeError(
+            f"{path} was written by {saved} processes, this run has {world}: its loader "
+            f"({type(loader).__name__}) keeps a per-rank position and cannot move to another world size; "
+            f"resume with {saved} processes"
+        )
+    if saved != world and not reshards:
+        raise RuntimeError(
+            f"{path} was written by {saved} processes, this run has {world}: the {backend} backend cannot load "
+            f"model and optimizer states at another world size{f' ({why_not})' if why_not else ''}; resume with "
+            f"{saved} processes"
+        )
+    loader_states = _loader_states(path, saved)
+    if load_state is None:
+        accelerator.load_state(str(path))
+    else:
+        load_state(path)
     trainer_state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
     scheduler.load_state_dict(trainer_state["scheduler"])
-    loader_file = path / f"loader_rank{accelerator.process_index}.pt"
-    if hasattr(loader, "load_state_dict"):
-        if not loader_file.is_file():
-            raise FileNotFoundError(
-                f"{loader_file} missing: was the checkpoint written with a different number of processes "
-                f"({accelerator.num_processes} now)?"
+    if saved == world:
+        loader.load_state_dict(loader_states[accelerator.process_index])
+    else:
+        loader.load_state_dict(loader.reshard_state(loader_states))
+        if accelerator.is_main_process:
+            print(
+                f"resuming a checkpoint of {saved} processes on {world}: data cursor and optimizer resharded"
             )
-        loader.load_state_dict(torch.load(loader_file, map_location="cpu", weights_only=True))
     return LoopState.from_dict(trainer_state["loop"])
+
+
+def _loader_states(path: Path, saved: int) -> list[dict[str, Any]]:
+    files = [path / f"loader_rank{r}.pt" for r in range(saved)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} lacks {missing} of the {saved} processes that wrote it")
+    return [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+
+
+def load_zero12_resharded(engine, tag_dir: str | os.PathLike) -> None:
+    """Load the ZeRO-1/2 optimizer state that ``tag_dir`` (the engine's checkpoint folder, e.g.
+    ``step-.../pytorch_model``) holds for N data-parallel ranks into ``engine``, which runs on another number of
+    ranks (DeepSpeed refuses that itself: "Automatic adjustment of ZeRO's optimizer state partitioning with a new
+    world size is not currently supported").
+
+    ZeRO-1/2 keep, per parameter group, one flat fp32 vector (the group's parameters in order, zero-padded at the
+    end to a multiple of the ranks) cut into equal partitions, one per rank, and AdamW's moments cut the same way.
+    Every saved rank's partitions are concatenated and the padding dropped, then this rank's slice of the new
+    layout is copied in: fp32 master weights, ``exp_avg``, ``exp_avg_sq``, the step count and the group's
+    hyper-parameters (the lr the schedule had set). The module weights come from the checkpoint's module file
+    (``load_state(..., load_module_only=True)`` before this). Collective-free; every rank reads every file.
+    """
+    import torch.distributed as dist
+
+    pattern = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+    files = sorted(
+        (f for f in Path(tag_dir).iterdir() if pattern.search(f.name)),
+        key=lambda f: int(pattern.search(f.name).group(1)),
+    )
+    if not files:
+        raise FileNotFoundError(f"no ZeRO optimizer partitions (zero_pp_rank_*) in {tag_dir}")
+    saved = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in files]
+    if any(sd.get("zero_stage", 2) not in (1, 2) for sd in saved) or any(
+        sd.get("partition_count", [len(files)]) != saved[0].get("partition_count") for sd in saved
+    ):
+        raise RuntimeError(
+            f"{tag_dir}: not a complete ZeRO-1/2 checkpoint (stages / partition counts differ)"
+        )
+    opt = engine.optimizer
+    for g, part in enumerate(opt.single_partition_of_fp32_groups):
+        rank = dist.get_rank(group=opt.real_dp_process_group[g])
+        numel = sum(p.numel() for p in opt.bit16_groups[g])
+        where = f"{tag_dir}, parameter group {g}"
+        fp32 = [sd["single_partition_of_fp32_groups"][g] for sd in saved]
+        part.data.copy_(_my_partition(fp32, part, numel, rank, where))
+        states = [sd["base_optimizer_state"]["state"][g] for sd in saved]
+        opt.optimizer.state[part] = {
+            k: _my_partition([st[k] for st in states], part, numel, rank, where)
+            if torch.is_tensor(v) and v.dim() > 0
+            else v
+            for k, v in states[0].items()
+        }
+        for k, v in saved[0]["base_optimizer_state"]["param_groups"][g].items():
+            if k != "params":
+                opt.optimizer.param_groups[g][k] = v
+
+
+def _my_partition(
+    partitions: list[torch.Tensor], like: torch.Tensor, numel: int, rank: int, where: str
+) -> torch.Tensor:
+    """This rank's partition (shaped and typed as ``like``) of the flat vector whose saved partitions, in saved-rank
+    order, are ``partitions`` (``numel`` values, then zero padding)."""
+    full = torch.cat([t.reshape(-1).to(like.dtype) for t in partitions])
+    if full.numel() < numel:
+        raise RuntimeError(f"{where}: the checkpoint holds {full.numel()} values, the model {numel}")
+    out = torch.zeros(like.numel(), dtype=like.dtype)
+    chunk = full[:numel][rank * like.numel() : (rank + 1) * like.numel()]
+    out[: chunk.numel()] = chunk
+    return out.to(like.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The checkpointer of a run: cadence, resume, preemption
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Saves and resumes one run's checkpoints under ``<out_dir>/checkpoints`` and watches for SIGTERM.
+
+    Model, optimizer and RNG states are written and read by the backend (``backend.save_state`` /
+    ``load_state``: accelerate's format, or a backend's own sharded one). ``extras`` are objects with
+    ``save_pretrained(dir)`` (the model config, the processor) written into every checkpoint under their key;
+    None values are skipped. Use it as a context manager around the loop: inside, SIGTERM sets
+    :attr:`stop_requested` instead of killing the process.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        out_dir: str | os.PathLike,
+        cfg: TrainConfig,
+        *,
+        scheduler,
+        loader: Loader,
+        extras: Mapping[str, Any] | None = None,
+    ):
+        self.backend, self.accelerator, self.out_dir = backend, backend.accelerator, Path(out_dir)
+        self.save_every, self.keep_last, self.resume_enabled = cfg.save_every, cfg.keep_last, cfg.resume
+        self.scheduler, self.loader = scheduler, loader
+        self.extras = {k: v for k, v in (extras or {}).items() if v is not None}
+        self._sigterm = StopOnSigterm()
+
+    def should_save(self, step: int, last: bool, stop: bool) -> bool:
+        """Every ``save_every`` steps (0: never in between), at the last step, and when the ranks agreed to stop."""
+        return stop or last or bool(self.save_every and step % self.save_every == 0)
+
+    def save(self, state: LoopState) -> Path:
+        """Write the checkpoint of ``state.step`` (collective: every rank calls it)."""
+
+        def write_extras(path: Path) -> None:
+            for name, obj in self.extras.items():
+                obj.save_pretrained(path / name)
+
+        return save_checkpoint(
+            self.accelerator,
+            self.out_dir,
+            state,
+            scheduler=self.scheduler,
+            loader=self.loader,
+            keep_last=self.keep_last,
+            write_extras=write_extras,
+            save_state=self.backend.save_state,
+        )
+
+    def resume(self) -> LoopState:
+        """The loop state to start from: restored from the newest complete checkpoint (model, optimizer, RNG,
+        scheduler, loader) when ``cfg.resume`` and there is one, else a fresh one."""
+        latest = find_latest_checkpoint(self.out_dir) if self.resume_enabled else None
+        if latest is None:
+            return LoopState()
+        state = load_checkpoint(
+            self.accelerator,
+            latest,
+            scheduler=self.scheduler,
+            loader=self.loader,
+            load_state=self.backend.load_state,
+            reshards=getattr(self.backend, "reshards", False),
+            backend=self.backend.name,
+            why_not=getattr(self.backend, "why_no_reshard", ""),
+        )
+        if self.accelerator.is_main_process:
+            print(f"resumed from {latest} at step {state.step}", flush=True)
+        return state
+
+    def exit_after_stop(self, step: int) -> None:
+        """End the process with code 0 after the ranks stopped on SIGTERM at ``step`` (its checkpoint is written)."""
+        if self.accelerator.is_main_process:
+            print(f"SIGTERM: checkpoint of step {step} written, exiting", flush=True)
+        raise SystemExit(0)
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once this process got SIGTERM (inside the ``with`` block)."""
+        return self._sigterm.requested
+
+    def __enter__(self) -> Checkpointer:
+        self._sigterm.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sigterm.__exit__(*exc)
+
+
+class StopOnSigterm:
+    """Turns SIGTERM into the flag ``requested`` (main thread only; the previous handler is restored on exit).
+
+    The handler is a bound method of this object, so a test can find the flag from ``signal.getsignal``.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> StopOnSigterm:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler, the run simply cannot be stopped gracefully
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

@@ -3,6 +3,9 @@
 Defaults are the values shared by all four official stages (REFERENCE §2): AdamW (0.9, 0.999, 1e-8), weight
 decay 0, cosine schedule with 3% warmup, one epoch, gradient clipping at 1.0, ZeRO-1 in the official scripts (here
 the backend is a choice). A component group trains exactly when it has a learning rate.
+
+The run directory is not a field: it belongs to the whole run and is passed to ``fit(out_dir=...)``; so is the
+evaluation cadence, which only means something beside an ``eval_fn``.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
-BACKENDS = ("ddp", "zero1", "zero2", "zero3")
+BACKENDS = ("ddp", "zero1", "zero2", "zero3", "fsdp2")
 PRECISIONS = ("auto", "bf16", "fp32")
 CHECKPOINTING = ("none", "llm", "vision", "both")
 
@@ -18,11 +21,12 @@ CHECKPOINTING = ("none", "llm", "vision", "both")
 @dataclass
 class TrainConfig:
     # --- what trains (per component group; None = frozen, requires_grad False) ---------------------------------
-    # peak learning rate of the vision tower (model.vision_model.*); stage 2-4 value
-    lr_vision: float | None = 2e-6
+    lr_vision: float | None = 2e-6  # peak lr of the vision tower (model.vision_model.*); stage 2-4 value
     lr_projector: float | None = 1e-5  # peak learning rate of the projector (model.projector.*)
-    # peak learning rate of the LLM (model.language_model.* and an untied lm_head)
-    lr_llm: float | None = 1e-5
+    lr_llm: float | None = 1e-5  # peak lr of the LLM (model.language_model.* and an untied output layer)
+    # multiplies every group's learning rate (dimensionless); presets for random weights raise it
+    lr_scale: float = 1.0
+    lr_max: float | None = None  # upper bound on every scaled learning rate; None = no bound
 
     # --- optimizer -------------------------------------------------------------------------------------------
     weight_decay: float = 0.0  # decoupled AdamW weight decay (dimensionless); never applied to norms/biases
@@ -33,32 +37,40 @@ class TrainConfig:
     # --- schedule --------------------------------------------------------------------------------------------
     lr_schedule: str = "cosine"  # shape of the lr after warmup: "cosine" | "linear" (decay to 0) | "constant"
     warmup_ratio: float = 0.03  # fraction of the total optimizer steps spent ramping the lr linearly from 0
-    grad_accum: int = 1  # micro-batches (packed rows) per rank per optimizer step
-    epochs: int = 1  # passes over the loader (each epoch = len(loader) // grad_accum optimizer steps)
-    max_steps: int = -1  # optimizer steps to run; -1 = epochs * len(loader) // grad_accum
+    grad_accum: int = 1  # packed rows per rank per optimizer step; unused when global_batch_samples is set
+    # global_batch_samples is turned once into G packed rows per step (epoch 0's mean samples per row), the same on
+    # any world size; each rank then runs grad_accum = ceil(G / world size) micro-batches per step
+    global_batch_samples: int | None = None  # samples per optimizer step, all ranks (recipes: 128); or None
+    epochs: int = 1  # passes over the loader (each = micro-batches per epoch // grad_accum optimizer steps)
+    max_steps: int = -1  # optimizer steps to run; -1 = every step of `epochs` epochs
 
     # --- distribution and numerics ---------------------------------------------------------------------------
-    # "ddp" (plain data parallel) | "zero1" | "zero2" | "zero3" (DeepSpeed through accelerate)
+    # "ddp" (plain data parallel) | "zero1" | "zero2" | "zero3" (DeepSpeed through accelerate) | "fsdp2" (PyTorch
+    # fully_shard + DCP checkpoints); docs/launch.md says when to choose which
     backend: str = "ddp"
+    # fsdp2: ranks that shard one copy of the model; 0 = all ranks (FSDP); a node's GPU count = HSDP (shard within a
+    # node, replicate across nodes); must divide the world size
+    fsdp_shard_size: int = 0
+    # fsdp2: free each layer's gathered parameters after its forward (less memory, one more all-gather in backward)
+    fsdp_reshard_after_forward: bool = True
+    fsdp_offload: bool = False  # fsdp2: keep sharded parameters, gradients and optimizer states in CPU memory
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "fp32"
-    # activation checkpointing of "none" | "llm" | "vision" | "both" towers
+    # activation checkpointing of the "none" | "llm" | "vision" | "both" towers
     gradient_checkpointing: str = "none"
     # within a checkpointed tower, checkpoint layers 0, n, 2n, ... (1 = all)
     checkpoint_every_n_layers: int = 1
-    # label tokens per chunk of the chunked cross-entropy (memory ~ chunk * vocab * 4 B)
+    # label tokens per chunk of the chunked cross-entropy (extra memory ~ chunk * vocab * 4 bytes)
     loss_chunk_size: int = 4096
 
     # --- bookkeeping -----------------------------------------------------------------------------------------
-    output_dir: str = "outputs/run"  # run directory: checkpoints/, metrics.jsonl
     save_every: int = 500  # optimizer steps between checkpoints (a final one is always written); 0 = end only
     keep_last: int = 2  # complete checkpoints kept on disk (older ones are deleted); >= 1
-    # optimizer steps between host syncs for logging (metrics.jsonl, on_step, progress bar)
-    eval_every: int = 0  # optimizer steps between calls of fit's eval_fn (held-out loss/accuracy); 0 = never
+    # optimizer steps between host syncs for logging (metrics.jsonl, W&B, on_step, progress bar)
     log_every: int = 10
     seed: int = 42  # seed of python, numpy and torch RNGs on every rank (model init happens before fit)
     # consecutive steps with non-finite loss or gradient norm tolerated before aborting
     nan_tolerance: int = 5
-    resume: bool = True  # resume automatically from the newest complete checkpoint in output_dir/checkpoints
+    resume: bool = True  # resume automatically from the newest complete checkpoint in <out_dir>/checkpoints
     # folder of zero{1,2,3}.json; None = the repository's configs/deepspeed
     deepspeed_config_dir: str | None = None
 
@@ -67,8 +79,12 @@ class TrainConfig:
             lr = getattr(self, name)
             if lr is not None and not lr > 0:
                 raise ValueError(f"{name} must be a positive learning rate or None (frozen), got {lr!r}")
-        if all(lr is None for lr in self.lrs.values()):
+        if all(lr is None for lr in self.base_lrs.values()):
             raise ValueError("lr_vision, lr_projector and lr_llm are all None: nothing would train")
+        if not self.lr_scale > 0:
+            raise ValueError(f"lr_scale must be > 0, got {self.lr_scale!r}")
+        if self.lr_max is not None and not self.lr_max > 0:
+            raise ValueError(f"lr_max must be > 0 or None (no bound), got {self.lr_max!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         self.adam_betas = tuple(self.adam_betas)  # YAML gives a list
@@ -78,6 +94,8 @@ class TrainConfig:
             raise ValueError(f"adam_eps must be > 0, got {self.adam_eps}")
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("backend", self.backend, BACKENDS)
+        if self.fsdp_shard_size < 0:
+            raise ValueError(f"fsdp_shard_size must be >= 0 (0 = shard over all ranks), got {self.fsdp_shard_size}")
         _choice("precision", self.precision, PRECISIONS)
         _choice("gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING)
         if not 0 <= self.warmup_ratio < 1:
@@ -89,19 +107,28 @@ class TrainConfig:
             raise ValueError(f"max_steps must be -1 (derive from the loader) or >= 1, got {self.max_steps}")
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0 (0 = only at the end), got {self.save_every}")
-        if self.eval_every < 0:
-            raise ValueError(
-                f"eval_every must be >= 0 (0 = no evaluation during training), got {self.eval_every}"
-            )
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
         if self.nan_tolerance < 1:
             raise ValueError(f"nan_tolerance must be >= 1, got {self.nan_tolerance}")
 
     @property
-    def lrs(self) -> dict[str, float | None]:
-        """Learning rate per component group, as ``model.groups`` expects it."""
+    def base_lrs(self) -> dict[str, float | None]:
+        """Learning rate per component group as configured, before ``lr_scale`` and ``lr_max``."""
         return {"vision": self.lr_vision, "projector": self.lr_projector, "llm": self.lr_llm}
+
+    @property
+    def lrs(self) -> dict[str, float | None]:
+        """The effective peak learning rate per component group, as ``model.groups`` expects it: the configured
+        one times ``lr_scale``, capped at ``lr_max``; a frozen group (None) stays frozen."""
+        out: dict[str, float | None] = {}
+        for group, lr in self.base_lrs.items():
+            if lr is not None:
+                lr = lr * self.lr_scale
+                if self.lr_max is not None:
+                    lr = min(lr, self.lr_max)
+            out[group] = lr
+        return out
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

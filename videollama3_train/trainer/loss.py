@@ -5,7 +5,12 @@ Qwen2 vocabulary, REFERENCE §4). Here only positions that carry a label are use
 at a time: the forward keeps one fp32 logsumexp per token, the backward recomputes each chunk's logits. Peak extra
 memory is ``chunk_size * V`` fp32 plus the ``(V, d)`` weight gradient.
 
-With liger-kernel installed and CUDA tensors, its fused linear cross-entropy (same semantics) is used instead.
+With liger-kernel installed and CUDA tensors, its fused linear cross-entropy (same semantics) is used instead. It
+returns the summed loss only, no per-token losses: when the caller asks for them (the per-dataset and per-modality
+metrics), :func:`token_losses` computes them in a separate no-grad chunked pass.
+
+Precision: whatever the activations' dtype, each chunk's logits are upcast to fp32 before the logsumexp, the
+per-token losses and the loss sum are fp32, and the output layer's weight gradient is accumulated over chunks in fp32.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from videollama3_train.contract import IGNORE_INDEX
 
 
 def shift_and_select(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -21,7 +26,7 @@ def shift_and_select(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
     Args:
         hidden: ``(1, L, d)`` (or ``(B, L, d)``) last hidden states.
-        labels: ``(1, L)`` token ids, ``-100`` where no loss applies. In packed rows the first label of each sample
+        labels: ``(1, L)`` token ids, ``IGNORE_INDEX`` (-100) where no loss applies. In packed rows the first label of each sample
             is already ``-100``, so no position predicts across a sample boundary.
 
     Returns:
@@ -105,6 +110,40 @@ def _liger_loss_fn():
     return LigerFusedLinearCrossEntropyLoss(reduction="sum")
 
 
+def fused_loss_fn(hidden: Tensor, use_liger: bool = True):
+    """The fused kernel :func:`chunked_cross_entropy` uses for ``hidden``, or None (then the chunked one runs).
+
+    A fused kernel is called as ``fn(weight, hidden, targets, bias) -> loss sum`` and gives no per-token losses.
+    liger's, when it is installed, asked for and the tensors are on CUDA. (Tests replace this function to run a
+    fake fused kernel on CPU.)
+    """
+    if not (use_liger and hidden.is_cuda):
+        return None
+    return _liger_loss_fn()
+
+
+@torch.no_grad()
+def token_losses(
+    hidden: Tensor, weight: Tensor, targets: Tensor, *, chunk_size: int = 4096, bias: Tensor | None = None
+) -> Tensor:
+    """Detached fp32 ``(n,)`` cross-entropy of each row of ``hidden`` against ``targets``, chunk by chunk, no graph.
+
+    The same numbers as the chunked kernel's forward (same matmul dtype, fp32 logsumexp): the per-token losses of
+    the metrics when a fused kernel computed the loss. Costs one more forward of the output layer over the
+    labelled positions (no backward) and one ``(chunk_size, V)`` fp32 buffer.
+    """
+    n = hidden.shape[0]
+    out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    w = weight.to(hidden.dtype)
+    b = None if bias is None else bias.to(hidden.dtype)
+    for start in range(0, n, chunk_size):
+        sl = slice(start, min(start + chunk_size, n))
+        logits = _chunk_logits(hidden[sl], w, b)
+        out[sl] = torch.logsumexp(logits, dim=-1) - logits.gather(1, targets[sl, None]).squeeze(1)
+        del logits
+    return out
+
+
 def chunked_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -114,17 +153,21 @@ def chunked_cross_entropy(
     bias: Tensor | None = None,
     use_liger: bool = True,
     return_token_losses: bool = False,
+    recompute_token_losses: bool = True,
 ) -> tuple[Tensor, int] | tuple[Tensor, int, Tensor | None]:
     """Sum of cross-entropies of ``hidden @ weight.T + bias`` against ``labels`` (already shifted and selected).
 
     Args:
         hidden: ``(N, d)`` hidden states, one per predicted token (see :func:`shift_and_select`).
-        weight: ``(V, d)`` output projection (``lm_head.weight``; tied or not).
+        weight: ``(V, d)`` output projection (the output layer's weight; tied or not).
         labels: ``(N,)`` target ids; ``-100`` entries are dropped here as well.
         chunk_size: rows whose ``(chunk, V)`` fp32 logits exist at once.
         bias: optional ``(V,)`` output bias.
         use_liger: use liger-kernel's fused kernel when importable and the tensors are on CUDA.
-        return_token_losses: also return the detached ``(n_tokens,)`` fp32 per-token losses (None with liger).
+        return_token_losses: also return the detached ``(n_tokens,)`` fp32 per-token losses. The chunked kernel
+            computes them anyway; a fused kernel (liger) gives none, so they then cost :func:`token_losses`, an
+            extra no-grad pass over the output layer, or are None when ``recompute_token_losses`` is False.
+        recompute_token_losses: see ``return_token_losses``.
 
     Returns:
         ``(loss_sum, n_tokens)``: fp32 scalar sum over the ``n_tokens`` labelled positions (no normalisation:
@@ -142,13 +185,18 @@ def chunked_cross_entropy(
     if not bool(keep.all()):
         hidden, labels = hidden[keep], labels[keep]
     n = int(labels.shape[0])
-    token_losses: Tensor | None
+    per_token: Tensor | None
     if n == 0:
         # Keep the graph connected (DDP/ZeRO expect every used parameter to receive a gradient).
         loss_sum = (hidden.sum() * 0.0 + weight.sum() * 0.0).float()
-        token_losses = torch.zeros(0, dtype=torch.float32, device=hidden.device)
-    elif use_liger and hidden.is_cuda and (liger := _liger_loss_fn()) is not None:
-        loss_sum, token_losses = liger(weight, hidden, labels, bias).float(), None
+        per_token = torch.zeros(0, dtype=torch.float32, device=hidden.device)
+    elif (fused := fused_loss_fn(hidden, use_liger)) is not None:
+        loss_sum = fused(weight, hidden, labels, bias).float()
+        per_token = None
+        if return_token_losses and recompute_token_losses:
+            per_token = token_losses(
+                hidden.detach(), weight.detach(), labels, chunk_size=chunk_size, bias=bias
+            )
     else:
-        loss_sum, token_losses = _ChunkedCrossEntropy.apply(hidden, weight, bias, labels, chunk_size)
-    return (loss_sum, n, token_losses) if return_token_losses else (loss_sum, n)
+        loss_sum, per_token = _ChunkedCrossEntropy.apply(hidden, weight, bias, labels, chunk_size)
+    return (loss_sum, n, per_token) if return_token_losses else (loss_sum, n)

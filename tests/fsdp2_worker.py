@@ -1,0 +1,123 @@
+"""Runs :func:`fit` with ``trainer.backend=fsdp2`` on the tiny synthetic setups of tests/dist_worker.py.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/fsdp2_worker.py --out DIR --plan grads --grad-accum 2
+
+Plans: ``grads`` (the 4 micro-batches of ``grad_check_batches`` split over the ranks: the update is compared with
+the one-process reference), ``textonly`` (rank 0 images/videos, every other rank text only), ``repeat`` (8 mixed
+micro-batches on every rank; the resume tests). On exit: ``params_after.pt`` (rank 0, the full state dict, gathered
+from the shards) and, with ``--export``, ``export/`` (transformers-native) plus ``logits.pt`` of the trained model
+on a fixed input, so a test can load the export and compare. Asserts that every parameter is sharded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dist_worker import ListLoader, grad_check_batches, textonly_batches, tiny_setup, train_batches  # noqa: E402
+
+
+def probe_input() -> dict[str, torch.Tensor]:
+    """A fixed text + image input for comparing the trained model with its export."""
+    g = torch.Generator().manual_seed(7)
+    return {
+        "input_ids": torch.randint(0, 200, (1, 9), generator=g),
+        "position_ids": torch.arange(9)[None],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from videollama3_train.trainer import TrainConfig, fit
+    from videollama3_train.trainer.backend import whole_model
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--plan", choices=("grads", "textonly", "repeat"), default="grads")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e4)
+    p.add_argument("--eps", type=float, default=1e4)
+    p.add_argument("--max-grad-norm", type=float, default=0.0)
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--frozen-llm", action="store_true")
+    p.add_argument("--export", action="store_true")
+    p.add_argument("--shard-size", type=int, default=0, help="trainer.fsdp_shard_size (HSDP when < world)")
+    p.add_argument("--kill-at", type=int, default=0, help="rank 0 SIGKILLs itself after this step")
+    args = p.parse_args(argv)
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    print(f"PID {rank} {os.getpid()}", flush=True)
+    model, tok = tiny_setup()
+    if args.plan == "grads":
+        all_batches = grad_check_batches(tok)
+        per_rank = len(all_batches) // world
+        batches = all_batches[rank * per_rank : (rank + 1) * per_rank]
+    elif args.plan == "textonly":
+        batches = textonly_batches(tok, rank, args.grad_accum * args.steps)
+    else:
+        batches = train_batches(tok)
+    cfg = TrainConfig(
+        lr_vision=args.lr,
+        lr_projector=args.lr,
+        lr_llm=None if args.frozen_llm else args.lr,
+        adam_eps=args.eps,
+        max_grad_norm=args.max_grad_norm,
+        lr_schedule="constant",
+        warmup_ratio=0.0,
+        grad_accum=args.grad_accum,
+        max_steps=args.steps,
+        backend="fsdp2",
+        fsdp_shard_size=args.shard_size,
+        precision="fp32",
+        save_every=args.save_every,
+        keep_last=3,
+        log_every=1,
+    )
+
+    def on_step(row):
+        print(f"STEP {row['step']} loss {row['loss']!r} grad_norm {row['grad_norm']!r}", flush=True)
+        if args.kill_at and row["step"] == args.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    fit(model, ListLoader(batches), cfg, out_dir=args.out, on_step=on_step if rank == 0 else None)
+
+    from torch.distributed.tensor import DTensor
+
+    params = dict(model.named_parameters())
+    if (
+        world > 1
+    ):  # every parameter is a DTensor over the mesh (HSDP: replicated across groups), none stayed whole
+        whole = [n for n, t in params.items() if not isinstance(t, DTensor)]
+        assert not whole, f"parameters left unsharded: {whole[:5]}"
+        print(f"SHARDED {len(params)} parameters", flush=True)
+
+    from accelerate import PartialState
+
+    state = PartialState()
+    with whole_model(model, None) as whole:
+        if rank == 0:
+            model = whole
+            full = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            torch.save(full, Path(args.out) / "params_after.pt")
+            if args.export:
+                from videollama3_train.model.export import export_hf
+                from videollama3_train.model.tokenizer import build_processor
+
+                model.eval()
+                with torch.no_grad():
+                    logits = model(**probe_input(), use_cache=False).logits
+                torch.save(logits, Path(args.out) / "logits.pt")
+                export_hf(model, build_processor(tok), Path(args.out) / "export")
+        state.wait_for_everyone()
+    print("WORKER DONE", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""FSDP2 (``trainer.backend=fsdp2``) on CPU: two gloo processes through ``torch.distributed.run``.
+
+The oracle is the one-process reference of tests/test_fit.py: the update AdamW makes from the gradient of the whole
+global batch, normalised once (``lr = eps = 1e4`` makes the first update nearly linear in the gradient, so a wrong
+normalisation or a missing reduction shows). Every parameter is sharded (the worker asserts it).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from dist_worker import grad_check_batches, textonly_batches, tiny_setup
+from test_fit import _adam_first_update, _reference_grads
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(out: Path, *args: str, nproc: int = 2, timeout: int = 300, expect_ok: bool = True) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    cmd += [
+        "--master_port",
+        str(_free_port()),
+        str(REPO / "tests" / "fsdp2_worker.py"),
+        "--out",
+        str(out),
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(
+            f"torchrun did not finish within {timeout}s (hang?):\n{e.stdout}\n{e.stderr}"
+        ) from e
+    log = proc.stdout + proc.stderr
+    if expect_ok:
+        assert proc.returncode == 0 and "WORKER DONE" in log, log[-6000:]
+    return log
+
+
+def _clipped(grads: dict[str, torch.Tensor], max_norm: float) -> tuple[dict[str, torch.Tensor], float]:
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item()
+    coef = min(1.0, max_norm / (norm + 1e-6))
+    return {k: g * coef for k, g in grads.items()}, norm
+
+
+def _losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _assert_update(out: Path, before, update, what: str) -> None:
+    after = torch.load(out / "params_after.pt", weights_only=True)
+    assert update
+    for k, u in update.items():
+        torch.testing.assert_close(after[k] - before[k], u, atol=1e-5, rtol=1e-4, msg=f"{what}: {k}")
+
+
+@pytest.mark.parametrize("shard_size", [0, 1])
+def test_gradients_equal_the_one_process_reference_with_accumulation_and_clipping(
+    tmp_path: Path, shard_size: int
+) -> None:
+    """2 processes x grad_accum 2, clipping at a norm small enough to bite: the update equals the clipped
+    one-process update, and the logged grad norm equals the reference's norm before clipping. ``shard_size`` 0
+    shards over both ranks (FSDP); 1 is HSDP's other extreme (groups of one rank, replicated across groups)."""
+    model, tok = tiny_setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads, norm = _clipped(_reference_grads(copy.deepcopy(model), grad_check_batches(tok)), max_norm=0.5)
+    assert norm > 0.5 * 2  # clipping bites
+    _run(
+        tmp_path,
+        "--plan",
+        "grads",
+        "--grad-accum",
+        "2",
+        "--max-grad-norm",
+        "0.5",
+        "--shard-size",
+        str(shard_size),
+    )
+    _assert_update(tmp_path, before, {k: _adam_first_update(g, 1e4, 1e4) for k, g in grads.items()}, "fsdp2")
+    row = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][0]
+    assert row["grad_norm"] == pytest.approx(norm, rel=1e-4)
+
+
+def test_a_text_only_rank_finishes_and_matches_the_reference(tmp_path: Path) -> None:
+    """Rank 1 sees only text: the vision tower still runs on it every micro-batch, so the all-gathers of the
+    sharded tower match rank 0's (bounded by the subprocess timeout) and the update equals the reference."""
+    model, tok = tiny_setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = textonly_batches(tok, 0, 2) + textonly_batches(tok, 1, 2)
+    grads = _reference_grads(copy.deepcopy(model), batches)
+    log = _run(tmp_path, "--plan", "textonly", "--grad-accum", "2", timeout=240)
+    assert "SHARDED" in log
+    update = {k: _adam_first_update(g, 1e4, 1e4) for k, g in grads.items()}
+    assert any(k.startswith("model.vision_model.") for k in update)
+    _assert_update(tmp_path, before, update, "fsdp2 text-only rank")
+
+
+def test_frozen_llm_stays_frozen(tmp_path: Path) -> None:
+    _run(tmp_path, "--plan", "grads", "--grad-accum", "2", "--frozen-llm", "--lr", "1e-3", "--eps", "1e-8")
+    model, _ = tiny_setup()
+    after = torch.load(tmp_path / "params_after.pt", weights_only=True)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, after[k])}
+    assert any(k.startswith("model.vision_model.") for k in changed)
+    assert not any(k.startswith("model.language_model.") for k in changed), sorted(changed)[:5]
+
+
+def test_sigkill_then_resume_repeats_the_uninterrupted_losses(tmp_path: Path) -> None:
+    common = ("--plan", "repeat", "--steps", "4", "--save-every", "2", "--lr", "1e-3", "--eps", "1e-8")
+    _run(tmp_path / "ref", *common)
+    log = _run(tmp_path / "run", *common, "--kill-at", "3", expect_ok=False)
+    assert "WORKER DONE" not in log
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
+    _run(tmp_path / "run", *common)
+    ref, got = _losses(tmp_path / "ref"), _losses(tmp_path / "run")
+    for step in (3, 4):
+        assert got[step] == pytest.approx(ref[step], rel=1e-6), (step, got, ref)
+    a = torch.load(tmp_path / "ref" / "params_after.pt", weights_only=True)
+    b = torch.load(tmp_path / "run" / "params_after.pt", weights_only=True)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
+def test_resume_at_another_world_size_reshards(tmp_path: Path, first: int, second: int) -> None:
+    """DCP reshards the model and the optimizer: 2 steps on ``first`` ranks then 2 on ``second`` equal 4 steps on
+    one rank (the ``repeat`` plan gives every rank the same micro-batches, so the global gradient does not depend on
+    the world size)."""
+    common = ("--plan", "repeat", "--save-every", "2", "--lr", "1e-3", "--eps", "1e-8")
+    _run(tmp_path / "ref", *common, "--steps", "4", nproc=1)
+    _run(tmp_path / "run", *common, "--steps", "2", nproc=first)
+    _run(tmp_path / "run", *common, "--steps", "4", nproc=second)
+    ref, got = _losses(tmp_path / "ref"), _losses(tmp_path / "run")
+    for step in (3, 4):
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, got, ref)
+    a = torch.load(tmp_path / "ref" / "params_after.pt", weights_only=True)
+    b = torch.load(tmp_path / "run" / "params_after.pt", weights_only=True)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5)
+
+
+def test_export_loads_with_auto_classes_and_gives_the_trained_logits(tmp_path: Path) -> None:
+    from fsdp2_worker import probe_input
+    from transformers import AutoModelForImageTextToText
+
+    _run(tmp_path, "--plan", "repeat", "--steps", "2", "--lr", "1e-3", "--eps", "1e-8", "--export")
+    trained_logits = torch.load(tmp_path / "logits.pt", weights_only=True)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", local_files_only=True).eval()
+    with torch.no_grad():
+        logits = loaded(**probe_input(), use_cache=False).logits
+    torch.testing.assert_close(logits, trained_logits, atol=1e-5, rtol=1e-5)
+    model, _ = tiny_setup()
+    assert not torch.equal(loaded.lm_head.weight, model.lm_head.weight)  # it trained

@@ -1,0 +1,221 @@
+"""Resuming a run at another world size: a checkpoint written by 2 processes resumes on 1, one written by 1 resumes
+on 2 (CPU, gloo, ``torch.distributed.run``).
+
+What must hold (the data side is also unit-tested in tests/test_loader.py):
+
+* the data position is a global cursor: every optimizer step trains on the same samples as the uninterrupted run
+  (sample ids recorded by the real PackedLoader, ``--plan ranked``), no sample of an epoch is seen twice or
+  skipped, across the stop and across an epoch boundary (2 epochs; a partial, padded last step in each);
+* the schedule goes on at the right step (the logged lr of every step equals the uninterrupted run's);
+* model and optimizer states are restored (DDP: whole in the checkpoint; ZeRO-1/2: the optimizer's partitions are
+  resharded): the losses and final weights equal the uninterrupted run's up to float summation order;
+* ZeRO-3, which cannot reshard its partitions here, refuses at start with a message that says so.
+
+The reference is an uninterrupted run at world size 2; a global batch of G = 4 packed rows is 2 micro-batches per
+rank on 2 ranks and 4 on 1, so both worlds run the same optimizer steps. The last test goes through the ``train``
+command itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from dist_worker import read_consumed
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+SAMPLES = 40
+WORKER_ARGS = ["--plan", "ranked", "--ranked-samples", str(SAMPLES), "--rows-per-step", "4", "--epochs", "2"]
+WORKER_ARGS += ["--steps", "-1", "--lr", "1e-3", "--eps", "1e-6", "--schedule", "linear", "--save-every", "0"]
+STOP = 5  # epoch 1, step 1 (4 steps per epoch: 3 of 4 rows and a last one of 2 rows, padded)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(nproc: int, args: list[str], timeout: int = 400, expect_ok: bool = True) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    cmd += ["--master_port", str(_free_port()), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(
+            f"torchrun did not finish within {timeout}s (hang?):\n{e.stdout}\n{e.stderr}"
+        ) from e
+    log = proc.stdout + proc.stderr
+    assert (proc.returncode == 0) == expect_ok, log[-6000:]
+    return log
+
+
+def _worker(out: Path, nproc: int, backend: str, *extra: str, expect_ok: bool = True) -> str:
+    script = [str(REPO / "tests" / "dist_worker.py"), "--out", str(out), "--backend", backend]
+    return _torchrun(nproc, [*script, *WORKER_ARGS, *extra], expect_ok=expect_ok)
+
+
+def _rows(out: Path) -> dict[int, dict]:
+    """metrics.jsonl by step (a step logged twice, before a stop and after the resume: the last wins)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """Uninterrupted runs at world size 2, by backend, run on first use."""
+    done: dict[str, Path] = {}
+
+    def get(backend: str) -> Path:
+        if backend not in done:
+            out = tmp_path_factory.mktemp(f"reference_{backend}")
+            _worker(out, 2, backend)
+            done[backend] = out
+        return done[backend]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    ("backend", "first", "second"),
+    [("ddp", 2, 1), ("ddp", 1, 2), ("zero1", 2, 1), ("zero1", 1, 2), ("zero2", 2, 1), ("zero2", 1, 2)],
+)
+def test_resume_at_another_world_size(
+    tmp_path: Path, backend: str, first: int, second: int, references
+) -> None:
+    out = tmp_path / "run"
+    log = _worker(out, first, backend, "--stop-after", str(STOP))
+    assert "WORKER DONE" not in log and (out / "checkpoints" / f"step-{STOP:08d}" / "COMPLETE").is_file(), log
+    log = _worker(out, second, backend)
+    assert f"resuming a checkpoint of {first} processes on {second}" in log, log[-4000:]
+    assert f"at step {STOP}" in log
+
+    ref = references(backend)
+    # the same samples in every step, every sample of each epoch exactly once
+    steps = read_consumed(out)
+    assert steps == read_consumed(ref)
+    for epoch in (0, 1):
+        ids = [i for (e, _), v in steps.items() if e == epoch for i in v]
+        assert sorted(ids) == list(range(SAMPLES)), f"epoch {epoch}"
+    a, b = _rows(ref), _rows(out)
+    assert sorted(b) == sorted(a) == list(range(1, 9))
+    assert [b[s]["lr/llm"] for s in a] == [a[s]["lr/llm"] for s in a]  # the schedule at the same step
+    assert [b[s]["epoch"] for s in a] == [a[s]["epoch"] for s in a]
+    for s in a:
+        assert b[s]["label_tokens"] == a[s]["label_tokens"]
+        assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5), s
+    pa = torch.load(ref / "params_after.pt", weights_only=True)
+    pb = torch.load(out / "params_after.pt", weights_only=True)
+    for k in pa:
+        torch.testing.assert_close(pb[k], pa[k], atol=2e-6, rtol=1e-5, msg=k)
+
+
+def test_zero3_refuses_another_world_size_at_start(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _worker(out, 2, "zero3", "--stop-after", "2")
+    assert (out / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
+    log = _worker(out, 1, "zero3", expect_ok=False)
+    assert "was written by 2 processes, this run has 1" in log, log[-4000:]
+    assert "cannot load model and optimizer states at another world size" in log
+    assert "ZeRO-3" in log and "resume with 2 processes" in log
+    assert not (out / "metrics.jsonl").read_text().count('"step": 3')  # nothing trained
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Through the train command
+# ----------------------------------------------------------------------------------------------------------------
+
+MAX_STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def sample_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sample")
+    subprocess.run(
+        [sys.executable, str(REPO / "data" / "generate_sample.py"), "--out", str(out)], check=True, cwd=REPO
+    )
+    return out
+
+
+def _train_args(data: Path, out: Path, grad_accum: int) -> list[str]:
+    return [
+        "-m", "videollama3_train.train", "stage=alignment", "model=tiny", "data=sample",
+        f"data.path={data / 'train.jsonl'}", f"data.root={data}", "data.heldout_path=null", "eval.before=false",
+        f"output_dir={out}", f"trainer.max_steps={MAX_STEPS}", f"trainer.grad_accum={grad_accum}",
+        "trainer.log_every=1", "trainer.save_every=0", "logger=disabled",
+    ]  # fmt: skip
+
+
+def _train_until_sigterm(nproc: int, args: list[str], out: Path, after_step: int = 3) -> int:
+    """Start ``train`` under torchrun, SIGTERM the launcher once ``after_step`` steps are logged; the ranks stop
+    after a step with a checkpoint. Returns the step of that checkpoint."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    cmd += ["--master_port", str(_free_port()), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    log = (out.parent / f"{out.name}_sigterm.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    deadline = time.monotonic() + 400
+    metrics = out / "metrics.jsonl"
+    try:
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= after_step):
+            assert proc.poll() is None, (out.parent / f"{out.name}_sigterm.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    text = (out.parent / f"{out.name}_sigterm.log").read_text()
+    stopped = [line for line in text.splitlines() if "SIGTERM: checkpoint of step" in line]
+    assert stopped, text[-4000:]
+    step = int(stopped[0].split("checkpoint of step")[1].split()[0])
+    assert after_step <= step < MAX_STEPS, text[-4000:]
+    return step
+
+
+def _cursor(out: Path, step: int) -> dict:
+    return torch.load(out / "checkpoints" / f"step-{step:08d}" / "loader_rank0.pt", weights_only=True)
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
+def test_train_command_resumes_at_another_world_size(
+    tmp_path: Path, sample_data: Path, first, second
+) -> None:
+    """``train`` under torchrun, SIGTERM after a few steps, resumed at the other world size with the same global
+    batch (2 packed rows per step: grad_accum 1 on 2 ranks, 2 on 1): every later step has the tokens, label tokens
+    and lr of the uninterrupted 2-process run, its loss up to float summation order, and the run ends on the same
+    data cursor. A resume that would change the global batch is refused at start."""
+    ga = {1: 2, 2: 1}
+    ref = tmp_path / "reference"
+    _torchrun(2, _train_args(sample_data, ref, 1), timeout=600)
+    out = tmp_path / "run"
+    stop = _train_until_sigterm(first, _train_args(sample_data, out, ga[first]), out)
+    if first == 2:  # world 1 with grad_accum 1 would train 1 row per step, not 2
+        log = _torchrun(1, _train_args(sample_data, out, 1), expect_ok=False)
+        assert "global batch changed" in log, log[-4000:]
+    log = _torchrun(second, _train_args(sample_data, out, ga[second]), timeout=600)
+    assert f"resuming a checkpoint of {first} processes on {second}" in log, log[-4000:]
+    a, b = _rows(ref), _rows(out)
+    assert sorted(a) == sorted(b) == list(range(1, MAX_STEPS + 1))
+    for s in range(1, MAX_STEPS + 1):
+        for key in ("tokens", "label_tokens", "visual_tokens", "lr/llm", "epoch"):
+            assert b[s][key] == a[s][key], (s, key)
+        assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-4), s
+    assert stop < MAX_STEPS
+    end_ref, end = _cursor(ref, MAX_STEPS), _cursor(out, MAX_STEPS)
+    for key in ("epoch", "step", "samples", "rows_per_step"):
+        assert end[key] == end_ref[key], key
+    assert (out / "export" / "config.json").is_file()

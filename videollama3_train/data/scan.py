@@ -1,0 +1,422 @@
+"""The doctor's scan: check every record of a data mixture before training, and say what training will make of it.
+
+For every record of every dataset, in parallel: the schema and placeholders (``normalize_record``), every media file
+opened (an image fully decoded, a video probed and its first sampled frame decoded) and the record's cost
+(``estimate_cost``) under the encode settings of each stage; then per stage the packing estimate (micro-batches and
+optimizer steps per epoch, fill ratio) from ``packing.build_epoch_plan`` on the cost table.
+
+What it cannot see: a video damaged after its first sampled frame (only that frame is decoded, as a full decode of
+every video would take as long as an epoch); frames dropped by token compression (costs are upper bounds then).
+
+Like the rest of ``data/`` it imports neither the model nor the trainer: the processor is passed in, and each stage
+is described by its encode settings, its data budgets and its gradient accumulation (:class:`StagePlan`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..contract import STAGES
+from .config import DataConfig, EncodeConfig
+from .errors import DataError
+
+log = logging.getLogger("videollama3_train")
+
+__all__ = ["ScanConfig", "StagePlan", "read_annotations", "scan_data"]
+
+
+@dataclass
+class ScanConfig:
+    """The doctor's options (``doctor.*`` on the command line)."""
+
+    # exit 2 when a dataset's fraction of bad records exceeds this, in [0, 1];
+    # None = data.max_bad_fraction (the fraction above which training aborts)
+    max_failure_rate: float | None = None
+    workers: int = 2  # processes scanning records (0 or 1 = in this process)
+    examples: int = 5  # examples (dataset, record, file, message) kept per failure reason
+    decode: bool = True  # decode each image and each video's first sampled frame (False: headers only)
+    num_ranks: int = 1  # data-parallel ranks assumed by the packing estimate (optimizer steps per epoch)
+    chunk_size: int = 32  # records per task sent to a worker process
+    stages: list[str] = field(default_factory=lambda: list(STAGES))  # stages whose packing is estimated
+
+    def __post_init__(self):
+        if self.max_failure_rate is not None and not 0 <= self.max_failure_rate <= 1:
+            raise ValueError(f"doctor.max_failure_rate must be in [0, 1], got {self.max_failure_rate}")
+        if self.workers < 0 or self.examples < 0 or self.num_ranks < 1 or self.chunk_size < 1:
+            raise ValueError("doctor.workers/examples must be >= 0, doctor.num_ranks/chunk_size >= 1")
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"doctor.stages: unknown stages {unknown}; choose from {list(STAGES)}")
+
+
+@dataclass
+class StagePlan:
+    """What the packing estimate of one stage needs: how records are encoded and how samples are packed."""
+
+    encode: EncodeConfig
+    data: DataConfig
+    grad_accum: int  # micro-batches per rank per optimizer step
+
+
+# ================================================================================================================
+# Reading annotation files
+# ================================================================================================================
+
+
+def read_annotations(path: str | os.PathLike):
+    """Records of an annotation file: the Arrow dataset of ``load_annotations`` when the file loads, else a list
+    with one JSON string or ``DataError`` per record (index as training counts it: non-blank lines).
+
+    Training refuses a whole file for one undecodable line; the doctor reports that line (``bad_text`` /
+    ``bad_schema`` naming the line) and goes on with the others, so one run lists every problem. A file that
+    cannot be read at all raises ``DataError``.
+    """
+    from .annotations import iter_records, load_annotations
+
+    try:
+        return load_annotations(path)
+    except DataError as e:
+        if e.reason in ("missing_file", "empty_file"):
+            raise
+    except Exception as e:  # noqa: BLE001 - datasets wraps the reader's errors; the tolerant read names the line
+        log.debug("load_annotations(%s) failed (%s); reading it record by record", path, e)
+    return [
+        r if isinstance(r, DataError) else json.dumps(r, ensure_ascii=False)
+        for _, r in iter_records(path, strict=False)
+    ]
+
+
+# ================================================================================================================
+# Checking one record (runs in worker processes)
+# ================================================================================================================
+
+
+@dataclass
+class _Job:
+    """What every worker needs, sent once per worker (the records travel as memory-mapped datasets)."""
+
+    sources: list[Any]  # per dataset: Arrow dataset or list of JSON strings / DataError
+    roots: list[str]
+    names: list[str]
+    paths: list[str]  # annotation files, named by record-level errors
+    processor: Any
+    main: Any  # EncodeConfig of the stage whose failures and statistics are reported
+    cost_configs: list[Any]  # distinct cost-relevant EncodeConfigs over the stages; cost column k = config k
+    decode: bool
+    specs: list[Any] = field(default_factory=list)  # per dataset: its DatasetConfig (for its media clocks)
+
+
+_JOB: dict[str, _Job] = {}
+
+
+def _init_worker(job: _Job) -> None:
+    _JOB["job"] = job
+
+
+def _raw_record(job: _Job, d: int, i: int) -> dict[str, Any]:
+    from .annotations import RECORD_COLUMN
+
+    item = job.sources[d][i]
+    if isinstance(item, DataError):
+        raise item
+    return json.loads(item[RECORD_COLUMN] if isinstance(item, dict) else item)
+
+
+def _open_media(m, config) -> None:
+    """Decode what training would decode first: the whole image, or the first sampled frame of a video."""
+    from . import media
+
+    if m.kind == "image":
+        media.load_image(m.paths[0], max_pixels=config.max_image_pixels)
+    elif m.frame_indices:  # a video given as a list of frame images
+        media.load_image(m.paths[m.frame_indices[0]], max_pixels=config.max_image_pixels)
+    else:
+        media.decode_video(m.paths[0], m.times[:1], size=m.size, info=m.info)
+
+
+def _check_record(job: _Job, d: int, i: int) -> dict[str, Any]:
+    from .encode import estimate_cost, plan_record
+
+    out: dict[str, Any] = {"d": d, "i": i, "media": []}
+    try:
+        raw = _raw_record(job, d, i)
+        # The plan (header / metadata reads only) gives the per-item sizes behind the cost: resolutions, durations
+        # and the text/visual split that the cost's totals do not.
+        spec = job.specs[d] if job.specs else None
+        main = spec.encode_config(job.main) if spec is not None else job.main  # the dataset's media clocks
+        plan = plan_record(raw, data_root=job.roots[d], processor=job.processor, config=main)
+        for m in plan.media:
+            duration = None
+            if m.info is not None:
+                duration = float(m.info.duration)
+            elif m.kind == "video":
+                duration = len(m.paths) / main.fps
+            out["media"].append((m.kind, int(m.width), int(m.height), duration))
+            if job.decode:
+                try:
+                    _open_media(m, main)
+                except DataError as e:
+                    if not e.path:
+                        e.path = str(m.paths[0])
+                    raise
+        out["costs"] = [
+            estimate_cost(
+                raw,
+                data_root=job.roots[d],
+                processor=job.processor,
+                config=spec.encode_config(c) if spec is not None else c,
+            )
+            for c in job.cost_configs
+        ]
+        out["tokens"] = plan.cost[0]
+        out["visual_tokens"] = max(0, out["tokens"] - plan.text_tokens)
+    except DataError as e:
+        e.locate(dataset=job.names[d], index=i)
+        out["error"] = (e.reason, str(e), e.path or job.paths[d])
+    return out
+
+
+def _check_range(span: tuple[int, int, int]) -> list[dict[str, Any]]:
+    d, start, stop = span
+    job = _JOB["job"]
+    return [_check_record(job, d, i) for i in range(start, stop)]
+
+
+# ================================================================================================================
+# The scan
+# ================================================================================================================
+
+
+def _summary(values: list[float] | np.ndarray) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    if a.size == 0:
+        return {"count": 0}
+    return {
+        "count": int(a.size),
+        "mean": float(a.mean()),
+        "min": float(a.min()),
+        "median": float(np.median(a)),
+        "p95": float(np.percentile(a, 95)),
+        "max": float(a.max()),
+    }
+
+
+def scan_data(
+    data: DataConfig,
+    encode: EncodeConfig,
+    processor,
+    opts: ScanConfig,
+    stages: dict[str, StagePlan],
+    *,
+    progress: bool = True,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Scan every record of ``data``'s datasets; returns ``(report, series)``.
+
+    encode: the settings under which failures and statistics are reported (the run's own stage).
+    stages: the stages whose packing is estimated, each with its own encode settings and budgets.
+    report: ``passed`` / ``verdict`` / ``threshold``, ``totals``, ``datasets`` (records and failures per
+        dataset), ``reasons`` (count and first examples per failure reason), ``stats`` (tokens, visual tokens,
+        video seconds, pixels per sample) and ``stages`` (the packing estimate per stage).
+    series: the values behind the histograms (``reports.write_report`` draws them).
+    """
+    from .packing import build_epoch_plan, cost_config_hash
+    from .pool import parallel_map
+
+    threshold = opts.max_failure_rate if opts.max_failure_rate is not None else data.max_bad_fraction
+
+    # One cost column per distinct cost-relevant encode config: stages 1-3 share one, stage 4 merges images.
+    keys: list[str] = []
+    cost_configs = []
+    stage_col: dict[str, int] = {}
+    for s, plan in stages.items():
+        k = cost_config_hash(plan.encode)
+        if k not in keys:
+            keys.append(k)
+            cost_configs.append(plan.encode)
+        stage_col[s] = keys.index(k)
+
+    # ---- read the annotation files --------------------------------------------------------------------------------
+    names, sources, roots, paths, specs, file_errors = [], [], [], [], [], {}
+    for name, dset in data.resolved_datasets().items():
+        path, root = Path(dset.path), dset.root
+        try:
+            if not Path(root).is_dir():
+                raise DataError("missing_file", "media root is not a directory", dataset=name, path=root)
+            src = read_annotations(path)
+        except DataError as e:
+            file_errors[name] = e.locate(dataset=name)
+            continue
+        names.append(name)
+        sources.append(src)
+        roots.append(root)
+        paths.append(str(path))
+        specs.append(dset)
+
+    # ---- check every record ------------------------------------------------------------------------------------
+    job = _Job(sources, roots, names, paths, processor, encode, cost_configs, opts.decode, specs)
+    sizes = [len(s) for s in sources]
+    spans = [
+        (d, s, min(s + opts.chunk_size, n)) for d, n in enumerate(sizes) for s in range(0, n, opts.chunk_size)
+    ]
+    try:
+        chunks = parallel_map(
+            _check_range,
+            spans,
+            workers=opts.workers,
+            desc="doctor",
+            unit="rec",
+            progress=progress,
+            weight=lambda span: span[2] - span[1],
+            initializer=_init_worker,
+            initargs=(job,),
+        )
+    finally:
+        _JOB.clear()  # the inline run filled it in this process
+    results = [r for rows in chunks for r in rows]
+
+    # ---- tally ------------------------------------------------------------------------------------------------
+    costs = [np.full((n, len(keys), 2), -1, dtype=np.int64) for n in sizes]
+    reasons: dict[str, dict[str, Any]] = {}
+    per_dataset: dict[str, dict[str, Any]] = {}
+    tokens, visual, durations = [], [], []
+    res_image: list[tuple[int, int]] = []
+    res_video: list[tuple[int, int]] = []
+
+    def add_failure(reason: str, dataset: str, index: int | None, file: str | None, message: str) -> None:
+        entry = reasons.setdefault(reason, {"count": 0, "examples": []})
+        entry["count"] += 1
+        if len(entry["examples"]) < opts.examples:
+            entry["examples"].append({"dataset": dataset, "record": index, "file": file, "message": message})
+
+    for d, name in enumerate(names):
+        per_dataset[name] = {
+            "path": paths[d],
+            "root": roots[d],
+            "records": sizes[d],
+            "failed": 0,
+            "reasons": {},
+        }
+    for r in results:
+        name = names[r["d"]]
+        for kind, w, h, dur in r["media"]:
+            (res_image if kind == "image" else res_video).append((w, h))
+            if kind == "video" and dur is not None:
+                durations.append(dur)
+        if "error" in r:
+            reason, message, file = r["error"]
+            add_failure(reason, name, r["i"], file, message)
+            entry = per_dataset[name]
+            entry["failed"] += 1
+            entry["reasons"][reason] = entry["reasons"].get(reason, 0) + 1
+            continue
+        costs[r["d"]][r["i"]] = np.asarray(r["costs"], dtype=np.int64)
+        tokens.append(r["tokens"])
+        visual.append(r["visual_tokens"])
+    for name, e in file_errors.items():
+        add_failure(e.reason, name, None, e.path, str(e))
+        d = data.dataset_dict()[name]
+        per_dataset[name] = {
+            "path": d.path,
+            "root": d.root,
+            "records": 0,
+            "failed": 0,
+            "reasons": {e.reason: 1},
+            "file_error": str(e),
+        }
+    for entry in per_dataset.values():
+        n = entry["records"]
+        entry["failure_rate"] = 1.0 if "file_error" in entry else (entry["failed"] / n if n else 0.0)
+
+    # ---- packing estimate per stage -----------------------------------------------------------------------------
+    estimates: dict[str, Any] = {}
+    for s, plan in stages.items():
+        table = [c[:, stage_col[s], :] for c in costs]
+        entry: dict[str, Any] = {
+            "encode": {
+                k: getattr(plan.encode, k)
+                for k in ("image_merge_size", "video_merge_size", "use_token_compression")
+            },
+            "max_tokens": plan.data.max_tokens,
+            "max_patches": plan.data.max_patches,
+            "grad_accum": plan.grad_accum,
+            "num_ranks": opts.num_ranks,
+            "tokens_total": int(sum(int(t[t[:, 0] >= 0, 0].sum()) for t in table)),
+            "patches_total": int(sum(int(t[t[:, 1] >= 0, 1].sum()) for t in table)),
+        }
+        if specs and sum(sizes):
+            epoch = build_epoch_plan(
+                specs,
+                table,
+                seed=plan.data.seed,
+                epoch=0,
+                max_tokens=plan.data.max_tokens,
+                max_patches=plan.data.max_patches,
+                buffer_size=plan.data.buffer_size,
+                num_ranks=opts.num_ranks,
+                grad_accum=plan.grad_accum,
+            )
+            st = epoch.stats()
+            entry.update(
+                micro_batches_per_rank=epoch.steps,
+                optimizer_steps_per_epoch=epoch.steps // plan.grad_accum,
+                fill_ratio=st["fill_ratio"],
+                samples_packed=st["samples_packed"],
+                samples_failed=st["samples_failed"],
+                samples_oversized=st["samples_oversized"],
+                samples_leftover=st["samples_leftover"],
+            )
+        estimates[s] = entry
+
+    total = sum(sizes)
+    failed = sum(e["failed"] for e in per_dataset.values())
+    over = {n: e["failure_rate"] for n, e in per_dataset.items() if e["failure_rate"] > threshold}
+    report = {
+        "threshold": threshold,
+        "passed": not over,
+        "verdict": _verdict(over, threshold),
+        "totals": {
+            "datasets": len(per_dataset),
+            "records": total,
+            "ok": total - failed,
+            "failed": failed + len(file_errors),
+            "failure_rate": failed / total if total else (1.0 if file_errors else 0.0),
+            "images": len(res_image),
+            "videos": len(res_video),
+            "video_seconds": float(sum(durations)),
+        },
+        "datasets": per_dataset,
+        "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1]["count"])),
+        "stats": {
+            "tokens_per_sample": _summary(tokens),
+            "visual_tokens_per_sample": _summary(visual),
+            "video_seconds": _summary(durations),
+            "image_pixels": _summary([w * h for w, h in res_image]),
+            "video_pixels": _summary([w * h for w, h in res_video]),
+        },
+        "stages": estimates,
+    }
+    series = {
+        "tokens": tokens,
+        "visual": visual,
+        "durations": durations,
+        "res_image": res_image,
+        "res_video": res_video,
+    }
+    return report, series
+
+
+def _verdict(over: dict[str, float], threshold: float) -> str:
+    if not over:
+        return f"OK: no dataset has more than {threshold:.2%} bad records"
+    parts = ", ".join(f"{n!r} {r:.2%}" for n, r in over.items())
+    return (
+        f"TOO MANY BAD RECORDS: {parts} above the threshold {threshold:.2%} (training would abort on these datasets "
+        "at data.max_bad_fraction); see the reasons below"
+    )
