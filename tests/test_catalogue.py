@@ -27,7 +27,14 @@ import av
 import numpy as np
 import pytest
 import torch
-from mediagen import encoder_supports, make_audio_only, make_corrupt, make_image, make_video
+from mediagen import (
+    encoder_supports,
+    make_audio_only,
+    make_corrupt,
+    make_frame_folder,
+    make_image,
+    make_video,
+)
 
 from videollama3_train.data import DataError, EncodeConfig, encode_record
 from videollama3_train.data.loader import DatasetEncoder, PackedLoader
@@ -94,6 +101,7 @@ def build_catalogue(root: Path) -> list[Item]:
     make_video(root / "one.mp4", 64, 48, seconds=0.1, fps=10.0)
     make_video(root / "vfr.mp4", 64, 48, seconds=2.0, fps=10.0, vfr=True)
     make_video(root / "rot.mp4", 64, 48, seconds=1.0, fps=4.0, rotation=90)
+    make_frame_folder(root / "frames", n=6, size=(64, 48))
     for mode, name in (("L", "gray.png"), ("CMYK", "cmyk.jpg"), ("I;16", "i16.png"), ("RGBA", "rgba.png")):
         make_image(root / name, size=(40, 30), mode=mode, pattern="gradient")
     make_image(root / "palette.png", size=(40, 30), mode="P", pattern="gradient")
@@ -120,6 +128,7 @@ def build_catalogue(root: Path) -> list[Item]:
         vid("one.mp4", None),
         vid("vfr.mp4", None),
         vid("rot.mp4", None),
+        vid("frames", None),  # a frame folder: 6 files at 3 fps (the official clock) -> 2 frames at fps 1
         img("gray.png", None),
         img("cmyk.jpg", None),
         img("i16.png", None),
@@ -149,6 +158,25 @@ def build_catalogue(root: Path) -> list[Item]:
             "unknown_role",
         ),
         Item("too_long", {"conversations": conv("word " * 2000)}, "too_long"),
+        # the official code reads a folder under `image` as one image per file; not supported here
+        Item(
+            "image_folder",
+            {"image": "frames", "conversations": conv("<image>\nWhat?")},
+            "unsupported_image_folder",
+            "frames",
+        ),
+        # the official code's streaming format (`_convert_stream`)
+        Item(
+            "streaming",
+            {
+                "video": ["good.mp4"],
+                "stream": True,
+                "start_time": 0.0,
+                "end_time": 2.0,
+                "conversation": [{"role": "user", "content": "Say when.", "time": 1.0}],
+            },
+            "unsupported_streaming",
+        ),
     ]
     if encoder_supports("libx264", "yuv420p10le"):
         make_video(root / "ten.mp4", 64, 48, seconds=1.0, fps=4.0, pix_fmt="yuv420p10le")
@@ -200,6 +228,8 @@ def _bad_names() -> list[str]:
         "empty_assistant",
         "unknown_role",
         "too_long",
+        "image_folder",
+        "streaming",
     ]
 
 
@@ -220,7 +250,7 @@ def test_bad_item_is_skipped_counted_and_logged(catalogue, tiny_processor, caplo
         assert item.file in line, line
 
 
-@pytest.mark.parametrize("name", ["one.mp4", "vfr.mp4", "rot.mp4", "ten.mp4"])
+@pytest.mark.parametrize("name", ["one.mp4", "vfr.mp4", "rot.mp4", "ten.mp4", "frames"])
 def test_unusual_video_works(catalogue, tiny_processor, caplog, name):
     root, items = catalogue
     if name not in items:
@@ -232,6 +262,8 @@ def test_unusual_video_works(catalogue, tiny_processor, caplog, name):
     t, h, w = batch["video_grid_thw"][0].tolist()
     if name == "one.mp4":
         assert t == 1  # a single frame is a valid (short) video, not a failure
+    if name == "frames":
+        assert t == 2  # 6 files are 2 s at the official 3 fps: files 1 and 4 at fps 1
     if name == "rot.mp4":
         assert h > w  # stored 64x48 with a 90 degree display matrix: the sample is the upright 48x64 portrait
     else:

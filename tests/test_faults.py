@@ -117,20 +117,24 @@ class _Run:
 
 
 @pytest.fixture(scope="module")
-def clean_runs(tmp_path_factory) -> dict[int, Path]:
-    """Output directories of uninterrupted runs, by world size, run on first use."""
-    done: dict[int, Path] = {}
+def clean_runs(tmp_path_factory):
+    """Output directories of uninterrupted runs, by world size and backend, run on first use."""
+    done: dict[tuple[int, str], Path] = {}
 
-    def get(world: int) -> Path:
-        if world not in done:
-            out = tmp_path_factory.mktemp(f"clean{world}")
-            run = _Run(out, world)
+    def get(world: int, backend: str = "ddp") -> Path:
+        if (world, backend) not in done:
+            out = tmp_path_factory.mktemp(f"clean{world}_{backend}")
+            run = _Run(out, world, *_backend(backend))
             assert run.finish() == 0, run.log
             assert "WORKER DONE" in run.log
-            done[world] = out
-        return done[world]
+            done[world, backend] = out
+        return done[world, backend]
 
     return get
+
+
+def _backend(name: str) -> list[str]:
+    return ["--backend", name, *(["--partition-all"] if name == "zero3" else [])]
 
 
 def _assert_same_run(clean: Path, resumed: Path, steps: range) -> None:
@@ -150,27 +154,44 @@ def _assert_same_run(clean: Path, resumed: Path, steps: range) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-@pytest.mark.parametrize("world", [1, 2])
-@pytest.mark.parametrize(("where", "step", "resumes_at"), [("forward", 4, 2), ("backward", 5, 4)])
+@pytest.mark.parametrize(
+    ("world", "backend", "where", "step", "resumes_at"),
+    [
+        (1, "ddp", "forward", 4, 2),
+        (2, "ddp", "forward", 4, 2),
+        (1, "ddp", "backward", 5, 4),
+        (2, "ddp", "backward", 5, 4),
+        (2, "zero2", "backward", 5, 4),
+        (2, "zero3", "forward", 4, 2),
+    ],
+)
 def test_sigkill_inside_forward_or_backward_resumes_bit_identical(
-    tmp_path: Path, world: int, where: str, step: int, resumes_at: int, clean_runs
+    tmp_path: Path, world: int, backend: str, where: str, step: int, resumes_at: int, clean_runs
 ) -> None:
     """kill -9 while the last rank is inside step ``step``'s first forward (or, from a gradient hook, its
     backward); with 2 processes the other rank is waiting in that step's collectives. The restart resumes from the
     newest checkpoint and reproduces the uninterrupted run exactly: dropout masks (RNG states of every rank), the
-    data cursor, weights and optimizer."""
+    data cursor, weights and optimizer (ZeRO-2: partitioned; ZeRO-3: every parameter partitioned too)."""
     out = tmp_path / "victim"
-    args = ["--stall-in", where, "--stall-step", str(step), "--fault-rank", str(world - 1)]
+    args = [
+        *_backend(backend),
+        "--stall-in",
+        where,
+        "--stall-step",
+        str(step),
+        "--fault-rank",
+        str(world - 1),
+    ]
     victim = _Run(out, world, *args)
     victim.wait_for(f"STALLING IN {where.upper()}")
     assert len(victim.worker_pids()) == world, victim.log
     victim.kill_all()
     assert find_latest_checkpoint(out).name == f"step-{resumes_at:08d}"
 
-    resumed = _Run(out, world)
+    resumed = _Run(out, world, *_backend(backend))
     assert resumed.finish() == 0, resumed.log
     assert f"at step {resumes_at}" in resumed.log
-    _assert_same_run(clean_runs(world), out, range(resumes_at + 1, 7))
+    _assert_same_run(clean_runs(world, backend), out, range(resumes_at + 1, 7))
 
 
 @pytest.mark.slow

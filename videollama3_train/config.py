@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .console import ConfigError
 from .contract import STAGES
 from .data.config import DataConfig, EncodeConfig
 from .data.scan import ScanConfig
@@ -221,10 +222,6 @@ COMMAND_SCHEMAS = {
     "export": ExportConfig,
     "report": ReportConfig,
 }
-
-
-class ConfigError(ValueError):
-    """A command line that cannot become a config: names the key and what to do instead."""
 
 
 def register_configs() -> None:

@@ -1,35 +1,55 @@
 """Chain the stages, each stage's export initialising the next.
 
-    python -m videollama3_train.pipeline model=tiny data=sample output_dir=outputs/pipeline
-    python -m videollama3_train.pipeline model=videollama3_2b data=my_mix output_dir=O stages=[multitask_sft,video_finetune]
+    vl3-pipeline model=tiny data=sample output_dir=outputs/pipeline
+    vl3-pipeline model=videollama3_2b data=my_mix output_dir=O stages=[multitask_sft,video_finetune]
 
-A leaf: Hydra composes ``configs/pipeline.yaml`` (the train config plus ``stages``) and
+A leaf: ``cli.main`` composes ``configs/pipeline.yaml`` (the train config plus ``stages``) and
 :func:`videollama3_train.run.run_pipeline` runs every stage exactly as ``train stage=S <your overrides>
 output_dir=O/<n>_<S> init_from=<previous export>`` would. Rerun the same command after a crash to resume.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
+from collections.abc import Sequence
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
-
-from videollama3_train.config import CONFIG_DIR, register_configs
-from videollama3_train.run import run_pipeline
-
-register_configs()
+from videollama3_train.cli import Command
+from videollama3_train.cli import main as _cli_main
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="pipeline")
-def main(dcfg) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_pipeline(OmegaConf.to_object(dcfg), list(HydraConfig.get().overrides.task))
+def _run(cfg, overrides: list[str]) -> int:
+    from videollama3_train.run import run_pipeline
+
+    run_pipeline(cfg, overrides)
+    return 0
+
+
+COMMAND = Command(
+    name="pipeline",
+    summary=(
+        "Run stages in order in one process, each initialised from the previous stage's export/, in run\n"
+        "directories output_dir/<n>_<stage>; every stage is composed (and checked) before the first one trains.\n"
+        "Finished stages are skipped, an interrupted one resumes. Writes output_dir/summary.md and loss.png."
+    ),
+    keys="""
+output_dir=DIR          root of the stage run directories (required)
+stages=[a,b,...]        stages to chain (default: encoder_adaptation, alignment, multitask_sft, video_finetune)
+model=NAME              tiny (default) | videollama3_2b | videollama3_7b; required with init_from / assemble
+data=NAME               sample (default) | file (with data.path=... data.root=...) | your mixture
+any train key           applied to every stage (trainer.epochs=1, logger=disabled, ...); stage= is refused""",
+    examples=(
+        "vl3-pipeline model=tiny data=sample output_dir=outputs/pipeline",
+        "vl3-pipeline model=videollama3_2b data=my_mix init_from=/ckpt/s2/export output_dir=outputs/2b "
+        "stages=[multitask_sft,video_finetune]",
+    ),
+    run=_run,
+    needs_model_choice=True,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return _cli_main(COMMAND, argv)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())

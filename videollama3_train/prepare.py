@@ -1,38 +1,66 @@
 """Decode every video of a data mixture once and fill the frame cache that training then reads.
 
-    python -m videollama3_train.prepare data=file data.path=A.jsonl data.root=MEDIA encode.frame_cache_dir=/fast/cache
-    python -m videollama3_train.prepare data=my_mix stage=video_finetune model=videollama3_2b \
+    vl3-prepare data=file data.path=A.jsonl data.root=MEDIA encode.frame_cache_dir=/fast/cache
+    vl3-prepare data=my_mix stage=video_finetune model=videollama3_2b \
         encode.frame_cache_dir=/fast/cache prepare.workers=8
 
-A leaf: Hydra composes ``configs/prepare.yaml`` -- the train config, so the frames sampled and their sizes match what
-the stage will ask the cache for -- and :func:`videollama3_train.data.prepare.prepare_data` fills
-``encode.frame_cache_dir`` (pass the same key to training). Prints the counts as JSON.
+A leaf: ``cli.main`` composes ``configs/prepare.yaml`` -- the train config, so the frames sampled and their sizes
+match what the stage will ask the cache for -- and :func:`videollama3_train.data.prepare.prepare_data` fills
+``encode.frame_cache_dir`` (pass the same key to training). Prints the counts as JSON; logs to ``prepare.log`` in
+``output_dir`` (default: the cache folder).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
-import hydra
-from omegaconf import OmegaConf
-
-from videollama3_train.config import CONFIG_DIR, register_configs
-from videollama3_train.data.prepare import prepare_data
-
-register_configs()
+from videollama3_train.cli import Command
+from videollama3_train.cli import main as _cli_main
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="prepare")
-def main(dcfg) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = OmegaConf.to_object(dcfg)
-    opts = cfg.prepare
-    counts = prepare_data(
-        cfg.data, cfg.encode, workers=opts.workers, max_pixels_per_frame=opts.max_pixels_per_frame
-    )
+def _run(cfg, overrides: list[str]) -> int:
+    from videollama3_train.console import log_file
+    from videollama3_train.data.prepare import prepare_data
+    from videollama3_train.run import check_data_paths
+
+    check_data_paths(cfg.data)
+    log_dir = Path(cfg.output_dir or cfg.encode.frame_cache_dir)
+    with log_file(log_dir / "prepare.log"):
+        opts = cfg.prepare
+        counts = prepare_data(
+            cfg.data, cfg.encode, workers=opts.workers, max_pixels_per_frame=opts.max_pixels_per_frame
+        )
     print(json.dumps(counts, indent=2, sort_keys=True))
+    return 0
+
+
+COMMAND = Command(
+    name="prepare",
+    summary=(
+        "Decode every video of a data mixture once, at the frames and sizes the stage will sample, into a frame\n"
+        "cache that training then reads instead of decoding (pass the same encode.frame_cache_dir to training).\n"
+        "Prints the counts as JSON; logs to prepare.log in output_dir (default: the cache folder)."
+    ),
+    keys="""
+encode.frame_cache_dir=DIR   the cache (required)
+data=NAME                    sample (default) | file (with data.path=... data.root=...) | your mixture
+stage=NAME model=NAME        the stage and preset the cache is for (their fps, frame caps and budgets)
+prepare.workers=N            decoding processes; prepare.max_pixels_per_frame=P caps every stored frame""",
+    examples=(
+        "vl3-prepare data=file data.path=/data/my/train.jsonl data.root=/data/my/media encode.frame_cache_dir=/fast/c",
+        "vl3-prepare data=my_mix stage=video_finetune model=videollama3_2b encode.frame_cache_dir=/fast/c "
+        "prepare.workers=8",
+    ),
+    run=_run,
+    needs_model_choice=True,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return _cli_main(COMMAND, argv)
 
 
 if __name__ == "__main__":

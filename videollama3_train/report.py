@@ -1,36 +1,72 @@
 """Write ``summary.md`` and ``loss.png`` for a chain of stage runs (the pipeline writes them itself).
 
-    python -m videollama3_train.report outputs/2b                                  # ROOT/<stage> for the four stages
-    python -m videollama3_train.report outputs/2b alignment multitask_sft
+    vl3-report root=outputs/2b                                  # root/<stage>, or the pipeline's root/<n>_<stage>
+    vl3-report root=outputs/2b stages=[alignment,multitask_sft]
 
-A leaf: it reads run directories and calls :func:`videollama3_train.reports.write_summary`. It takes no run config,
-only folder names, so it has plain positional arguments instead of Hydra overrides.
+A leaf: ``cli.main`` composes ``configs/report.yaml`` and :func:`videollama3_train.reports.write_summary` reads
+the run directories.
 """
 
 from __future__ import annotations
 
-import argparse
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .contract import STAGES
-from .reports import write_summary
+from videollama3_train.cli import Command
+from videollama3_train.cli import main as _cli_main
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write summary.md and loss.png for a chain of stage runs.")
-    parser.add_argument(
-        "root", type=Path, help="folder holding one run directory per stage; the report goes here"
-    )
-    parser.add_argument(
-        "stages", nargs="*", default=list(STAGES), help=f"stage folder names (default: {STAGES})"
-    )
-    args = parser.parse_args(argv)
-    md, png = write_summary(args.root, [{"name": s, "output_dir": str(args.root / s)} for s in args.stages])
+def stage_folders(root: Path, stages: list[str] | None) -> list[str]:
+    """``stages``, else the four stage folders of ``launch/run_stages.sh``, else the pipeline's ``<n>_<stage>``."""
+    from videollama3_train.contract import STAGES
+
+    if stages:
+        return list(stages)
+    named = [s for s in STAGES if (root / s).is_dir()]
+    if named:
+        return named
+    numbered = [p.name for p in root.iterdir() if p.is_dir() and re.fullmatch(r"\d+_\w+", p.name)]
+    return sorted(numbered, key=lambda n: int(n.split("_", 1)[0])) or list(STAGES)
+
+
+def _run(cfg, overrides: list[str]) -> int:
+    from videollama3_train.console import UserError, log_file, relative_hint
+    from videollama3_train.reports import write_summary
+
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise UserError(f"root={cfg.root}: no such directory{relative_hint(root)}")
+    with log_file(root / "report.log"):
+        runs = [{"name": s, "output_dir": str(root / s)} for s in stage_folders(root, cfg.stages)]
+        md, png = write_summary(root, runs)
     print(md.read_text(encoding="utf-8"))
     print(f"wrote {md} and {png}")
     return 0
+
+
+COMMAND = Command(
+    name="report",
+    summary=(
+        "Write summary.md (steps, losses, held-out accuracy per stage) and loss.png (every stage's loss on one\n"
+        "timeline) for a chain of stage run directories; the pipeline and launch/run_stages.sh write them too."
+    ),
+    keys="""
+root=DIR                folder holding one run directory per stage (required); the report goes here
+stages=[a,b,...]        run directories under root, in order (default: the four stage names, else the
+                        pipeline's <n>_<stage> folders)""",
+    examples=(
+        "vl3-report root=outputs/2b",
+        "vl3-report root=outputs/2b stages=[alignment,multitask_sft]",
+    ),
+    run=_run,
+    path_key="root",
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return _cli_main(COMMAND, argv)
 
 
 if __name__ == "__main__":

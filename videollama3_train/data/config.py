@@ -38,10 +38,11 @@ class EncodeConfig:
     gif_fps: float | None = None
     use_token_compression: bool = False  # differential frame pruning (stages 3-4)
     compression_threshold: float = 0.1  # keep a merged token when mean|x_i - x_{i-1}| * 255 > threshold
-    # opt-in, approximate: where the target is under half the native size, FFmpeg's bicubic scaler shrinks frames
-    # during conversion before the exact resize (0-15% faster in B1). Pixels then differ from what the processor
-    # makes at inference by up to 1.1 (mean 0.04-0.07) in normalised units [-1, 1], and with pruning on a token
-    # can flip between kept and dropped (1 in 1,008 measured), changing input_ids. False: the processor's pixels
+    # opt-in, approximate: where the target is under half the native size, FFmpeg's bicubic scaler shrinks
+    # frames while converting them, before the exact resize (B1: -4% to +17% speed, within noise). Pixels
+    # then differ from the processor's at inference by up to 1.1 (mean 0.04-0.07) in normalised units, and
+    # with pruning on a token can flip between kept and dropped (1 in 1,008 measured), changing input_ids.
+    # False (default): exactly the processor's pixels
     decode_scale: bool = False
     frame_cache_dir: str | None = (
         None  # directory written by `prepare`; read instead of decoding when present
@@ -84,8 +85,8 @@ class DatasetConfig:
     weight: float | None = None  # share of the epoch's samples (0 < weight <= 1); excludes `repeat`
     repeat: int | None = None  # whole copies of the dataset per epoch (>= 1); None with no weight = once
     max_samples: int | None = None  # records used at most (>= 1): a seeded subset, the same every epoch
-    frame_folder_fps: float | None = None  # frames per second of its frame folders; None = encode's
-    gif_fps: float | None = None  # frames per second assigned to this dataset's GIFs; None = encode.gif_fps
+    frame_folder_fps: float | None = None  # frames/s of its frame folders; None = encode.frame_folder_fps
+    gif_fps: float | None = None  # frames/s assigned to its GIFs; None = encode.gif_fps
 
     def __post_init__(self):
         # Hydra builds a dataset before the mixture that names it, so the name may still be empty here

@@ -686,7 +686,7 @@ class _RGBConverter:
     """
 
     def __init__(self, time_base):
-        self.time_base = time_base
+        self.time_base = time_base or "1/1000"  # the buffer source needs one; conversion does not use it
         self.key = None
         self.graph = None
 

@@ -56,6 +56,11 @@ def hidden_states(
     return out.last_hidden_state
 
 
+def language_model(model: nn.Module) -> nn.Module:
+    """The LLM (a ``Qwen2Model``: embeddings excluded from its input, decoder layers, final norm)."""
+    return base_model(model).model.language_model
+
+
 def output_layer(model: nn.Module) -> nn.Linear:
     """The output projection (``lm_head``): ``weight (V, d)``, ``bias (V,)`` or None; tied to the embedding or not."""
     return base_model(model).lm_head

@@ -38,9 +38,9 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # shape of the lr after warmup: "cosine" | "linear" (decay to 0) | "constant"
     warmup_ratio: float = 0.03  # fraction of the total optimizer steps spent ramping the lr linearly from 0
     grad_accum: int = 1  # packed rows per rank per optimizer step; unused when global_batch_samples is set
-    # global_batch_samples is turned once into G packed rows per step (epoch 0's mean samples per row), the same on
-    # any world size; each rank then runs grad_accum = ceil(G / world size) micro-batches per step
-    global_batch_samples: int | None = None  # samples per optimizer step, all ranks (recipes: 128); or None
+    # samples per optimizer step over all ranks (the recipes' 128), turned once into G packed rows per step by
+    # epoch 0's mean samples per row: the same G on any world size, each rank running ceil(G / world) micro-batches;
+    global_batch_samples: int | None = None  # None: trainer.grad_accum rows per rank (G = grad_accum x world)
     epochs: int = 1  # passes over the loader (each = micro-batches per epoch // grad_accum optimizer steps)
     max_steps: int = -1  # optimizer steps to run; -1 = every step of `epochs` epochs
 
@@ -95,7 +95,9 @@ class TrainConfig:
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("backend", self.backend, BACKENDS)
         if self.fsdp_shard_size < 0:
-            raise ValueError(f"fsdp_shard_size must be >= 0 (0 = shard over all ranks), got {self.fsdp_shard_size}")
+            raise ValueError(
+                f"fsdp_shard_size must be >= 0 (0 = shard over all ranks), got {self.fsdp_shard_size}"
+            )
         _choice("precision", self.precision, PRECISIONS)
         _choice("gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING)
         if not 0 <= self.warmup_ratio < 1:

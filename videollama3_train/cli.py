@@ -1,0 +1,309 @@
+"""One way in for every command: the same Hydra overrides, ``--help``, and errors that fit on a screen.
+
+Every console script (``vl3-train``, ``vl3-pipeline``, ``vl3-doctor``, ``vl3-prepare``, ``vl3-export``,
+``vl3-report``) and every ``python -m videollama3_train.<command>`` is ``main(COMMAND)`` of its module:
+
+1. ``-h`` / ``--help`` prints what the command does, its main keys and two examples (nothing is imported or
+   composed); ``--cfg`` prints the composed config and exits;
+2. the arguments are Hydra overrides (``key=value``, ``group=option``, ``+data.datasets.x.path=...``), composed
+   with ``configs/<command>.yaml`` by :func:`videollama3_train.config.compose` into the command's dataclass;
+3. the command runs; it writes its log file itself (``<output_dir>/<command>.log``, see ``console.log_file``).
+
+A mistake (config, paths, data, run directories: :class:`~videollama3_train.console.UserError`, the config
+errors of Hydra / OmegaConf, :class:`~videollama3_train.data.errors.DataError`) ends the command with exit status 1
+and one or two lines on stderr: the problem, then the fix. Under torchrun / deepspeed only rank 0 prints them; every
+rank writes them to torchrun's error file (the entry point is wrapped in torch's ``record``), so the launcher's
+failure summary shows the message too. ``VL3_TRACEBACK=1`` adds the traceback. Any other exception is a bug and
+keeps its full traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .console import LOG_FORMAT, TRACEBACK_ENV, UserError, rank
+
+EXIT_USER_ERROR = 1
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str  # "train": console script vl3-<name>, module videollama3_train.<name>, configs/<config>.yaml
+    summary: str  # one line: what it does
+    keys: str  # the main keys, one per line ("key=VALUE   meaning")
+    examples: tuple[str, ...]  # two command lines
+    run: Callable[[Any, list[str]], int | None]  # (config, overrides) -> exit status (None = 0)
+    config: str | None = None  # configs/<config>.yaml; default: name
+    needs_model_choice: bool = False  # refuse weights (init_from=...) without model=
+    notes: str = ""  # extra paragraph of the help
+    path_key: str = "output_dir"  # the key a bare path argument was probably meant for
+
+    @property
+    def prog(self) -> str:
+        return f"vl3-{self.name}"
+
+
+def render_help(cmd: Command) -> str:
+    from .paths import CONFIG_DIR
+
+    config = cmd.config or cmd.name
+    lines = [
+        f"usage: {cmd.prog} [KEY=VALUE ...]        (or: python -m videollama3_train.{cmd.name} [KEY=VALUE ...])",
+        "",
+        cmd.summary,
+        "",
+        "main keys:",
+        *[f"  {line}" for line in cmd.keys.strip("\n").splitlines()],
+        "",
+        "examples:",
+        *[f"  {e}" for e in cmd.examples],
+        "",
+    ]
+    if cmd.notes:
+        lines += [cmd.notes.strip("\n"), ""]
+    lines += [
+        f"Arguments are Hydra overrides of {CONFIG_DIR}/{config}.yaml: any key (docs/config.md lists them all),",
+        "group=option for the groups stage/, model/, data/, logger/, +data.datasets.NAME.path=... for a new dataset.",
+        "A misspelt key, a wrong type or a missing required value stops at start naming the key.",
+        "options: -h/--help this text; --cfg print the composed config and exit.",
+        f"errors: one or two lines and exit status 1; {TRACEBACK_ENV}=1 adds the traceback.",
+    ]
+    return "\n".join(lines)
+
+
+def main(cmd: Command, argv: Sequence[str] | None = None) -> int:
+    """Run ``cmd`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(render_help(cmd))
+        return 0
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        overrides, show_cfg = _parse_args(cmd, args)
+    except UserError as e:
+        return _report(cmd, str(e))
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(_main)(cmd, overrides, show_cfg)
+
+
+def _main(cmd: Command, overrides: list[str], show_cfg: bool) -> int:
+    try:
+        _setup_console_logging()
+        cfg = load_config(cmd, overrides)
+        if show_cfg:
+            from omegaconf import OmegaConf
+
+            print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+            return 0
+        return int(cmd.run(cfg, overrides) or 0)
+    except Exception as e:  # noqa: BLE001 - sorted below: a user's mistake is reported, a bug re-raised
+        message = user_message(e)
+        if message is None:
+            raise
+        return _report(cmd, message)
+
+
+def _parse_args(cmd: Command, args: list[str]) -> tuple[list[str], bool]:
+    overrides, show_cfg = [], False
+    for a in args:
+        if a == "--cfg":
+            show_cfg = True
+        elif re.fullmatch(r"--local[_-]rank(=\d+)?", a):
+            continue  # added by `deepspeed` / `torch.distributed.launch`; the rank comes from LOCAL_RANK
+        elif a.startswith("-"):
+            raise UserError(
+                f"unknown option {a}: {cmd.prog} takes Hydra overrides key=value (and -h/--help, --cfg); "
+                f"see {cmd.prog} --help"
+            )
+        elif "=" not in a:
+            raise UserError(
+                f"{a!r} is not an override: write key=value (e.g. output_dir={a}); see {cmd.prog} --help"
+            )
+        else:
+            overrides.append(a)
+    return overrides, show_cfg
+
+
+def _setup_console_logging() -> None:
+    """INFO records on stdout (rank 0; warnings and errors on every rank), once per process."""
+    root = logging.getLogger()
+    if getattr(root, "_vl3_console", False):
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setLevel(logging.INFO if rank() == 0 else logging.WARNING)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root._vl3_console = True  # type: ignore[attr-defined]
+    logging.captureWarnings(True)
+
+
+def load_config(cmd: Command, overrides: Sequence[str]) -> Any:
+    """The command's config from ``overrides``; every mistake in them is a :class:`UserError`."""
+    if any(o.lstrip("+~").startswith(("hydra.", "hydra/")) for o in overrides):
+        raise UserError(
+            "hydra.* settings are not used: these commands compose their config themselves and write their log "
+            "to the output directory (<command>.log); remove the hydra.* override"
+        )
+    if cmd.needs_model_choice:
+        from .config import missing_model_choice
+
+        needs = missing_model_choice(overrides)
+        if needs is not None:
+            raise UserError(
+                f"{needs} needs model=: without it the tiny preset applies (random-weight settings: "
+                "trainer.lr_scale=300, lr_max=0.01, 10 epochs, 256 visual tokens).\n"
+                "Add model=videollama3_2b or model=videollama3_7b (the preset of the weights; model=tiny only for "
+                "a tiny checkpoint)"
+            )
+    from .config import compose
+
+    try:
+        return compose(cmd.config or cmd.name, overrides)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        message = explain_config_error(e)
+        if message is None:
+            raise
+        raise UserError(message) from e
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Turning exceptions into one or two lines
+# ----------------------------------------------------------------------------------------------------------------
+
+# Required keys (YAML / schema "???") and how to give them.
+REQUIRED_HINTS = {
+    "output_dir": "add output_dir=DIR (the run directory: checkpoints, export, logs)",
+    "data.path": "data=file needs data.path=ANNOTATIONS.jsonl (and data.root=MEDIA_DIR); or choose another "
+    "data=<config>",
+    "checkpoint": "add checkpoint=RUN_DIR (its newest complete checkpoint) or checkpoint=RUN_DIR/checkpoints/step-N",
+    "output": "add output=DIR (the transformers-native directory to write)",
+    "root": "add root=DIR (the folder holding one run directory per stage)",
+}
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    while exc is not None and exc not in out:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
+def explain_config_error(exc: BaseException) -> str | None:
+    """One or two lines for an error raised while composing a config; None when it is not a config error."""
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import (
+        ConfigAttributeError,
+        ConfigKeyError,
+        MissingMandatoryValue,
+        OmegaConfBaseException,
+        ValidationError,
+    )
+
+    chain = _chain(exc)
+    for e in chain:
+        full_key = getattr(e, "full_key", None)
+        if isinstance(e, MissingMandatoryValue):
+            key = full_key or "?"
+            return f"{key} is required: {REQUIRED_HINTS.get(key, f'add {key}=VALUE')}"
+        if isinstance(e, ConfigAttributeError | ConfigKeyError) and full_key:
+            return _unknown_key(full_key)
+        if isinstance(e, ValidationError) and full_key:
+            value = getattr(e, "value", None)
+            msg = _first_line(str(e)).replace("'$VALUE'", repr(value)).replace("'$VALUE_TYPE'", "")
+            return f"{full_key}: {msg}; docs/config.md gives its type and meaning"
+    top = chain[0]
+    if isinstance(top, MissingConfigException):
+        m = re.search(r"Could not find '([^/']+)/([^']+)'", str(top))
+        if m:
+            group, option = m.groups()
+            options = getattr(top, "options", None) or re.findall(r"^\t(\S+)$", str(top), flags=re.M)
+            return f"{group}={option}: no such {group} config; choose one of {', '.join(options)}"
+        return _first_line(str(top))
+    if isinstance(top, OverrideParseException):
+        bad = re.search(r"Error parsing override '([^']*)'", str(top))
+        what = bad.group(1) if bad else "an argument"
+        return f"cannot read the override {what!r}: write key=value (quote values with spaces or brackets)"
+    if isinstance(top, HydraException | OmegaConfBaseException):
+        return " ".join(_first_line(str(e)) for e in chain[:2] if str(e).strip())
+    if isinstance(top, ValueError | TypeError):  # a schema's __post_init__ check
+        return f"config: {top}"
+    return None
+
+
+def _unknown_key(full_key: str) -> str:
+    import difflib
+
+    from .config import COMMAND_SCHEMAS, _schema_keys
+
+    known = sorted({k for s in COMMAND_SCHEMAS.values() for k in _schema_keys(s) if "<name>" not in k})
+    close = difflib.get_close_matches(full_key, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"unknown key {full_key}: {hint}(docs/config.md lists every key; a run's config is its --cfg)"
+
+
+def user_message(exc: BaseException) -> str | None:
+    """The message of a user's mistake, or None for a bug."""
+    from .data.errors import DataError
+
+    if isinstance(exc, UserError):
+        return str(exc)
+    for e in _chain(exc):  # a DataError, possibly wrapped by a library that read the file (datasets)
+        if isinstance(e, DataError):
+            return (
+                f"bad data: {e}\n"
+                "docs/data_format.md describes the annotation schemas; vl3-doctor reports every bad record"
+            )
+    return None
+
+
+def _report(cmd: Command, message: str) -> int:
+    """Print ``message`` on the reporting rank, record it in torchrun's error file, return the exit status."""
+    show_traceback = os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+    _write_error_file(message, traceback.format_exc() if show_traceback else message)
+    if rank() == 0:
+        if show_traceback:
+            traceback.print_exc()
+        lines = message.strip().splitlines()
+        print(f"{cmd.prog}: error: {lines[0]}", *lines[1:], sep="\n", file=sys.stderr, flush=True)
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        time.sleep(1.0)  # rank 0 reports: let it be the first failure the launcher sees
+    return EXIT_USER_ERROR
+
+
+def _write_error_file(message: str, callstack: str) -> None:
+    """torchrun's error file (the format of torch's ``ErrorHandler.record_exception``), when launched by it."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {
+        "message": {
+            "message": f"UserError: {message}",
+            "extraInfo": {"py_callstack": callstack, "timestamp": str(int(time.time()))},
+        }
+    }
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError:
+        pass
+
+
+__all__ = ["EXIT_USER_ERROR", "Command", "explain_config_error", "load_config", "main", "render_help"]
