@@ -278,6 +278,7 @@ def _switch(model, backend: str, device):
         with torch.device(device):
             other = VideoLlama3ForConditionalGeneration(cfg)
         other.load_state_dict(model.state_dict())
+        attention.use_attention(other, "flash_attention_2")  # the text and vision sub-configs too
         return other.float().train()
     other = copy.deepcopy(model)
     attention.use_attention(other, backend)

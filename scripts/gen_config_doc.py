@@ -33,6 +33,7 @@ from videollama3_train.config import (  # noqa: E402
     LoraConfig,
     PipelineConfig,
     PrepareOptions,
+    ReportConfig,
     RunConfig,
     ScanConfig,
 )
@@ -60,6 +61,7 @@ SECTIONS = [
     ),
     ("prepare", PrepareOptions, "Frame-cache preparation (prepare.yaml): the train keys plus", None),
     ("", ExportConfig, "Checkpoint export (export.yaml)", None),
+    ("", ReportConfig, "Report over stage runs (report.yaml)", None),
 ]
 
 

@@ -169,12 +169,15 @@ def cost_cache(annotation_path: str | os.PathLike, encode: EncodeConfig, tokeniz
 
     The file is ``.<annotations>.<hash>.costs.npy`` beside the annotations, one per cost-relevant encode config;
     the key adds what invalidates it without changing the name: the annotation file's size and mtime
-    (:func:`file_fingerprint`), and the tokenizer (its class, name and vocabulary size: token counts depend on it).
+    (:func:`file_fingerprint`), the tokenizer (its class, name and vocabulary size: token counts depend on it) and
+    the planning rules' version (``encode.PLAN_VERSION``: a table costed under older rules is not reused).
     """
+    from .encode import PLAN_VERSION
+
     p = Path(annotation_path)
     h = cost_config_hash(encode)
     tok = f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}"
-    return p.with_name(f".{p.name}.{h[:12]}.costs.npy"), f"{file_fingerprint(p)}-{h}-{tok}"
+    return p.with_name(f".{p.name}.{h[:12]}.costs.npy"), f"{file_fingerprint(p)}-{h}-{tok}-plan{PLAN_VERSION}"
 
 
 # Worker-side state: the records and the cost function are sent once per worker (initializer), then each task
