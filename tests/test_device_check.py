@@ -95,6 +95,33 @@ def test_guard_blocks_the_packages(tmp_path: Path) -> None:
     assert "blocked import of 'deepspeed'" in proc.stdout
 
 
+STEP_PATH = (
+    "videollama3_train.contract",
+    "videollama3_train.model.api",
+    "videollama3_train.model.attention",
+    "videollama3_train.model.core",
+    "videollama3_train.model.presets",
+    "videollama3_train.data.collate",
+    "videollama3_train.data.packing",
+    "videollama3_train.trainer.loss",
+    "videollama3_train.trainer.metrics",
+    "videollama3_train.trainer.step",
+)
+
+
+def test_step_path_imports_without_the_blocked_packages(tmp_path: Path) -> None:
+    """The modules of the training step import with none of the blocked packages (lazy imports only)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_guard_dir(tmp_path)), str(ROOT)])}
+    code = (
+        "import importlib, sys\n"
+        f"for m in {STEP_PATH!r}:\n    importlib.import_module(m)\n"
+        f"print(sorted({{k.split('.')[0] for k in sys.modules}} & set({BLOCKED!r})))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
 def _number(x) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and x == x
 

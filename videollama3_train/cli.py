@@ -72,7 +72,8 @@ def render_help(cmd: Command) -> str:
         lines += [cmd.notes.strip("\n"), ""]
     lines += [
         f"Arguments are Hydra overrides of {CONFIG_DIR}/{config}.yaml: any key (docs/config.md lists them all),",
-        "group=option for the groups stage/, model/, data/, logger/, +data.datasets.NAME.path=... for a new dataset.",
+        "group=option for the groups stage/, model/, data/, logger/; '+data.datasets.NAME={path:A.jsonl,root:DIR}' adds",
+        "a dataset to the mixture (+ adds no other key).",
         "A misspelt key, a wrong type or a missing required value stops at start naming the key.",
         "options: -h/--help this text; --cfg print the composed config and exit.",
         f"errors: one or two lines and exit status 1; {TRACEBACK_ENV}=1 adds the traceback.",
@@ -127,11 +128,26 @@ def _parse_args(cmd: Command, args: list[str]) -> tuple[list[str], bool]:
             )
         elif "=" not in a:
             raise UserError(
-                f"{a!r} is not an override: write key=value (e.g. output_dir={a}); see {cmd.prog} --help"
+                f"{a!r} is not an override: write key=value (e.g. {cmd.path_key}={a}); see {cmd.prog} --help"
             )
         else:
             overrides.append(a)
     return overrides, show_cfg
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """A stream handler on whatever ``sys.stdout`` is at the time of the record (captured output included)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def _setup_console_logging() -> None:
@@ -139,7 +155,7 @@ def _setup_console_logging() -> None:
     root = logging.getLogger()
     if getattr(root, "_vl3_console", False):
         return
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _StdoutHandler()
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.setLevel(logging.INFO if rank() == 0 else logging.WARNING)
     root.addHandler(handler)

@@ -25,6 +25,7 @@ import torch
 log = logging.getLogger(__name__)
 
 VARLEN = "flash_varlen"
+_HALF = (torch.float16, torch.bfloat16)
 VARLEN_REFERENCE = "flash_varlen_reference"
 _registered = False
 
@@ -36,6 +37,9 @@ def _varlen_kernel():
     params = inspect.signature(varlen_attn).parameters
 
     def call(q, k, v, cu, max_len, *, causal: bool, scale: float | None):
+        in_dtype = q.dtype
+        if in_dtype not in _HALF:  # the CUDA kernel takes fp16 / bf16 only (an fp32 run without autocast)
+            q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
         kwargs = {"scale": scale}
         if "window_size" in params:  # torch >= 2.11: causal is a (-1, 0) window
             kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
@@ -46,9 +50,24 @@ def _varlen_kernel():
         elif q.shape[1] != k.shape[1]:
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs).to(in_dtype)
 
     return call
+
+
+def _kernel_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.dtype:
+    """One dtype for q, k, v: the autocast dtype when autocast is on, else their common dtype, else the half one.
+
+    Why: with bf16 autocast and fp32 master weights the LLM hands q and k over in fp32 (RoPE upcasts them) and v in
+    bf16; the CUDA varlen kernel needs one half dtype for all three (the CPU reference hides this: CPU autocast
+    casts inside sdpa). Found by recording the kernel's input dtypes in the device check's dry run.
+    """
+    dt = query.device.type
+    if torch.is_autocast_enabled(dt):
+        return torch.get_autocast_dtype(dt)
+    if len({query.dtype, key.dtype, value.dtype}) == 1:
+        return query.dtype
+    return next((t.dtype for t in (value, query, key) if t.dtype in _HALF), query.dtype)
 
 
 def reference_varlen_kernel(q, k, v, cu, max_len, *, causal: bool, scale: float | None):  # noqa: ARG001
@@ -115,7 +134,8 @@ def varlen_attention_forward(
             cu = cu_seqlens_from_position_ids(position_ids)
     cu = cu.to(device=query.device, dtype=torch.int32)
     max_len = kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max())
-    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (L, H, D)
+    dtype = _kernel_dtype(query, key, value)
+    q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))  # (L, H, D)
     causal = bool(getattr(module, "is_causal", True))
     call = kernel or _varlen_kernel()
     out = call(q, k, v, cu, max_len, causal=causal, scale=scaling)

@@ -174,7 +174,7 @@ def gather_features(
     ``local[modality]``: this rank's features of that modality, ``(sum of its frames' h*w/m^2, width)``. Sizes are
     known on every rank from the grids, so the gather pads to the largest rank and trims; its backward sums the
     gradients of every rank's copy (``torch.distributed.nn.functional.all_gather``)."""
-    from torch.distributed.nn.functional import all_gather
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd, wait_tensor
 
     def tokens(f: _Frame) -> int:
         return f.h * f.w // (f.merge * f.merge)
@@ -186,8 +186,11 @@ def gather_features(
     pad = max(counts) - mine.shape[0]
     if pad:
         mine = torch.cat([mine, mine.new_zeros(pad, width)])
-    gathered = all_gather(mine, group=sp.group)
-    flat = torch.cat([g[:c] for g, c in zip(gathered, counts, strict=True)])  # every frame, row order
+    gathered = wait_tensor(all_gather_tensor_autograd(mine.contiguous(), 0, sp.group))  # (N * max, width)
+    rows = max(counts)
+    flat = torch.cat(
+        [gathered[i * rows : i * rows + c] for i, c in enumerate(counts)]
+    )  # every frame, row order
     out: dict[str, list[list[Tensor]]] = {}
     pos = 0
     for f in frames:
@@ -251,13 +254,12 @@ def local_llm_slice(language_model: torch.nn.Module, position_ids: Tensor, sp: S
 
 
 def _all_to_all(x: Tensor, group) -> Tensor:
-    """Autograd all-to-all of ``x (N, ...)``: chunk ``j`` goes to rank ``j``; result ``[i]`` came from rank ``i``."""
-    from torch.distributed.nn.functional import all_to_all_single
+    """Autograd all-to-all of ``x (N, ...)``: chunk ``j`` goes to rank ``j``; result ``[i]`` came from rank ``i``.
 
-    x = x.contiguous()
-    # not empty_like: it keeps a permuted input's strides, and the collective writes the buffer as contiguous
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return all_to_all_single(out, x, group=group)
+    ``contiguous()`` first: a permuted view would otherwise be sent in its memory order (measured: wrong outputs)."""
+    from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+
+    return wait_tensor(all_to_all_single_autograd(x.contiguous(), None, None, group))
 
 
 def ulysses_attention_forward(
@@ -289,7 +291,8 @@ def ulysses_attention_forward(
         got = _all_to_all(chunks, sp.group)  # [i] = rank i's slice of my heads
         return got.permute(1, 0, 2, 3).reshape(h // n, n * ls, d)
 
-    q, k, v = (scatter_heads(t).transpose(0, 1) for t in (query, key, value))  # (L, H/N, D)
+    dtype = attention._kernel_dtype(query, key, value)  # one dtype for the kernel (see attention.py)
+    q, k, v = (scatter_heads(t.to(dtype)).transpose(0, 1) for t in (query, key, value))  # (L, H/N, D)
     kernel = attention.reference_varlen_kernel if not q.is_cuda else _cuda_kernel()
     max_len = int((cu[1:] - cu[:-1]).max())
     out = kernel(q, k, v, cu.to(q.device), max_len, causal=True, scale=scaling)  # (L, Hq/N, D)
