@@ -72,8 +72,8 @@ def render_help(cmd: Command) -> str:
         lines += [cmd.notes.strip("\n"), ""]
     lines += [
         f"Arguments are Hydra overrides of {CONFIG_DIR}/{config}.yaml: any key (docs/config.md lists them all),",
-        "group=option for the groups stage/, model/, data/, logger/; '+data.datasets.NAME={path:A.jsonl,root:DIR}' adds",
-        "a dataset to the mixture (+ adds no other key).",
+        "group=option for the groups stage/, model/, data/, logger/; '+data.datasets={NAME:{path:A.jsonl,root:DIR}}'",
+        "adds datasets to the mixture (+ adds no other key).",
         "A misspelt key, a wrong type or a missing required value stops at start naming the key.",
         "options: -h/--help this text; --cfg print the composed config and exit.",
         f"errors: one or two lines and exit status 1; {TRACEBACK_ENV}=1 adds the traceback.",

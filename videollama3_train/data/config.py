@@ -185,14 +185,16 @@ class DataConfig:
                     f"data.heldout_root: media root of the held-out set is not a directory: {root}"
                 )
 
-    def validate_against(self, encode: EncodeConfig) -> None:
+    def validate_against(self, encode: EncodeConfig, sequence_parallel: int = 1) -> None:
         """Cross-field checks of this data config with the stage's encode config: see
         :func:`check_data_and_encode`."""
-        check_data_and_encode(self, encode)
+        check_data_and_encode(self, encode, sequence_parallel)
 
 
-def check_data_and_encode(data: DataConfig, encode: EncodeConfig) -> None:
+def check_data_and_encode(data: DataConfig, encode: EncodeConfig, sequence_parallel: int = 1) -> None:
     """Raise ``ValueError`` naming both keys when a sample the encode config allows cannot fit a micro-batch.
+
+    With ``trainer.sequence_parallel=N`` a micro-batch is one row of a group of N ranks: ``N`` times the budgets.
 
     * ``encode.max_length`` (tokens of one sample) must not exceed ``data.max_tokens`` (tokens of one packed
       row): else every sample between the two is left out of the packing, which used to surface only as a
@@ -203,18 +205,20 @@ def check_data_and_encode(data: DataConfig, encode: EncodeConfig) -> None:
       maximum (``min_tokens_per_item`` per item wins, sizes round to the patch grid), so this catches
       inconsistent configs, not every oversized sample: those are still counted and reported by the packer.
     """
-    if encode.max_length > data.max_tokens:
+    n = sequence_parallel
+    group = f" x trainer.sequence_parallel={n}" if n > 1 else ""
+    if encode.max_length > data.max_tokens * n:
         raise ValueError(
-            f"encode.max_length={encode.max_length} tokens per sample > data.max_tokens={data.max_tokens} "
+            f"encode.max_length={encode.max_length} tokens per sample > data.max_tokens={data.max_tokens}{group} "
             "tokens per micro-batch: longer samples could never be packed; lower encode.max_length or raise "
             "data.max_tokens"
         )
     for kind, merge in (("image", encode.image_merge_size), ("video", encode.video_merge_size)):
         patches = encode.max_visual_tokens * merge * merge
-        if patches > data.max_patches:
+        if patches > data.max_patches * n:
             raise ValueError(
                 f"an {kind} sample at its visual budget has encode.max_visual_tokens="
                 f"{encode.max_visual_tokens} tokens x encode.{kind}_merge_size={merge}^2 = {patches} patches > "
-                f"data.max_patches={data.max_patches} patches per micro-batch; lower encode.max_visual_tokens "
+                f"data.max_patches={data.max_patches}{group} patches per micro-batch; lower encode.max_visual_tokens "
                 "or raise data.max_patches"
             )

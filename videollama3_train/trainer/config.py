@@ -54,6 +54,9 @@ class TrainConfig:
     # fsdp2: free each layer's gathered parameters after its forward (less memory, one more all-gather in backward)
     fsdp_reshard_after_forward: bool = True
     fsdp_offload: bool = False  # fsdp2: keep sharded parameters, gradients and optimizer states in CPU memory
+    # ranks that share each packed row (Ulysses sequence parallelism; docs/long_video.md); 1 = off. Must divide the
+    # world size and the LLM's attention heads; the loader then gives a group one row of data.max_tokens x N tokens
+    sequence_parallel: int = 1
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "fp32"
     # activation checkpointing of the "none" | "llm" | "vision" | "both" towers
     gradient_checkpointing: str = "none"
@@ -94,6 +97,8 @@ class TrainConfig:
             raise ValueError(f"adam_eps must be > 0, got {self.adam_eps}")
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("backend", self.backend, BACKENDS)
+        if self.sequence_parallel < 1:
+            raise ValueError(f"sequence_parallel must be >= 1 (1 = off), got {self.sequence_parallel}")
         if self.fsdp_shard_size < 0:
             raise ValueError(
                 f"fsdp_shard_size must be >= 0 (0 = shard over all ranks), got {self.fsdp_shard_size}"

@@ -50,7 +50,8 @@ from videollama3_train.trainer.optim import (
     plan_steps,
     resolve_grad_accum,
 )
-from videollama3_train.trainer.step import COUNT_KEYS, LossModule, StepBatches, StepCounter, forward_backward
+from videollama3_train.trainer.sequence_parallel import build_sp_group, sequence_parallel_loss_module
+from videollama3_train.trainer.step import COUNT_KEYS, StepBatches, StepCounter, forward_backward
 
 
 def fit(
@@ -98,7 +99,9 @@ def fit(
     # The scheduler drives the raw optimizer's param groups (shared with accelerate's / DeepSpeed's wrapper) and
     # is stepped by us once per applied update: accelerate's scheduler wrapper would step it once per process.
     scheduler = build_scheduler(optimizer, cfg, total_steps)
-    train_module, optimizer = backend.prepare(LossModule(model, cfg.loss_chunk_size), optimizer)
+    sp = build_sp_group(cfg.sequence_parallel)  # groups of ranks sharing each row (1: none)
+    loss_module = sequence_parallel_loss_module(model, cfg.loss_chunk_size, sp)
+    train_module, optimizer = backend.prepare(loss_module, optimizer)
     if acc.is_main_process:
         print(trainable_table(model, cfg.lrs), flush=True)
 
@@ -107,7 +110,7 @@ def fit(
     checkpointer = Checkpointer(backend, out_dir, cfg, scheduler=scheduler, loader=loader, extras=extras)
     state = checkpointer.resume()
     batches = StepBatches(loader, state, steps_per_epoch, cfg.grad_accum)
-    count = StepCounter(model.config, cfg.lrs, acc.device)
+    count = StepCounter(model.config, cfg.lrs, acc.device, share=sp.size)
     default_writer = MetricsWriter(out_dir, enabled=acc.is_main_process) if writer is None else None
     stop = False
     with checkpointer, default_writer or nullcontext(writer) as writer:
@@ -138,7 +141,8 @@ def fit(
             seconds = max(time.perf_counter() - t0, 1e-9)
 
             # ---- 4. log, abort on repeated non-finite steps, checkpoint, evaluate ---------------------------
-            capacity = len(micro) * acc.num_processes * (loader.token_budget or 0)  # tokens rows can hold
+            # tokens the step's rows can hold (a sequence-parallel group shares its rows)
+            capacity = len(micro) * (acc.num_processes // sp.size) * (loader.token_budget or 0)
             speed = step_metrics(host, seconds=seconds, world=acc.num_processes, capacity=capacity)
             log.add({**_counters(state, finite), **speed, **group_lrs(optimizer)}, per_sample)
             if state.consecutive_nonfinite >= cfg.nan_tolerance:

@@ -179,12 +179,16 @@ class StepCounter:
     """The host counts of a step (:data:`COUNT_KEYS`): label tokens after the shift (the loss normaliser), real
     tokens, visual LLM tokens, training FLOPs of REFERENCE §6 (which depend on which towers train: ``kl``, ``kv``),
     and the seconds this rank waited for data. Returned as one float64 tensor on ``device``, ready for the one
-    all-reduce of the step."""
+    all-reduce of the step.
 
-    def __init__(self, model_config: Any, lrs: dict[str, float | None], device: torch.device):
+    With sequence parallelism the ``share`` ranks of a group hold the same rows: each rank counts ``1 / share`` of
+    them, so the sums over the world count every row once (the label count stays the loss normaliser)."""
+
+    def __init__(self, model_config: Any, lrs: dict[str, float | None], device: torch.device, share: int = 1):
         self.shape = shape_from_config(model_config)
         self.llm_trains, self.vision_trains = lrs["llm"] is not None, lrs["vision"] is not None
         self.device = device
+        self.share = share
 
     def __call__(self, micro: list[dict[str, Any]], data_wait: float) -> Tensor:
         stats = combine_batch_stats(batch_stats(mb) for mb in micro)
@@ -192,10 +196,10 @@ class StepCounter:
             self.shape, stats, llm_trains=self.llm_trains, vision_trains=self.vision_trains
         )
         counts = [
-            sum(label_count(mb) for mb in micro),
-            stats["N_tokens"],
-            stats["N_visual_llm_tokens"],
-            flops["total"],
+            sum(label_count(mb) for mb in micro) / self.share,
+            stats["N_tokens"] / self.share,
+            stats["N_visual_llm_tokens"] / self.share,
+            flops["total"] / self.share,
             data_wait,
         ]
         return torch.tensor(counts, dtype=torch.float64, device=self.device)
