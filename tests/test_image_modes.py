@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from videollama3_train.data.media import _to_rgb, load_image
+from videollama3_train.data.image import _to_rgb, load_image
 
 
 def _i_image(values) -> Image.Image:

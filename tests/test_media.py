@@ -23,6 +23,7 @@ from mediagen import (
 )
 from PIL import Image
 
+from videollama3_train.data import decode as decode_mod
 from videollama3_train.data import media
 from videollama3_train.data.errors import DataError
 from videollama3_train.data.media import (
@@ -406,8 +407,10 @@ def test_seek_and_sequential_paths_agree(tmp_path: Path, monkeypatch, bframes: i
     assert info.keyframe_interval == pytest.approx(1.0, abs=0.01)
     times = [0.0, 3.1, 6.5, 6.7, 9.9, 11.8]
     seeks = []
-    real_seek = media._seek_run
-    monkeypatch.setattr(media, "_seek_run", lambda reader, run: seeks.append(run) or real_seek(reader, run))
+    real_seek = decode_mod._seek_run
+    monkeypatch.setattr(
+        decode_mod, "_seek_run", lambda reader, run: seeks.append(run) or real_seek(reader, run)
+    )
     seek_frames, seek_stamps = decode_video(path, times, info=info)
     assert len(seeks) >= 3  # the seek path really ran
     seeks.clear()

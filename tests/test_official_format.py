@@ -19,6 +19,7 @@ from mediagen import frame_index, index_frame, make_frame_folder, make_gif, make
 from PIL import Image
 
 from videollama3_train.data import DataError, EncodeConfig, annotations, encode_record, media, plan_record
+from videollama3_train.data import video as video_mod
 from videollama3_train.data.annotations import leading_turns_dropped, normalize_record
 from videollama3_train.data.config import DataConfig, DatasetConfig
 from videollama3_train.data.text import IGNORE_INDEX
@@ -253,13 +254,13 @@ def test_unpadded_frame_names_are_read_in_natural_order(tmp_path):
         Image.fromarray(index_frame(k - 1, 32, 32)).save(folder / f"frame_{k}.png")
     Image.fromarray(index_frame(200, 32, 32)).save(folder / ".hidden.png")
     (folder / "notes.txt").write_text("not a frame")
-    names = [Path(p).name for p in media._frame_folder_images(str(folder))]
+    names = [Path(p).name for p in video_mod._frame_folder_images(str(folder))]
     assert names == [f"frame_{k}.png" for k in range(1, 13)]
     info = media.probe_video(folder, folder_fps=1.0)
     frames, stamps = media.decode_video(folder, [float(i) for i in range(12)], info=info)
     assert [frame_index(f) for f in frames] == list(range(12)) and stamps == [float(i) for i in range(12)]
     # mixed padding and case: ordered by number, then by name
-    assert sorted(["b10.png", "B2.png", "b02.png", "a.png", "b2.png"], key=media._natural_key) == [
+    assert sorted(["b10.png", "B2.png", "b02.png", "a.png", "b2.png"], key=video_mod._natural_key) == [
         "B2.png",
         "a.png",
         "b02.png",

@@ -34,6 +34,8 @@ Design:
   "num_skipped": n}`` (see :func:`is_empty`): ranks must stay in lock-step, so the trainer decides what to run
   for it (e.g. a forward with zero loss weight), instead of the loader silently substituting another sample.
   ``on_error="raise"`` propagates the error. Any other exception is a bug and always propagates.
+* Preemption: the workers ignore SIGTERM (a job's SIGTERM reaches the whole process group); the trainer turns it
+  into a checkpoint after the current step and a clean exit, which needs its workers alive until then.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import signal
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -163,6 +166,13 @@ def _identity(item: Any) -> Any:
     return item
 
 
+def _ignore_sigterm(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
+    """A preemption's SIGTERM reaches the whole process group, data workers included (torchrun, Slurm), but it is
+    the trainer's to handle: it finishes the step, checkpoints and exits 0, with the workers still needed until
+    then (a killed worker would abort the run). The workers end with the loader, or when their parent is gone."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class PackedLoader:
     """Iterate rank ``rank``'s collated micro-batches of the epoch's global plan, one epoch per ``iter()``.
 
@@ -228,6 +238,7 @@ class PackedLoader:
             pin_memory=pin_memory and torch.cuda.is_available(),
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
             persistent_workers=num_workers > 0,
+            worker_init_fn=_ignore_sigterm if num_workers > 0 else None,
             timeout=timeout,
             # DataLoader draws a base seed per iteration; an own generator keeps the trainer's global RNG
             # untouched.
