@@ -8,10 +8,10 @@ then ``shift_and_select`` + ``chunked_cross_entropy`` against ``model.api.output
 (+ the vision tower with ``--ckpt-vision``); bf16 autocast and fused AdamW on CUDA.
 Baseline, same process: the native model on padded batches (``collate_padded``, attention_mask, sdpa,
 ``model(**inputs, labels=...)``: full-vocabulary fp32 loss), full checkpointing of both towers (as in the
-REFERENCE §5 anchor), the largest batch of ``--baseline-batches`` that does not run out of memory.
+docs/reference.md §5 anchor), the largest batch of ``--baseline-batches`` that does not run out of memory.
 
 Both: a gradient-clip + AdamW step per micro-batch; ``--warmup`` steps, then the MEDIAN of ``--steps`` timed
-steps: real tokens/s (padding excluded), MFU by ``trainer.metrics.flops_per_step`` (REFERENCE §6) against
+steps: real tokens/s (padding excluded), MFU by ``trainer.metrics.flops_per_step`` (docs/reference.md §6) against
 989.4 TFLOP/s, peak memory (CUDA: ``max_memory_allocated``; CPU: parameters + optimizer state + the peak of
 tensors allocated during one extra untimed step, followed by a ``TorchDispatchMode``; and the process RSS
 high-water mark, which is monotonic over the process so it covers every earlier mode too).

@@ -51,7 +51,7 @@ SHAPES: dict[str, ModelShape] = {
     "tiny": PRESETS["tiny"],
 }
 
-# Default token budget of one packed row: 16384 at the real shape (REFERENCE §2), less on CPU.
+# Default token budget of one packed row: 16384 at the real shape (docs/reference.md §2), less on CPU.
 DEFAULT_MAX_TOKENS = {"2b": 16384, "small": 512, "tiny": 1024}
 
 QWEN_IMAGE_ID, QWEN_VIDEO_ID = 151655, 151656

@@ -18,7 +18,7 @@ rewritten after every part and every sweep setting:
 (b) ``b4``: B4 at the 2B shape (``bench_step``): the native model fed padded batches (``collate_padded``: right
     padding and ``attention_mask`` as the processor returns them; sdpa, full checkpointing, full-vocabulary loss),
     the largest batch that fits, vs ours (packed 16k-token rows, varlen attention, chunked loss) over a sweep of
-    selective checkpointing settings; median of the warm steps: tokens/s, MFU (REFERENCE §6), peak memory.
+    selective checkpointing settings; median of the warm steps: tokens/s, MFU (docs/reference.md §6), peak memory.
 (c) ``b5``: B5 at 16k tokens (``bench_loss``): our chunked loss vs transformers' loss, time and peak memory.
 
 A global time budget (``--budget-s``, default 450 s from the start of the process) skips what would not finish
@@ -408,7 +408,7 @@ def run_isolation(ctx: Check, res: dict[str, Any]) -> None:
 # (b) B4
 # ---------------------------------------------------------------------------------------------------------------
 
-# (every n-th LLM layer checkpointed, vision tower checkpointed), in the order they are run: the REFERENCE §5 best
+# (every n-th LLM layer checkpointed, vision tower checkpointed), in the order they are run: the docs/reference.md §5 best
 # anchors first, then full checkpointing (the memory-safe default), then the rest; 0 = no checkpointing at all.
 DEFAULT_SWEEP = "2:off,4:off,1:on,1:off,2:on,0:off"
 
@@ -770,7 +770,7 @@ def render(r: dict[str, Any]) -> str:
             f"tokens; ours: packed rows of <= {d['max_tokens']} tokens (mean fill {d['fill']:.1%}), {b4['attn']}, "
             f"chunked loss; baseline: native model, padded batches, sdpa, full checkpointing, full-vocab loss. "
             f"{b4['warmup']} warm-up steps, median of {b4['timed_steps']} timed steps. MFU against 989.4 TF/s "
-            "(REFERENCE §6 FLOPs).",
+            "(docs/reference.md §6 FLOPs).",
             "",
         ]
     rows = []

@@ -1,6 +1,12 @@
 # shellcheck shell=bash
 # Helpers sourced by the launch scripts: world size, grad_accum for a global batch, and one function that starts
 # one training run with the launcher chosen by $LAUNCHER. Not meant to be run directly.
+#
+# Every launch script cd's into the repository root first: relative paths in overrides (output_dir=outputs/x,
+# data.path=..., init_from=...) and in DATA / OUTPUT_ROOT resolve against the repository root, not the directory
+# the script was started from. Give absolute paths for data and checkpoints that live elsewhere. With several nodes,
+# output_dir (checkpoints, run.json, the export) and the data must be on a filesystem every node sees at the same
+# path (docs/launch.md, "Several nodes").
 
 LAUNCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_DIR="$(cd "$LAUNCH_DIR/.." && pwd)"
@@ -58,7 +64,7 @@ grad_accum_for() {
   echo "$ga"
 }
 
-# Print a command, then run it unless DRY_RUN=1.
+# Print a command, then run it unless DRY_RUN=1 (every launch script starts its processes through it).
 run_cmd() {
   printf '+'
   printf ' %q' "$@"
@@ -71,8 +77,13 @@ launch_train() {
   case "${LAUNCHER:-torchrun}" in
     torchrun) run_cmd bash "$LAUNCH_DIR/torchrun_single.sh" "$@" ;;
     torchrun_multinode) run_cmd bash "$LAUNCH_DIR/torchrun_multinode.sh" "$@" ;;
-    # Inside an sbatch allocation: one task per node, each starting torchrun for its node's GPUs.
-    slurm) run_cmd srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash "$LAUNCH_DIR/torchrun_multinode.sh" "$@" ;;
+    # Inside an sbatch allocation: one task per node, each starting torchrun for its node's GPUs. srun (Slurm >= 22.05)
+    # does not inherit the allocation's --cpus-per-task: pass it on, or each task gets one CPU (the decoding workers
+    # and every rank's threads would share it).
+    slurm)
+      run_cmd srun --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
+        --kill-on-bad-exit=1 bash "$LAUNCH_DIR/torchrun_multinode.sh" "$@"
+      ;;
     deepspeed) run_cmd bash "$LAUNCH_DIR/deepspeed_hostfile.sh" "$@" ;;
     accelerate)
       run_cmd "$PYTHON" -m accelerate.commands.launch --config_file "${ACCELERATE_CONFIG:-$LAUNCH_DIR/accelerate_config.yaml}" \

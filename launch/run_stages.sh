@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The four VideoLLaMA3 stages in order (REFERENCE §2), each initialised from the previous stage's export/, at a
-# global batch of about GLOBAL_BATCH samples whatever the GPU count. Called by stages_2b.sh / stages_7b.sh;
+# The four VideoLLaMA3 stages in order (docs/reference.md §2), each initialised from the previous stage's export/,
+# at a global batch of about GLOBAL_BATCH samples whatever the GPU count. Called by stages_2b.sh / stages_7b.sh;
 # extra arguments are Hydra overrides added to every stage (e.g. logger=online trainer.save_every=200).
 #
 # Env (defaults in brackets):
@@ -16,8 +16,11 @@
 #   GRAD_ACCUM                 force trainer.grad_accum instead of computing it
 #   BACKEND [zero1]            trainer.backend
 #   FIRST_STAGE [encoder_adaptation]  start here (earlier stages must have their export/)
-#   FORCE [0]                  1 = rerun stages whose export/ already exists (they are skipped otherwise)
+#   FORCE [0]                  1 = hand stages whose export/ exists to the train command anyway (skipped otherwise);
+#                              it says the run is complete and changes nothing unless the run's settings changed
+#                              (e.g. a raised trainer.max_steps with reschedule=true)
 #   DRY_RUN [0]                1 = print the commands only
+# Relative paths (OUTPUT_ROOT, data paths in overrides) resolve against the repository root (see common.sh).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$REPO_DIR"
@@ -86,5 +89,5 @@ done
 
 # With LAUNCHER=torchrun_multinode this script runs on every node: one report (node 0) is enough.
 if [[ "${NODE_RANK:-0}" == 0 ]]; then
-  run_cmd "$PYTHON" -m videollama3_train.report "$OUTPUT_ROOT" "${STAGES[@]}"
+  run_cmd "$PYTHON" -m videollama3_train.report "root=$OUTPUT_ROOT"
 fi

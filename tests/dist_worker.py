@@ -330,23 +330,20 @@ def ranked_loader(tok, out: Path, rank: int, world: int, n: int, rows_per_step: 
 
 def read_consumed(out: Path) -> dict[tuple[int, int], list[int]]:
     """``{(epoch, optimizer step in the epoch, 0-based): sorted sample ids of that step, all ranks}`` from the
-    samples_rank*.jsonl an output directory collected (later runs' records of a step replace earlier ones)."""
-    steps: dict[tuple[int, int], dict[tuple[int, int], list[int]]] = {}
+    samples_rank*.jsonl an output directory collected. A step that a killed run had started and its resumed run
+    did again (same world size) counts once, as the resumed run logged it; a step logged at two world sizes is an
+    error (a resume at another world size starts after the checkpointed step)."""
+    steps: dict[tuple[int, int], dict[tuple[int, int, int], list[int]]] = {}
     for f in sorted(out.glob("samples_rank*.jsonl")):
+        rank = int(f.stem.removeprefix("samples_rank"))
         for line in f.read_text().splitlines():
             r = json.loads(line)
             key = (r["epoch"], (r["position"] - 1) // r["grad_accum"])
-            world = r["world"]
-            steps.setdefault(key, {})
-            steps[key][(world, int(f.stem.removeprefix("samples_rank")), r["position"])] = r["ids"]
-    out_steps = {}
+            steps.setdefault(key, {})[r["world"], rank, r["position"]] = r["ids"]  # a later run replaces
     for key, rows in steps.items():
-        worlds = {w for w, _, _ in rows}
-        world = max(
-            worlds
-        )  # a step logged by two runs: both runs logged the same rows (asserted by the tests)
-        out_steps[key] = sorted(i for (w, _, _), ids in rows.items() if w == world for i in ids)
-    return out_steps
+        if len({w for w, _, _ in rows}) > 1:
+            raise ValueError(f"step {key} was logged at several world sizes: {rows}")
+    return {key: sorted(i for ids in rows.values() for i in ids) for key, rows in steps.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 from test_catalogue import GOOD_TEXT, build_catalogue, conv
 
 from videollama3_train.config import compose
-from videollama3_train.run import run_doctor
+from videollama3_train.offline import run_doctor
 
 GOOD_IMAGE = {"image": "good.png", "conversations": conv("<image>\nq")}
 NON_UTF8_LINE = json.dumps({"conversations": conv("Hi?")}).encode().replace(b"Hi?", b"H\xff\xfei?")

@@ -21,8 +21,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ("train", "pipeline", "doctor", "prepare", "export", "report")
-# torch's `record` wants a real stderr for its fault handler; pytest's capture has none
-pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
 # A mistake must be reported before anything heavy starts: imports and composing the config take a few seconds
 # on an idle machine; this bound leaves room for a loaded CI machine, far below building a model and training.
 START_SECONDS = 90
@@ -157,7 +155,7 @@ def test_finetune_without_init_from_fails(capsys, tmp_path: Path, data: Path) ->
 def _finished_run(out: Path, data: Path, *, stage: str = "alignment", max_steps: int = 2) -> None:
     """What a finished tiny run leaves (run.json, results, export, a checkpoint), without training one."""
     from videollama3_train.config import compose
-    from videollama3_train.run import _model_record, data_fingerprint
+    from videollama3_train.rundir import data_fingerprint, model_record
 
     cfg = compose(
         "train",
@@ -177,7 +175,7 @@ def _finished_run(out: Path, data: Path, *, stage: str = "alignment", max_steps:
     schedule = {"max_steps": max_steps, "epochs": cfg.trainer.epochs, "total_steps": max_steps}
     record = {
         "stage": stage,
-        "model": _model_record(cfg),
+        "model": model_record(cfg),
         "data": data_fingerprint(cfg.data),
         "schedule": schedule,
         "status": "complete",
@@ -221,6 +219,27 @@ def test_other_data_in_a_run_dir_fails(capsys, tmp_path: Path, data: Path) -> No
     assert "holds a run on other data" in lines[0]
     assert str(data / "train.jsonl") in lines[0] and str(other) in lines[0]
     assert _snapshot(out) == before
+
+
+def test_other_starting_weights_in_a_run_dir_fail(capsys, tmp_path: Path, data: Path) -> None:
+    out = tmp_path / "run"
+    _finished_run(out, data)  # from random weights
+    ckpt = tmp_path / "tiny_ckpt"
+    ckpt.mkdir()
+    text = {"hidden_size": 128, "num_hidden_layers": 2}
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "video_llama_3", "text_config": text}))
+    (ckpt / "model.safetensors").write_bytes(b"")
+    code, _, err = cli(
+        capsys,
+        "train",
+        "stage=alignment",
+        "model=tiny",
+        f"init_from={ckpt}",
+        *_data_args(data),
+        f"output_dir={out}",
+    )
+    assert code == 1
+    assert f"holds a run with init_from=None; this one has init_from={ckpt}" in _short(err)[0]
 
 
 def test_finished_run_rerun_says_complete_and_changes_nothing(capsys, tmp_path: Path, data: Path) -> None:
@@ -324,7 +343,11 @@ def test_plus_key_is_fine_where_the_schema_is_open() -> None:
         ("train", ["trainer.epochs=abc", "output_dir=/tmp/x"], "trainer.epochs: Value 'abc'"),
         ("train", ["trainer.backend=zero9", "output_dir=/tmp/x"], "backend must be one of"),
         ("train", ["--local_ranks", "output_dir=/tmp/x"], "unknown option --local_ranks"),
-        ("report", ["outputs/2b"], "'outputs/2b' is not an override: write key=value (e.g. root=outputs/2b)"),
+        (
+            "report",
+            ["root=/tmp", "outputs/2b"],
+            "'outputs/2b' is not an override: write key=value (e.g. root=outputs/2b)",
+        ),
         ("export", ["output=/tmp/hf"], "checkpoint is required"),
         (
             "export",

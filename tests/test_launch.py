@@ -161,6 +161,10 @@ def _dry_run(script: str, *args: str, **env: str) -> subprocess.CompletedProcess
         "NNODES",
         "NODE_RANK",
         "INIT_FROM",
+        "SLURM_CPUS_PER_TASK",
+        "SLURM_NNODES",
+        "MASTER_ADDR",
+        "HOSTFILE",
     ):
         if k not in env:
             full.pop(k, None)
@@ -220,3 +224,48 @@ def test_stages_2b_dry_run_multinode_and_first_stage(tmp_path: Path) -> None:
 def test_run_stages_rejects_unknown_first_stage() -> None:
     proc = _dry_run("stages_2b.sh", FIRST_STAGE="stage5")
     assert proc.returncode != 0 and "FIRST_STAGE" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "env", "expected"),
+    [
+        ("torchrun_single.sh", {}, "torch.distributed.run --standalone --nnodes=1 --nproc_per_node=8"),
+        (
+            "torchrun_multinode.sh",
+            {"MASTER_ADDR": "node0", "NNODES": "2", "NODE_RANK": "1"},
+            "torch.distributed.run --nnodes=2 --node_rank=1 --nproc_per_node=8 --master_addr=node0",
+        ),
+        (
+            "deepspeed_hostfile.sh",
+            {"HOSTFILE": str(LAUNCH / "hostfile.example")},
+            "deepspeed.launcher.runner --hostfile",
+        ),
+    ],
+)
+def test_every_launcher_honours_dry_run(
+    tmp_path: Path, script: str, env: dict[str, str], expected: str
+) -> None:
+    """DRY_RUN=1 prints the command and starts nothing (torchrun_single.sh once trained regardless)."""
+    out = tmp_path / "run"
+    proc = _dry_run(script, "stage=alignment", "model=tiny", f"output_dir={out}", **env)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("+")]
+    assert expected in line and line.endswith(
+        f" videollama3_train.train stage=alignment model=tiny output_dir={out}"
+    )
+    assert not out.exists()
+
+
+def test_slurm_steps_pass_cpus_per_task(tmp_path: Path) -> None:
+    """srun (Slurm >= 22.05) does not inherit --cpus-per-task from sbatch: every stage's step passes it on."""
+    proc = _dry_run(
+        "stages_2b.sh",
+        OUTPUT_ROOT=str(tmp_path / "2b"),
+        LAUNCHER="slurm",
+        SLURM_NNODES="2",
+        SLURM_CPUS_PER_TASK="64",
+    )
+    assert proc.returncode == 0, proc.stderr
+    steps = [ln for ln in proc.stdout.splitlines() if ln.startswith("+ srun")]
+    assert len(steps) == 4 and all("--cpus-per-task=64" in ln for ln in steps), proc.stdout
+    assert proc.stdout.splitlines()[-1].endswith(f"videollama3_train.report root={tmp_path / '2b'}")

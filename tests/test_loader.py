@@ -308,3 +308,22 @@ def test_a_cursor_moves_only_at_a_step_boundary_and_keeps_its_global_batch():
     old = {"epoch": 0, "position": 3, "rank": 0, "seed": 0, "micro_batches": 10}
     with pytest.raises(ValueError, match="before the global data cursor"):
         PackedLoader(plan, 0, encode, world_size=2).load_state_dict(old)
+
+
+def test_data_workers_survive_the_sigterm_meant_for_the_trainer():
+    """A preemption's SIGTERM reaches the data workers too (torchrun, Slurm signal the process group): they ignore
+    it, so the trainer can finish its step, checkpoint and exit cleanly; the epoch goes on unharmed."""
+    import multiprocessing
+    import os
+    import signal
+
+    plan = make_plan()
+    loader = PackedLoader(plan, 0, encode, num_workers=1)
+    it = iter(loader)
+    first = [ids_of(next(it))]
+    workers = multiprocessing.active_children()
+    assert workers
+    for w in workers:
+        os.kill(w.pid, signal.SIGTERM)
+    rest = [ids_of(b) for b in it]
+    assert first + rest == [[i for i in mb if i not in BAD] for mb in plan.micro_batches[0]]

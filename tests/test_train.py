@@ -51,7 +51,8 @@ def test_one_stage_end_to_end_with_wandb_and_export_command(sample, tmp_path, of
     from transformers import AutoModelForImageTextToText
 
     from videollama3_train.config import ExportConfig, compose_stage
-    from videollama3_train.run import export_checkpoint, run_stage
+    from videollama3_train.offline import export_checkpoint
+    from videollama3_train.run import run_stage
 
     out = tmp_path / "run"
     cfg = compose_stage(
@@ -135,3 +136,23 @@ def test_train_command_rejects_missing_data_with_a_clear_message(tmp_path):
     )
     assert proc.returncode != 0
     assert "annotation file of dataset 'main' not found" in proc.stderr
+
+
+@pytest.mark.slow
+def test_global_batch_in_samples_sets_the_rows_per_step(sample, tmp_path):
+    """trainer.global_batch_samples reaches the data build (it was once read by nothing): the loader turns it into
+    packed rows per step, and grad_accum follows."""
+    from videollama3_train.config import compose_stage
+    from videollama3_train.run import run_stage
+
+    out = tmp_path / "run"
+    cfg = compose_stage(
+        "alignment",
+        _overrides(sample, "trainer.max_steps=1", "trainer.global_batch_samples=24", "logger=disabled"),
+        out,
+        None,
+    )
+    run_stage(cfg)
+    effective = json.loads((out / "effective.json").read_text())
+    assert effective["global_batch_samples"] == 24
+    assert effective["grad_accum"] >= 2 and effective["micro_batches_per_step"] == effective["grad_accum"]

@@ -71,9 +71,9 @@ def render_help(cmd: Command) -> str:
     if cmd.notes:
         lines += [cmd.notes.strip("\n"), ""]
     lines += [
-        f"Arguments are Hydra overrides of {CONFIG_DIR}/{config}.yaml: any key (docs/config.md lists them all),",
-        "group=option for the groups stage/, model/, data/, logger/; '+data.datasets={NAME:{path:A.jsonl,root:DIR}}'",
-        "adds datasets to the mixture (+ adds no other key).",
+        f"Arguments are Hydra overrides of {CONFIG_DIR}/{config}.yaml: any key (docs/config.md lists",
+        "them all), group=option for the groups stage/, model/, data/, logger/;",
+        "'+data.datasets={NAME:{path:A.jsonl,root:DIR}}' adds datasets to a mixture (+ adds no other key).",
         "A misspelt key, a wrong type or a missing required value stops at start naming the key.",
         "options: -h/--help this text; --cfg print the composed config and exit.",
         f"errors: one or two lines and exit status 1; {TRACEBACK_ENV}=1 adds the traceback.",
@@ -92,8 +92,12 @@ def main(cmd: Command, argv: Sequence[str] | None = None) -> int:
         overrides, show_cfg = _parse_args(cmd, args)
     except UserError as e:
         return _report(cmd, str(e))
+    import warnings
+
     from torch.distributed.elastic.multiprocessing.errors import record
 
+    # record's fault handler needs a real stderr; when there is none (captured output) it only warns
+    warnings.filterwarnings("ignore", message="Unable to enable fault handler")
     return record(_main)(cmd, overrides, show_cfg)
 
 

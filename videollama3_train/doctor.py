@@ -5,7 +5,7 @@
         stage=video_finetune model=videollama3_2b doctor.workers=8 doctor.max_failure_rate=0.01
 
 A leaf: ``cli.main`` composes ``configs/doctor.yaml`` (the train config plus ``doctor.*``) and
-:func:`videollama3_train.run.run_doctor` scans every record, writes ``report.json``, ``report.md``, PNG histograms
+:func:`videollama3_train.offline.run_doctor` scans every record, writes ``report.json``, ``report.md``, PNG histograms
 and ``doctor.log`` to ``output_dir``. Exit status 2 when a dataset's share of bad records exceeds
 ``doctor.max_failure_rate`` (default: training's own ``data.max_bad_fraction``), else 0.
 """
@@ -20,7 +20,7 @@ from videollama3_train.cli import main as _cli_main
 
 
 def _run(cfg, overrides: list[str]) -> int:
-    from videollama3_train.run import run_doctor
+    from videollama3_train.offline import run_doctor
 
     return run_doctor(cfg, overrides)
 

@@ -3,7 +3,7 @@
     vl3-export checkpoint=outputs/sft/checkpoints/step-00001000 output=outputs/sft/hf
     vl3-export checkpoint=outputs/sft output=outputs/sft/hf   # newest complete checkpoint
 
-A leaf: ``cli.main`` composes ``configs/export.yaml`` and :func:`videollama3_train.run.export_checkpoint` writes
+A leaf: ``cli.main`` composes ``configs/export.yaml`` and :func:`videollama3_train.offline.export_checkpoint` writes
 the directory, which loads offline with ``AutoModelForImageTextToText`` / ``AutoProcessor.from_pretrained``. Every
 stage already ends with such an export in ``<output_dir>/export``; this command is for intermediate checkpoints.
 """
@@ -18,7 +18,7 @@ from videollama3_train.cli import main as _cli_main
 
 
 def _run(cfg, overrides: list[str]) -> int:
-    from videollama3_train.run import export_checkpoint
+    from videollama3_train.offline import export_checkpoint
 
     print(f"exported to {export_checkpoint(cfg)}", flush=True)
     return 0

@@ -24,7 +24,7 @@ from videollama3_train.cli import main as _cli_main
 def _run(cfg, overrides: list[str]) -> int:
     from videollama3_train.console import log_file
     from videollama3_train.data.prepare import prepare_data
-    from videollama3_train.run import check_data_paths
+    from videollama3_train.rundir import check_data_paths
 
     check_data_paths(cfg.data)
     log_dir = Path(cfg.output_dir or cfg.encode.frame_cache_dir)

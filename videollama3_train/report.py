@@ -66,7 +66,11 @@ stages=[a,b,...]        run directories under root, in order (default: the four 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return _cli_main(COMMAND, argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and not any("=" in a or a.startswith("-") for a in args):
+        # the older positional form ROOT [RUN_DIR ...]: the same as root=ROOT stages=[RUN_DIR,...]
+        args = [f"root={args[0]}"] + ([f"stages=[{','.join(args[1:])}]"] if args[1:] else [])
+    return _cli_main(COMMAND, args)
 
 
 if __name__ == "__main__":

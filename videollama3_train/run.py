@@ -1,10 +1,10 @@
-"""What the commands run: one stage, the stages chained, the data doctor, a checkpoint export.
+"""What the training commands run: one stage, and the stages chained.
 
 Each function takes a validated config (``config.py``) and is the one call of its command:
 
     train    -> run_stage(cfg)                 pipeline -> run_pipeline(cfg, overrides)
-    doctor   -> run_doctor(cfg, overrides)     export   -> export_checkpoint(cfg)
-    (prepare -> data.prepare.prepare_data(cfg.data, cfg.encode, ...): it needs no model)
+    (doctor -> offline.run_doctor, export -> offline.export_checkpoint, prepare -> data.prepare.prepare_data;
+    the checks before anything is built and the run directory's record: rundir.py)
 
 The pipeline and the doctor also take the command line's overrides: they compose every stage's own config from
 them (``config.compose_stage``), exactly as ``train stage=<S> <overrides>`` would.
@@ -13,18 +13,28 @@ them (``config.compose_stage``), exactly as ``train stage=<S> <overrides>`` woul
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import DoctorConfig, ExportConfig, PipelineConfig, RunConfig, compose_stage
-from .console import UserError, log_file, relative_hint
+from .config import PipelineConfig, RunConfig, compose_stage
+from .console import UserError, log_file
+from .rundir import (
+    check_data_paths,
+    check_run_dir,
+    check_weights,
+    data_fingerprint,
+    device_line,
+    model_record,
+    read_run_record,
+    reschedule_error,
+    schedule_change,
+    write_run_record,
+)
 
 log = logging.getLogger("videollama3_train")
 
@@ -120,264 +130,6 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checks before anything is built: paths, weights, the run directory
-# ----------------------------------------------------------------------------------------------------------------
-
-RUN_FILE = (
-    "run.json"  # a run directory's record: its stage, model, data and schedule, and whether it finished
-)
-
-
-def check_data_paths(data) -> None:
-    """``DataConfig.check_paths`` as a :class:`UserError` (relative paths: where they resolve), and the first
-    record of every annotation file read (a file that is not JSON / JSONL raises ``DataError`` now, not after
-    minutes of loading)."""
-    from .data.annotations import iter_records
-
-    try:
-        data.check_paths()
-    except FileNotFoundError as e:
-        path = str(e).rsplit(": ", 1)[-1]
-        raise UserError(f"{e}{relative_hint(path)}") from e
-    for d in data.resolved_datasets().values():
-        for _ in iter_records(d.path):
-            break
-
-
-def _checkpoint_shape(path: Path) -> tuple[int, int] | None:
-    """``(hidden size, layers)`` of the LLM of a native / official checkpoint directory (or a Qwen2 one)."""
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    text = raw.get("text_config") or raw
-    if "hidden_size" not in text:
-        return None
-    return int(text["hidden_size"]), int(text.get("num_hidden_layers", 0))
-
-
-def check_weights(cfg: RunConfig) -> None:
-    """The starting weights exist, have a config and safetensors, and fit the preset's recipe.
-
-    The tiny preset (``model=tiny``, the default) scales learning rates by 300 and runs 10 epochs: meant for random
-    tiny weights, it is refused for any checkpoint that is not tiny-shaped.
-    """
-    from .model.core import detect_init_kind
-    from .model.presets import PRESETS
-
-    m = cfg.model
-    if cfg.stage == "finetune" and not m.init_from:
-        raise UserError(
-            "stage=finetune fine-tunes a released checkpoint: add init_from=DIR (a transformers-native or "
-            "official VideoLLaMA3 directory) and its model= preset"
-        )
-    dirs = []
-    if m.init_from:
-        dirs.append(("init_from", Path(m.init_from)))
-    if m.init_kind == "assemble":
-        dirs += [("model.vision_from", Path(m.vision_from)), ("model.llm_from", Path(m.llm_from))]
-    for key, path in dirs:
-        if not path.is_dir():
-            raise UserError(f"{key}={path}: no such directory{relative_hint(path)}")
-        if not (path / "config.json").is_file():
-            raise UserError(
-                f"{key}={path} is not a checkpoint directory (no config.json): give a transformers-native "
-                "directory (e.g. a stage's export/) or an official VideoLLaMA3 one"
-            )
-        if not any(path.glob("*.safetensors")):
-            raise UserError(f"{key}={path} holds no *.safetensors weights (.bin / .pt are not loaded)")
-    if m.init_from and m.init_kind == "auto":
-        try:
-            detect_init_kind(m.init_from)
-        except (ValueError, FileNotFoundError) as e:
-            raise UserError(str(e)) from e
-    weights = Path(m.init_from) if m.init_from else Path(m.llm_from) if m.init_kind == "assemble" else None
-    shape = _checkpoint_shape(weights) if weights is not None else None
-    tiny = PRESETS["tiny"].text
-    if m.preset == "tiny" and shape is not None and shape != (tiny.hidden_size, tiny.num_hidden_layers):
-        fits = [
-            name
-            for name, p in PRESETS.items()
-            if (p.text.hidden_size, p.text.num_hidden_layers) == shape and name != "tiny"
-        ]
-        raise UserError(
-            f"{weights} holds a {shape[0]}-wide, {shape[1]}-layer LLM but model=tiny: the tiny preset's "
-            f"lr_scale={cfg.trainer.lr_scale:g}, lr_max={cfg.trainer.lr_max} and {cfg.trainer.epochs} epochs are for "
-            f"random tiny weights.\nAdd model={fits[0] if fits else 'videollama3_2b'} (the preset of these weights)"
-        )
-    if cfg.trainer.backend.startswith("zero"):
-        from .paths import DEEPSPEED_CONFIG_DIR
-
-        folder = Path(cfg.trainer.deepspeed_config_dir or DEEPSPEED_CONFIG_DIR)
-        if not (folder / f"{cfg.trainer.backend}.json").is_file():
-            raise UserError(
-                f"trainer.backend={cfg.trainer.backend} needs {folder / (cfg.trainer.backend + '.json')}, which "
-                "does not exist: set trainer.deepspeed_config_dir to a folder of zero1/2/3.json"
-            )
-
-
-def _file_digest(path: Path, chunk: int = 1 << 24) -> str:
-    """sha256 of a file (of its first and last 16 MiB and its size when it is larger than 64 MiB)."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        if size <= 4 * chunk:
-            h.update(f.read())
-        else:
-            h.update(f.read(chunk))
-            f.seek(size - chunk)
-            h.update(f.read(chunk))
-            h.update(str(size).encode())
-    return h.hexdigest()
-
-
-def data_fingerprint(data) -> dict[str, Any]:
-    """What a run directory records of its data: every dataset's annotation file (path, bytes, content digest),
-    media root and sampling, and one ``id`` over the contents and the sampling (paths left out: a moved dataset is
-    the same data)."""
-    datasets = {}
-    for name, d in data.resolved_datasets().items():
-        p = Path(d.path)
-        datasets[name] = {
-            "path": str(p.resolve()),
-            "root": str(Path(d.root).resolve()),
-            "bytes": p.stat().st_size,
-            "sha256": _file_digest(p),
-            "weight": d.weight,
-            "repeat": d.repeat,
-            "max_samples": d.max_samples,
-        }
-    ident = {n: {k: v for k, v in e.items() if k not in ("path", "root")} for n, e in datasets.items()}
-    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
-    return {"id": digest, "datasets": datasets}
-
-
-def _model_record(cfg: RunConfig) -> dict[str, Any]:
-    m = cfg.model
-
-    def absolute(p):
-        return str(Path(p).resolve()) if p else None
-
-    return {
-        "preset": m.preset,
-        "init_from": absolute(m.init_from),
-        "init_kind": m.init_kind,
-        "vision_from": absolute(m.vision_from),
-        "llm_from": absolute(m.llm_from),
-        "lora": cfg.lora.enabled,
-    }
-
-
-def _describe_data(fp: dict[str, Any]) -> str:
-    return ", ".join(f"{n}: {e['path']}" for n, e in fp["datasets"].items()) + f" [data id {fp['id']}]"
-
-
-def read_run_record(out_dir: Path) -> dict[str, Any] | None:
-    """The run directory's ``run.json``; for a directory written before it existed, what ``resolved_config.json``
-    and ``results.json`` tell (stage, model; complete when it has an export and results); None for a new one."""
-    f = out_dir / RUN_FILE
-    if f.is_file():
-        return json.loads(f.read_text())
-    legacy = out_dir / "resolved_config.json"
-    if not legacy.is_file():
-        return None
-    old = json.loads(legacy.read_text())
-    complete = (out_dir / "results.json").is_file() and (out_dir / "export" / "config.json").is_file()
-    model = old.get("model", {})
-    return {
-        "stage": old.get("stage"),
-        "model": {"preset": model.get("preset"), "init_from": model.get("init_from")},
-        "data": None,
-        "schedule": None,
-        "status": "complete" if complete else "running",
-    }
-
-
-def check_run_dir(cfg: RunConfig, record: dict[str, Any] | None, data_fp: dict[str, Any]) -> None:
-    """Raise :class:`UserError` when ``cfg`` is not the run that ``record`` (the directory's ``run.json``) holds:
-    another stage, other starting weights or preset, or other data. Nothing is read or written but the record."""
-    if record is None:
-        return
-    out = cfg.output_dir
-    if record.get("stage") and record["stage"] != cfg.stage:
-        raise UserError(
-            f"output_dir={out} holds a run of stage {record['stage']!r}; this is stage {cfg.stage!r}: a run "
-            "directory belongs to one stage (resuming would load the other stage's checkpoint).\n"
-            "Use another output_dir (or the same stage=)"
-        )
-    old_model, new_model = record.get("model") or {}, _model_record(cfg)
-    for key in ("preset", "init_from", "lora"):
-        if key in old_model and old_model[key] is not None and old_model[key] != new_model[key]:
-            name = {"preset": "model=", "init_from": "init_from=", "lora": "lora.enabled="}[key]
-            raise UserError(
-                f"output_dir={out} holds a run with {name}{old_model[key]}; this one has {name}{new_model[key]}.\n"
-                "Use another output_dir (or the run's own setting)"
-            )
-    old_data = record.get("data")
-    if old_data and old_data.get("id") != data_fp["id"]:
-        raise UserError(
-            f"output_dir={out} holds a run on other data ({_describe_data(old_data)}); this one has "
-            f"{_describe_data(data_fp)}.\nUse another output_dir for other data"
-        )
-    if not cfg.trainer.resume and any((Path(out) / "checkpoints").glob("step-*")):
-        raise UserError(
-            f"trainer.resume=false would start over in output_dir={out}, which holds checkpoints of this run: use "
-            "another output_dir (or delete this one)"
-        )
-
-
-def _schedule_change(record: dict[str, Any] | None, cfg: RunConfig, total_steps: int | None) -> str | None:
-    """What changed in the schedule's length since the run directory's record, or None."""
-    old = (record or {}).get("schedule")
-    if not old:
-        return None
-    t = cfg.trainer
-    changed = [
-        f"trainer.{k} {old[k]} -> {getattr(t, k)}"
-        for k in ("max_steps", "epochs")
-        if old.get(k) != getattr(t, k)
-    ]
-    if total_steps is not None and old.get("total_steps") not in (None, total_steps):
-        changed.append(f"total optimizer steps {old['total_steps']} -> {total_steps}")
-        if len(changed) == 1:
-            changed[0] += " (the batch or packing settings or the world size changed)"
-    return "; ".join(changed) or None
-
-
-def _reschedule_error(cfg: RunConfig, change: str, record: dict[str, Any]) -> UserError:
-    where = (
-        f"finished at step {record.get('step')}" if record.get("status") == "complete" else "has checkpoints"
-    )
-    return UserError(
-        f"the schedule's length changed ({change}) in output_dir={cfg.output_dir}, whose run {where}: resuming "
-        "would rebuild the learning-rate schedule mid-run.\nRestore the run's settings, add reschedule=true to "
-        "rebuild it for the new length from the newest checkpoint, or use another output_dir"
-    )
-
-
-def _write_run_record(out_dir: Path, record: dict[str, Any]) -> None:
-    tmp = out_dir / (RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, out_dir / RUN_FILE)
-
-
-def _device_line(accelerator, cfg: RunConfig) -> str:
-    import torch
-    import torch.distributed as dist
-
-    from .trainer.backend import resolve_precision
-
-    device = accelerator.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    world = accelerator.num_processes
-    comm = dist.get_backend() if dist.is_available() and dist.is_initialized() else "single process"
-    return (
-        f"{world} process{'es' if world > 1 else ''} on {name} ({comm}), backend {cfg.trainer.backend}, precision "
-        f"{resolve_precision(cfg.trainer)}"
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # One stage
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -402,14 +154,14 @@ def run_stage(cfg: RunConfig, *, announce: bool = True) -> dict[str, Any]:
     record = read_run_record(out_dir)
     check_run_dir(cfg, record, data_fp)
     has_checkpoints = any((out_dir / "checkpoints").glob("step-*"))
-    change = _schedule_change(record, cfg, None)
+    change = schedule_change(record, cfg, None)
     if is_complete(out_dir, record):
         if change is None:
             return _report_complete(cfg, record) if announce else _complete_results(out_dir)
         if not cfg.reschedule:
-            raise _reschedule_error(cfg, change, record)
+            raise reschedule_error(cfg, change, record)
     elif change is not None and has_checkpoints and not cfg.reschedule:
-        raise _reschedule_error(cfg, change, record)
+        raise reschedule_error(cfg, change, record)
 
     from .trainer import build_accelerator
 
@@ -493,16 +245,16 @@ def _train(
     heldout, heldout_bad = load_heldout(cfg.data, cfg.encode, processor) if is_main else ([], 0)
     trainer_cfg = dataclasses.replace(cfg.trainer, grad_accum=data.grad_accum)
     total_steps, steps_per_epoch = plan_steps(trainer_cfg, data.loader)
-    change = _schedule_change(record, cfg, total_steps)
+    change = schedule_change(record, cfg, total_steps)
     if change is not None and resuming:
         if not cfg.reschedule:
-            raise _reschedule_error(cfg, change, record or {})
+            raise reschedule_error(cfg, change, record or {})
         if is_main:
             log.warning("reschedule=true: %s; the lr schedule is rebuilt for %d steps", change, total_steps)
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
     run_record = {
         "stage": cfg.stage,
-        "model": _model_record(cfg),
+        "model": model_record(cfg),
         "data": data_fp,
         "schedule": {
             "max_steps": cfg.trainer.max_steps,
@@ -517,7 +269,7 @@ def _train(
     results: dict[str, Any] = {"stage": cfg.stage, "plan": data.plan_stats, "bad_records": data.failures}
     effective = effective_settings(cfg, accelerator.num_processes, data.plan_stats, data.grad_accum)
     if is_main:
-        _write_run_record(out_dir, run_record)
+        write_run_record(out_dir, run_record)
         _write_json(out_dir / "resolved_config.json", dataclasses.asdict(cfg))
         _write_json(out_dir / "effective.json", effective)
         st = data.plan_stats
@@ -530,7 +282,7 @@ def _train(
         )
         print(
             f"{say} model {cfg.model.preset} ({weights}) -> output_dir {out_dir.resolve()}\n"
-            f"{say} {_device_line(accelerator, cfg)}\n"
+            f"{say} {device_line(accelerator, cfg)}\n"
             f"{say} data: {sum(records.values())} records ({', '.join(f'{n} {k}' for n, k in records.items())}), "
             f"{unusable} unusable; epoch 0 packs {int(st.get('samples_packed', 0))} samples into "
             f"{int(st.get('optimizer_steps', 0)) * data.rows_per_step} rows"
@@ -658,12 +410,13 @@ def _train(
                     results["heldout_after"] = res
                     writer.summary(_heldout_summary(res, "after"))
                 _write_json(out_dir / "results.json", results)
-                run_record.update(
-                    status="complete", step=final.get("step"), updated=time.strftime("%Y-%m-%dT%H:%M:%S")
-                )
-                _write_run_record(out_dir, run_record)
+                step = final.get(
+                    "step", _latest_step(out_dir)
+                )  # no row: resumed at the last step, export only
+                run_record.update(status="complete", step=step, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                write_run_record(out_dir, run_record)
                 print(
-                    f"{say} done at step {final.get('step')}: export {results['export']} ({cfg.model.dtype} weights, "
+                    f"{say} done at step {step}: export {results['export']} ({cfg.model.dtype} weights, "
                     f"loads with AutoModelForImageTextToText); results {out_dir / 'results.json'}; metrics "
                     f"{out_dir / 'metrics.jsonl'}" + (f"; log {log_path}" if log_path else ""),
                     flush=True,
@@ -672,6 +425,13 @@ def _train(
     finally:
         writer.finish()  # the process group stays: the next stage of a pipeline reuses it
     return results
+
+
+def _latest_step(out_dir: Path) -> int | None:
+    from .trainer.checkpoint import find_latest_checkpoint
+
+    latest = find_latest_checkpoint(out_dir)
+    return int(latest.name.split("-")[1]) if latest is not None else None
 
 
 def _heldout_summary(res: dict[str, Any], tag: str) -> dict[str, float]:
@@ -723,10 +483,7 @@ def run_pipeline(cfg: PipelineConfig, overrides: Sequence[str]) -> dict[str, Any
     with log_file(root / "pipeline.log", enabled=is_main):
         for i, (s, scfg) in enumerate(zip(stages, configs)):
             d = Path(scfg.output_dir)
-            if (
-                is_complete(d, read_run_record(d))
-                and _schedule_change(read_run_record(d), scfg, None) is None
-            ):
+            if is_complete(d, read_run_record(d)) and schedule_change(read_run_record(d), scfg, None) is None:
                 print(f"[pipeline] {s}: complete in {d}, skipping", flush=True)
                 results[s] = _complete_results(d)
             else:
@@ -766,121 +523,3 @@ def _reset_accelerate() -> None:
         AcceleratorState._reset_state(reset_partial_state=False)
     except Exception as e:  # noqa: BLE001 - a failed reset only matters if the next stage differs; say so
         log.warning("could not reset accelerate state between stages: %s", e)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The data doctor
-# ----------------------------------------------------------------------------------------------------------------
-
-EXIT_OK, EXIT_TOO_MANY_BAD = 0, 2
-
-
-def run_doctor(cfg: DoctorConfig, overrides: Sequence[str], *, progress: bool = True) -> int:
-    """Scan ``cfg.data`` (``data.scan.scan_data``), write the report to ``cfg.output_dir``; returns the exit status:
-    0, or 2 when a dataset's share of bad records exceeds ``doctor.max_failure_rate`` (default: training's own
-    ``data.max_bad_fraction``, the rule on which training aborts). The log goes to ``doctor.log`` there.
-
-    Each stage of ``doctor.stages`` is composed with the same ``overrides``, exactly as the pipeline would run it,
-    for its packing estimate.
-    """
-    from .data.scan import StagePlan, scan_data
-    from .reports import write_report
-
-    out_dir = Path(cfg.output_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"output_dir={cfg.output_dir} is a file, not a directory")
-    stages = {}
-    for s in cfg.doctor.stages:
-        scfg = compose_stage(s, overrides, config_name="doctor")
-        stages[s] = StagePlan(scfg.encode, scfg.data, scfg.trainer.grad_accum)
-    with log_file(out_dir / "doctor.log"):
-        processor = build_stage_processor(build_tokenizer_for(cfg), cfg.encode)
-        scan, series = scan_data(cfg.data, cfg.encode, processor, cfg.doctor, stages, progress=progress)
-        report = {"stage": cfg.stage, "model": cfg.model.preset, **scan}
-        written = write_report(report, series, cfg.output_dir)
-    t = report["totals"]
-    print(
-        f"[doctor] {t['records']} records, {t['failed']} bad ({t['failure_rate']:.2%}): "
-        + (", ".join(f"{k} {v['count']}" for k, v in report["reasons"].items()) or "no failures"),
-        flush=True,
-    )
-    for s, e in report["stages"].items():
-        if "optimizer_steps_per_epoch" in e:
-            steps, fill = e["optimizer_steps_per_epoch"], e["fill_ratio"]
-            print(f"[doctor] {s}: {steps} optimizer steps per epoch, fill {fill:.1%}", flush=True)
-    print(f"[doctor] wrote {written[0]} and {written[1]}", flush=True)
-    print(f"[doctor] {report['verdict']}", file=sys.stdout if report["passed"] else sys.stderr, flush=True)
-    return EXIT_OK if report["passed"] else EXIT_TOO_MANY_BAD
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Export of a training checkpoint
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """``path`` when it is a complete checkpoint, else the newest complete checkpoint of the run directory."""
-    from .trainer.checkpoint import find_latest_checkpoint
-
-    p = Path(path)
-    if (p / "COMPLETE").is_file():
-        return p
-    if not p.is_dir():
-        raise UserError(f"checkpoint={path}: no such directory{relative_hint(p)}")
-    latest = find_latest_checkpoint(p)
-    if latest is None:
-        raise UserError(
-            f"checkpoint={path} is neither a complete checkpoint (a COMPLETE file) nor a run directory with one "
-            "under checkpoints/: give a run directory or its checkpoints/step-XXXXXXXX"
-        )
-    return latest
-
-
-def export_checkpoint(cfg: ExportConfig) -> Path:
-    """A training checkpoint -> a transformers-native directory ``cfg.output`` (safetensors only); returns it.
-
-    The result loads offline with ``AutoModelForImageTextToText.from_pretrained`` and
-    ``AutoProcessor.from_pretrained``. Weights are ``cfg.dtype`` (float32 by default, as in a stage's own
-    ``export/``). The log goes to ``export.log`` in the checkpoint's run directory.
-    """
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoProcessor, VideoLlama3Config, VideoLlama3ForConditionalGeneration
-
-    from .model.export import export_hf
-
-    ckpt = resolve_checkpoint(cfg.checkpoint)
-    weights = ckpt / "model.safetensors"
-    if not weights.is_file():
-        raise UserError(
-            f"{ckpt} holds no model.safetensors (a DeepSpeed ZeRO / FSDP2 checkpoint keeps sharded states): export "
-            "the stage's final export/ directory instead, or consolidate with DeepSpeed's zero_to_fp32 first"
-        )
-    out = Path(cfg.output)
-    if out.resolve() in (ckpt.resolve(), *ckpt.resolve().parents):
-        raise UserError(
-            f"output={cfg.output} would replace the checkpoint it reads: choose another directory"
-        )
-    with log_file(ckpt.parent.parent / "export.log"):
-        config = VideoLlama3Config.from_pretrained(ckpt / "model_config")
-        model = VideoLlama3ForConditionalGeneration(config)
-        state = load_file(str(weights))
-        # the trainer wraps the model once (``LossModule.model``): strip that prefix
-        state = {
-            k[len("model.") :] if k.startswith("model.model.") or k == "model.lm_head.weight" else k: v
-            for k, v in state.items()
-        }
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
-        if missing or unexpected:
-            raise UserError(
-                f"checkpoint {ckpt} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        if config.tie_word_embeddings:
-            model.tie_weights()
-        processor = AutoProcessor.from_pretrained(ckpt / "processor", local_files_only=True)
-        path = export_hf(
-            model, processor, cfg.output, max_shard_size=cfg.max_shard_size, dtype=getattr(torch, cfg.dtype)
-        )
-        log.info("exported %s to %s (%s)", ckpt, path, cfg.dtype)
-    return path

@@ -2,7 +2,7 @@
 
 A packed row stays exact only if samples cannot see each other. With transformers' ``sdpa`` / ``eager``
 attention that holds when ``position_ids`` restart at 0 for every sample, ``attention_mask`` is ``None`` and
-``use_cache`` is False (REFERENCE §4): the mask builder then derives a block-diagonal causal mask from the
+``use_cache`` is False (docs/reference.md §4): the mask builder then derives a block-diagonal causal mask from the
 position resets. The first label of every sample is ``-100`` because, after the model's internal shift, the
 last token of the previous sample would otherwise be trained to predict it.
 

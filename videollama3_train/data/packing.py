@@ -12,7 +12,7 @@ The pipeline for one epoch (``build_epoch_plan`` runs all of it):
    shuffle buffer), then deals them to data-parallel ranks so that every rank has the same number of
    micro-batches and about the same tokens and patches per step.
 
-Unlike the official VideoLLaMA3 code, which concatenates whatever lands in one batch (REFERENCE §4), this is
+Unlike the official VideoLLaMA3 code, which concatenates whatever lands in one batch (docs/reference.md §4), this is
 bin packing: rows are ~98% full, and the straggler rank of a step carries at most a few percent more work.
 """
 

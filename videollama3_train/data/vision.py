@@ -4,7 +4,7 @@ Follows transformers' ``models/video_llama_3/{image,video}_processing_video_llam
 torchvision calls, same row layout) so a sample encoded here equals what ``VideoLlama3Processor`` produces
 (``tests/test_parity.py``). Sizes follow the processor's own budgets (:func:`processor_budgets`: per image, and per
 video divided by its frame count) while a sample's items fit ``max_visual_tokens`` together; a sample over it falls
-back to the official rule (REFERENCE §3), the budget split equally over all its images and frames.
+back to the official rule (docs/reference.md §3), the budget split equally over all its images and frames.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def per_item_tokens(num_items: int, max_visual_tokens: int, min_tokens: int, max
     """LLM tokens allowed to each image / video frame of a sample holding ``num_items`` of them.
 
     The budget is shared equally (official rule); ``min_tokens`` wins over the total, so a sample with very many
-    frames can exceed ``max_visual_tokens`` by at most ``num_items * min_tokens`` (REFERENCE §3: 16 each).
+    frames can exceed ``max_visual_tokens`` by at most ``num_items * min_tokens`` (docs/reference.md §3: 16 each).
     """
     if num_items <= 0:
         return 0

@@ -2,7 +2,7 @@
 (``modeling_video_llama_3.py``, transformers 5.2x) seen through a handful of functions.
 
 The trainer does not call ``model(**batch, labels=...)``: the native loss builds ``(L, V)`` logits and upcasts them
-to fp32 (about 9 GiB at 16k tokens, REFERENCE §4), and it runs the vision tower only for the modalities a
+to fp32 (about 9 GiB at 16k tokens, docs/reference.md §4), and it runs the vision tower only for the modalities a
 micro-batch has (ZeRO-3 would then gather different parameters on different ranks). So it takes the model apart:
 the tower + projector (:func:`visual_features`), the LLM body (:func:`hidden_states`) and the output layer
 (:func:`output_layer`). Those attribute paths live here and nowhere in ``trainer/``; a transformers release that
@@ -73,7 +73,7 @@ def patch_dim(model: nn.Module) -> int:
 
 
 def flops_dimensions(config: Any) -> dict[str, int]:
-    """The dimensions REFERENCE §6 counts FLOPs with, read from a ``VideoLlama3Config`` (or an object with the same
+    """The dimensions docs/reference.md §6 counts FLOPs with, read from a ``VideoLlama3Config`` (or an object with the same
     fields), under the names used there: LLM ``d, nq, nkv, hd, ff, Ll, V``; tower ``dv, ffv, Lv``; ``patch`` side
     in pixels and image ``channels``."""
     text, vision = getattr(config, "text_config", None), getattr(config, "vision_config", None)
@@ -123,7 +123,7 @@ def apply_gradient_checkpointing(model: nn.Module, mode: str, every_n_layers: in
     "both"``), every ``every_n_layers``-th layer of each.
 
     transformers enables all ``GradientCheckpointingLayer``s at once; the layers of the tower that is not selected,
-    and the ones between every n-th, are switched back off (REFERENCE §5: every 2nd LLM layer is the fast setting).
+    and the ones between every n-th, are switched back off (docs/reference.md §5: every 2nd LLM layer is the fast setting).
     Non-reentrant, so frozen embeddings need no ``enable_input_require_grads``.
     """
     if mode == "none":

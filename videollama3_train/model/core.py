@@ -5,7 +5,7 @@ Init paths (``ModelConfig.init_from`` / ``init_kind``):
 * ``random``   - a preset's shape with random weights (projector normal(0, 0.02), bias 0).
 * ``native``   - a transformers-native VideoLLaMA3 directory (``from_pretrained``, offline).
 * ``official`` - an official-format checkpoint directory (training or hub remote-code key names), remapped to the
-  native names of REFERENCE §1 and loaded through safetensors.
+  native names of docs/reference.md §1 and loaded through safetensors.
 * ``assemble`` - stage-1 initialisation: a SigLIP vision-model directory + a Qwen2 causal-LM directory; the learned
   position embedding and pooling head of SigLIP are dropped and the projector starts random.
 """
@@ -108,7 +108,7 @@ _OFFICIAL_RULES = [
 
 
 def map_official_key(key: str) -> str:
-    """Official training / hub key name -> native name (REFERENCE §1)."""
+    """Official training / hub key name -> native name (docs/reference.md §1)."""
     for pattern, repl in _OFFICIAL_RULES:
         if pattern.match(key):
             return pattern.sub(repl, key, count=1)

@@ -1,4 +1,4 @@
-"""Component groups of the native model: what trains in each stage (REFERENCE §2).
+"""Component groups of the native model: what trains in each stage (docs/reference.md §2).
 
 ``vision`` = ``model.vision_model.*``; ``projector`` = ``model.projector.*``; ``llm`` = ``model.language_model.*`` and
 ``lm_head`` (a tied lm_head shares the embedding tensor and is counted once). A group is trainable exactly when it

@@ -1,4 +1,4 @@
-"""Model shapes. Dimensions follow ../shared REFERENCE §1 (VideoLLaMA3 2B / 7B): a SigLIP-so400m-style NaViT tower
+"""Model shapes. Dimensions follow docs/reference.md §1 (VideoLLaMA3 2B / 7B): a SigLIP-so400m-style NaViT tower
 with 14px patches and a Qwen2.5 LLM. ``tiny`` keeps every structural feature (GQA, tied embeddings, axial RoPE with
 head_dim divisible by 4) at a size that runs a forward+backward in well under a second on CPU.
 """

@@ -20,7 +20,7 @@ export            parameters are whole                         ZeRO-3: gathered 
 ================  ===========================================  ===========================================
 
 ``grad_scale`` is the factor the loop multiplies the loss by so that the backend's own averaging cancels and the
-gradients are exactly ``d(sum of token losses) / (label tokens of the global batch)`` (REFERENCE §4: the official
+gradients are exactly ``d(sum of token losses) / (label tokens of the global batch)`` (docs/reference.md §4: the official
 code divides twice under DeepSpeed). The lr scheduler is not the backend's: the loop steps it once per applied
 update (accelerate's scheduler wrapper would step it once per process).
 
@@ -48,14 +48,13 @@ import torch
 from torch import Tensor, nn
 
 from videollama3_train.model import api
+from videollama3_train.paths import DEEPSPEED_CONFIG_DIR as DEFAULT_DEEPSPEED_DIR
 from videollama3_train.trainer.config import TrainConfig
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from videollama3_train.trainer.step import LossModule
-
-DEFAULT_DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 
 
 def resolve_precision(cfg: TrainConfig) -> str:

@@ -1,6 +1,6 @@
 """Configuration of the training loop (:func:`videollama3_train.trainer.fit.fit`).
 
-Defaults are the values shared by all four official stages (REFERENCE §2): AdamW (0.9, 0.999, 1e-8), weight
+Defaults are the values shared by all four official stages (docs/reference.md §2): AdamW (0.9, 0.999, 1e-8), weight
 decay 0, cosine schedule with 3% warmup, one epoch, gradient clipping at 1.0, ZeRO-1 in the official scripts (here
 the backend is a choice). A component group trains exactly when it has a learning rate.
 
@@ -74,7 +74,7 @@ class TrainConfig:
     # consecutive steps with non-finite loss or gradient norm tolerated before aborting
     nan_tolerance: int = 5
     resume: bool = True  # resume automatically from the newest complete checkpoint in <out_dir>/checkpoints
-    # folder of zero{1,2,3}.json; None = the repository's configs/deepspeed
+    # folder of zero{1,2,3}.json; None = the package's configs/deepspeed (videollama3_train.paths.DEEPSPEED_CONFIG_DIR)
     deepspeed_config_dir: str | None = None
 
     def __post_init__(self) -> None:

@@ -3,7 +3,7 @@
 One optimizer step, as :func:`fit` tells it:
 
 1. take ``grad_accum`` packed micro-batches from the loader and count their label tokens on the host; all-reduce
-   the count, so the loss is normalised exactly once by the label tokens of the whole global batch (REFERENCE §4:
+   the count, so the loss is normalised exactly once by the label tokens of the whole global batch (docs/reference.md §4:
    the official code divides twice under DeepSpeed);
 2. forward each micro-batch (:class:`~videollama3_train.trainer.step.LossModule`: hidden states, never full
    logits; chunked cross-entropy against the output layer), backward ``loss_sum / global_count`` times the factor

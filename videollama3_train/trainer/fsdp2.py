@@ -5,7 +5,7 @@ We call ``torch.distributed.fsdp.fully_shard`` ourselves (as torchtitan does) ra
 states, so under ``torchrun`` on a CPU host it silently falls back to DDP — the CPU tests would pass without
 sharding anything. With ``fully_shard`` the same code shards on gloo and on NCCL, and the tests run what GPUs run.
 
-Units (REFERENCE §1): every vision-encoder block and every LLM decoder layer is its own unit (transformers marks
+Units (docs/reference.md §1): every vision-encoder block and every LLM decoder layer is its own unit (transformers marks
 both as ``GradientCheckpointingLayer``); the root unit (last) holds what remains — patch embedding, vision
 post-norm, projector, token embeddings, final norm and ``lm_head``. The root is the module whose ``forward`` the
 loop calls (the loss module), not the model: the loss reads ``lm_head.weight`` and calls the tower and the LLM

@@ -1,7 +1,7 @@
 """Chunked cross-entropy: the LM loss without full-vocabulary fp32 logits.
 
 transformers' causal-LM loss builds ``(L, V)`` logits and upcasts them to fp32 (about 9 GiB at 16k tokens and the
-Qwen2 vocabulary, REFERENCE §4). Here only positions that carry a label are used, and their logits exist one chunk
+Qwen2 vocabulary, docs/reference.md §4). Here only positions that carry a label are used, and their logits exist one chunk
 at a time: the forward keeps one fp32 logsumexp per token, the backward recomputes each chunk's logits. Peak extra
 memory is ``chunk_size * V`` fp32 plus the ``(V, d)`` weight gradient.
 

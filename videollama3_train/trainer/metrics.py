@@ -1,7 +1,7 @@
 """What a run measures and where it goes: training FLOPs and MFU, the per-step metrics, the one metrics writer.
 
-FLOPs follow ../shared REFERENCE §6 term by term so every MFU figure of this project is comparable with the
-measured anchors of REFERENCE §5: training counts 3x the forward matmuls, recomputation (activation
+FLOPs follow docs/reference.md §6 term by term so every MFU figure of this project is comparable with the
+measured anchors of docs/reference.md §5: training counts 3x the forward matmuls, recomputation (activation
 checkpointing) is not counted, attention is counted per unpacked sample (causal: half of the full square), and the
 vision tower's attention is counted per image / per video frame, which is its attention segment. The counts are
 read from the CPU batches (:func:`batch_stats`), so measuring never waits on the GPU::
@@ -44,7 +44,9 @@ from videollama3_train.model.api import flops_dimensions
 
 log = logging.getLogger(__name__)
 
-H100_BF16_PEAK = 989.4e12  # dense bf16 FLOP/s of one H100 SXM; the denominator of every MFU in REFERENCE §5
+H100_BF16_PEAK = (
+    989.4e12  # dense bf16 FLOP/s of one H100 SXM; the denominator of every MFU in docs/reference.md §5
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -54,11 +56,11 @@ H100_BF16_PEAK = 989.4e12  # dense bf16 FLOP/s of one H100 SXM; the denominator 
 
 @dataclass(frozen=True)
 class FlopsShape:
-    """The dimensions REFERENCE §6 uses (names kept as there).
+    """The dimensions docs/reference.md §6 uses (names kept as there).
 
     LLM: hidden ``d``, query heads ``nq``, KV heads ``nkv``, head dim ``hd``, MLP intermediate ``ff``, layers
     ``Ll``, vocabulary ``V``. Vision tower: hidden ``dv``, MLP intermediate ``ffv``, layers ``Lv``, patch side
-    ``patch`` in pixels (14 for every VideoLLaMA3 checkpoint; REFERENCE writes the constant 14).
+    ``patch`` in pixels (14 for every VideoLLaMA3 checkpoint; docs/reference.md §6 writes the constant 14).
     """
 
     d: int
@@ -152,14 +154,14 @@ def combine_batch_stats(stats: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# FLOPs and MFU (REFERENCE §6)
+# FLOPs and MFU (docs/reference.md §6)
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def flops_per_step(
     shape: FlopsShape, batch_stats: Mapping[str, Any], *, llm_trains: bool, vision_trains: bool
 ) -> dict[str, float]:
-    """Training FLOPs of the micro-batches summarised by ``batch_stats``, term by term (REFERENCE §6).
+    """Training FLOPs of the micro-batches summarised by ``batch_stats``, term by term (docs/reference.md §6).
 
     ``llm_trains`` / ``vision_trains``: whether that module has trainable parameters. A frozen LLM still costs
     forward + input-gradient backward (``kl = 4``) because gradients flow through it to the projector; a frozen
@@ -177,7 +179,7 @@ def flops_per_step(
     f_head = kl * s.d * s.V * batch_stats["N_logit_tokens"]
     f_attn = kl * s.Ll * s.nq * s.hd * sum(n * n for n in lengths)
     f_proj = 6 * (s.dv * s.d + s.d * s.d) * batch_stats["N_visual_llm_tokens"]
-    # The patch-embedding conv is a (channels * patch^2) x dv matmul per patch; REFERENCE writes 3*14*14*dv.
+    # The patch-embedding conv is a (channels * patch^2) x dv matmul per patch; docs/reference.md §6 writes 3*14*14*dv.
     w_vit = s.Lv * (4 * s.dv * s.dv + 2 * s.dv * s.ffv) + s.channels * s.patch * s.patch * s.dv
     f_vit = kv * w_vit * sum(patches) + 2 * kv * s.Lv * s.dv * sum(p * p for p in patches)
 
@@ -207,7 +209,7 @@ def throughput(
 
     ``stats`` and ``flops`` must cover the same work (both summed over ranks, or both of one rank with
     ``n_gpus=1``). ``peak`` defaults to the H100 bf16 peak on every device, CPU included, so figures stay
-    comparable with REFERENCE §5; on other hardware MFU only shows relative changes.
+    comparable with docs/reference.md §5; on other hardware MFU only shows relative changes.
     """
     if seconds <= 0:
         raise ValueError(f"step time must be > 0 s, got {seconds}")
@@ -322,6 +324,9 @@ class StepLog:
         self.pending.clear()
 
     def add_eval(self, step: int, values: Mapping[str, Any]) -> None:
+        # rows still held go out first: W&B drops a row whose step is lower than one already logged (collective:
+        # every rank calls add_eval at the same step)
+        self.flush()
         if self.is_main and values:
             self._emit({"step": step, **{f"eval/{k}": _scalar(v) for k, v in values.items()}})
 

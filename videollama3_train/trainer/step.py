@@ -2,7 +2,7 @@
 
 The loss is computed here, not by ``model(**batch, labels=...)``: the model gives hidden states
 (:func:`videollama3_train.model.api.hidden_states`), never full logits, and the chunked cross-entropy multiplies
-only the labelled positions by the output layer (REFERENCE §4). The ``(1, L)`` packed row keeps its samples apart
+only the labelled positions by the output layer (docs/reference.md §4). The ``(1, L)`` packed row keeps its samples apart
 by ``position_ids`` restarting at 0 and by the first label of each sample being ``IGNORE_INDEX``; no attention
 mask, no KV cache.
 
@@ -177,7 +177,7 @@ def _note_no_breakdown() -> None:
 
 class StepCounter:
     """The host counts of a step (:data:`COUNT_KEYS`): label tokens after the shift (the loss normaliser), real
-    tokens, visual LLM tokens, training FLOPs of REFERENCE §6 (which depend on which towers train: ``kl``, ``kv``),
+    tokens, visual LLM tokens, training FLOPs of docs/reference.md §6 (which depend on which towers train: ``kl``, ``kv``),
     and the seconds this rank waited for data. Returned as one float64 tensor on ``device``, ready for the one
     all-reduce of the step.
 

@@ -1,0 +1,131 @@
+"""The commands that do not train: the data doctor's scan and report, and the export of a training checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import DoctorConfig, ExportConfig, compose_stage
+from .console import UserError, log_file, relative_hint
+from .run import build_stage_processor, build_tokenizer_for
+
+log = logging.getLogger("videollama3_train")
+
+# ----------------------------------------------------------------------------------------------------------------
+# The data doctor
+# ----------------------------------------------------------------------------------------------------------------
+
+EXIT_OK, EXIT_TOO_MANY_BAD = 0, 2
+
+
+def run_doctor(cfg: DoctorConfig, overrides: Sequence[str], *, progress: bool = True) -> int:
+    """Scan ``cfg.data`` (``data.scan.scan_data``), write the report to ``cfg.output_dir``; returns the exit status:
+    0, or 2 when a dataset's share of bad records exceeds ``doctor.max_failure_rate`` (default: training's own
+    ``data.max_bad_fraction``, the rule on which training aborts). The log goes to ``doctor.log`` there.
+
+    Each stage of ``doctor.stages`` is composed with the same ``overrides``, exactly as the pipeline would run it,
+    for its packing estimate.
+    """
+    from .data.scan import StagePlan, scan_data
+    from .reports import write_report
+
+    out_dir = Path(cfg.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output_dir={cfg.output_dir} is a file, not a directory")
+    stages = {}
+    for s in cfg.doctor.stages:
+        scfg = compose_stage(s, overrides, config_name="doctor")
+        stages[s] = StagePlan(scfg.encode, scfg.data, scfg.trainer.grad_accum)
+    with log_file(out_dir / "doctor.log"):
+        processor = build_stage_processor(build_tokenizer_for(cfg), cfg.encode)
+        scan, series = scan_data(cfg.data, cfg.encode, processor, cfg.doctor, stages, progress=progress)
+        report = {"stage": cfg.stage, "model": cfg.model.preset, **scan}
+        written = write_report(report, series, cfg.output_dir)
+    t = report["totals"]
+    print(
+        f"[doctor] {t['records']} records, {t['failed']} bad ({t['failure_rate']:.2%}): "
+        + (", ".join(f"{k} {v['count']}" for k, v in report["reasons"].items()) or "no failures"),
+        flush=True,
+    )
+    for s, e in report["stages"].items():
+        if "optimizer_steps_per_epoch" in e:
+            steps, fill = e["optimizer_steps_per_epoch"], e["fill_ratio"]
+            print(f"[doctor] {s}: {steps} optimizer steps per epoch, fill {fill:.1%}", flush=True)
+    print(f"[doctor] wrote {written[0]} and {written[1]}", flush=True)
+    print(f"[doctor] {report['verdict']}", file=sys.stdout if report["passed"] else sys.stderr, flush=True)
+    return EXIT_OK if report["passed"] else EXIT_TOO_MANY_BAD
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export of a training checkpoint
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``path`` when it is a complete checkpoint, else the newest complete checkpoint of the run directory."""
+    from .trainer.checkpoint import find_latest_checkpoint
+
+    p = Path(path)
+    if (p / "COMPLETE").is_file():
+        return p
+    if not p.is_dir():
+        raise UserError(f"checkpoint={path}: no such directory{relative_hint(p)}")
+    latest = find_latest_checkpoint(p)
+    if latest is None:
+        raise UserError(
+            f"checkpoint={path} is neither a complete checkpoint (a COMPLETE file) nor a run directory with one "
+            "under checkpoints/: give a run directory or its checkpoints/step-XXXXXXXX"
+        )
+    return latest
+
+
+def export_checkpoint(cfg: ExportConfig) -> Path:
+    """A training checkpoint -> a transformers-native directory ``cfg.output`` (safetensors only); returns it.
+
+    The result loads offline with ``AutoModelForImageTextToText.from_pretrained`` and
+    ``AutoProcessor.from_pretrained``. Weights are ``cfg.dtype`` (float32 by default, as in a stage's own
+    ``export/``). The log goes to ``export.log`` in the checkpoint's run directory.
+    """
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoProcessor, VideoLlama3Config, VideoLlama3ForConditionalGeneration
+
+    from .model.export import export_hf
+
+    ckpt = resolve_checkpoint(cfg.checkpoint)
+    weights = ckpt / "model.safetensors"
+    if not weights.is_file():
+        raise UserError(
+            f"{ckpt} holds no model.safetensors (a DeepSpeed ZeRO / FSDP2 checkpoint keeps sharded states): export "
+            "the stage's final export/ directory instead, or consolidate with DeepSpeed's zero_to_fp32 first"
+        )
+    out = Path(cfg.output)
+    if out.resolve() in (ckpt.resolve(), *ckpt.resolve().parents):
+        raise UserError(
+            f"output={cfg.output} would replace the checkpoint it reads: choose another directory"
+        )
+    with log_file(ckpt.parent.parent / "export.log"):
+        config = VideoLlama3Config.from_pretrained(ckpt / "model_config")
+        model = VideoLlama3ForConditionalGeneration(config)
+        state = load_file(str(weights))
+        # the trainer wraps the model once (``LossModule.model``): strip that prefix
+        state = {
+            k[len("model.") :] if k.startswith("model.model.") or k == "model.lm_head.weight" else k: v
+            for k, v in state.items()
+        }
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise UserError(
+                f"checkpoint {ckpt} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        processor = AutoProcessor.from_pretrained(ckpt / "processor", local_files_only=True)
+        path = export_hf(
+            model, processor, cfg.output, max_shard_size=cfg.max_shard_size, dtype=getattr(torch, cfg.dtype)
+        )
+        log.info("exported %s to %s (%s)", ckpt, path, cfg.dtype)
+    return path
