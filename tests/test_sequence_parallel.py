@@ -7,6 +7,7 @@ plain loss module on the whole row in one process: loss, per-sample sums and eve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -80,3 +81,103 @@ def test_two_ranks_equal_one_process_on_a_mixed_row(tmp_path: Path) -> None:
     assert sum(r["patches_per_rank"]) == r["total_patches"]
     assert max(r["patches_per_rank"]) <= 0.6 * r["total_patches"], r
     assert all(f > 0 for f in r["frames_per_rank"])
+
+
+def _train_cmd(out: Path, data: Path, port: int, nproc: int, *extra: str) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(port),
+    ]
+    return cmd + [
+        "-m",
+        "videollama3_train.train",
+        "stage=multitask_sft",
+        "model=tiny",
+        "data=file",
+        f"data.path={data / 'train.jsonl'}",
+        f"data.root={data}",
+        "trainer.sequence_parallel=2",
+        "trainer.max_steps=20",
+        "trainer.save_every=2",
+        "trainer.log_every=1",
+        "eval.before=false",
+        "logger=disabled",
+        f"output_dir={out}",
+        *extra,
+    ]
+
+
+def _pids_with(text: str) -> list[int]:
+    """Processes whose command line contains ``text``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(entry.name))
+    return pids
+
+
+def _losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}  # the last row of a step wins (a resumed run)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_sp2_dp2_trains_through_the_train_command_and_resumes_after_sigkill(tmp_path: Path) -> None:
+    """4 processes = 2 data-parallel groups x sequence parallelism 2, the tiny preset through ``train``; SIGKILL
+    after the step-2 checkpoint, rerun the same command: the following losses equal an uninterrupted run's."""
+    import signal
+    import time
+
+    from test_sample_data import gen
+
+    data = tmp_path / "data"
+    gen.generate(data, seed=1, n_train=48, n_heldout=4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    ref = tmp_path / "ref"
+    proc = subprocess.run(
+        _train_cmd(ref, data, _free_port(), 4), capture_output=True, text=True, timeout=700, env=env
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+
+    run = tmp_path / "run"
+    log = (tmp_path / "killed.log").open("w")
+    killed = subprocess.Popen(
+        _train_cmd(run, data, _free_port(), 4),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 600
+    while not (run / "checkpoints" / "step-00000002" / "COMPLETE").is_file():
+        assert killed.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()[
+            -4000:
+        ]
+        time.sleep(0.2)
+    # the launcher and every rank, mid-run (torchrun starts its workers in sessions of their own)
+    for pid in _pids_with(f"output_dir={run}"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    killed.wait(timeout=60)
+    log.close()
+    proc = subprocess.run(
+        _train_cmd(run, data, _free_port(), 4), capture_output=True, text=True, timeout=700, env=env
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert "resum" in (proc.stdout + proc.stderr).lower(), (proc.stdout + proc.stderr)[-3000:]
+    got, want = _losses(run), _losses(ref)
+    assert sorted(want) == list(range(1, 21))
+    assert (
+        min(s for s in got if s > 2) == 3
+    )  # the killed run's rows end before step 20: it was stopped mid-run
+    for step in range(3, 21):
+        assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got, want)
+    assert (run / "export" / "config.json").is_file()

@@ -114,7 +114,8 @@ class RunConfig:
             raise ValueError(f"stage must be one of {[*STAGES, *EXTRA_STAGES]}, got {self.stage!r}")
         if self.init_from is not None:
             self.model.init_from = self.init_from
-        self.data.validate_against(self.encode)  # a sample the encode settings allow must fit a micro-batch
+        # a sample the encode settings allow must fit a micro-batch (of a sequence-parallel group's row)
+        self.data.validate_against(self.encode, self.trainer.sequence_parallel)
 
 
 @dataclass

@@ -230,13 +230,26 @@ def _train(
     # The data first: annotations read, every record costed and packed -- bad data stops the run before a model
     # (minutes to load at full size) is built.
     try:
+        # a sequence-parallel group of N ranks shares its rows: the loader deals rows to groups, N times longer
+        n = cfg.trainer.sequence_parallel
+        if accelerator.num_processes % n:
+            raise UserError(
+                f"trainer.sequence_parallel={n} must divide the number of processes ({accelerator.num_processes})"
+            )
+        data_cfg = (
+            cfg.data
+            if n == 1
+            else dataclasses.replace(
+                cfg.data, max_tokens=cfg.data.max_tokens * n, max_patches=cfg.data.max_patches * n
+            )
+        )
         data = build_train_data(
-            cfg.data,
+            data_cfg,
             cfg.encode,
             processor,
             grad_accum=cfg.trainer.grad_accum,
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
+            rank=accelerator.process_index // n,
+            world_size=accelerator.num_processes // n,
             is_main=is_main,
             global_batch_samples=cfg.trainer.global_batch_samples,
         )

@@ -174,7 +174,7 @@ def gather_features(
     ``local[modality]``: this rank's features of that modality, ``(sum of its frames' h*w/m^2, width)``. Sizes are
     known on every rank from the grids, so the gather pads to the largest rank and trims; its backward sums the
     gradients of every rank's copy (``torch.distributed.nn.functional.all_gather``)."""
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd, wait_tensor
+    from torch.distributed._functional_collectives import all_gather_single_autograd, wait_tensor
 
     def tokens(f: _Frame) -> int:
         return f.h * f.w // (f.merge * f.merge)
@@ -186,7 +186,7 @@ def gather_features(
     pad = max(counts) - mine.shape[0]
     if pad:
         mine = torch.cat([mine, mine.new_zeros(pad, width)])
-    gathered = wait_tensor(all_gather_tensor_autograd(mine.contiguous(), 0, sp.group))  # (N * max, width)
+    gathered = wait_tensor(all_gather_single_autograd(mine.contiguous(), 0, sp.group))  # (N * max, width)
     rows = max(counts)
     flat = torch.cat(
         [gathered[i * rows : i * rows + c] for i, c in enumerate(counts)]
