@@ -567,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         fit(model, loader, cfg, out_dir=out, on_step=on_step)
     except SystemExit as e:  # SIGTERM: fit checkpointed and asks for a clean exit
         (out / f"exit_rank{rank}").write_text(f"{e.code}\n")
+        _shut_down()
         raise
     (out / f"exit_rank{rank}").write_text("0\n")
     if args.digests:
@@ -577,7 +578,18 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         torch.save(state, out / "params_after.pt")
         print("WORKER DONE", flush=True)
+    _shut_down()
     return 0
+
+
+def _shut_down() -> None:
+    """Leave the process group together: a rank that exits with it alive may abort in its C++ teardown
+    ("terminate called without an active exception"), failing a run that did everything right."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 
 Plans: ``grads`` (the 4 micro-batches of ``grad_check_batches`` split over the ranks: the update is compared with
 the one-process reference), ``textonly`` (rank 0 images/videos, every other rank text only), ``repeat`` (8 mixed
-micro-batches on every rank; the resume tests). On exit: ``params_after.pt`` (rank 0, the full state dict, gathered
+micro-batches on every rank; the resume tests), ``ranked`` (the real PackedLoader over synthetic records, 2 packed
+rows per step over all ranks: resumable at another world size). On exit: ``params_after.pt`` (rank 0, the full state dict, gathered
 from the shards) and, with ``--export``, ``export/`` (transformers-native) plus ``logits.pt`` of the trained model
 on a fixed input, so a test can load the export and compare. Asserts that every parameter is sharded.
 """
@@ -20,7 +21,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dist_worker import ListLoader, grad_check_batches, textonly_batches, tiny_setup, train_batches  # noqa: E402
+from dist_worker import (  # noqa: E402
+    ListLoader,
+    grad_check_batches,
+    ranked_loader,
+    textonly_batches,
+    tiny_setup,
+    train_batches,
+)
 
 
 def probe_input() -> dict[str, torch.Tensor]:
@@ -38,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
-    p.add_argument("--plan", choices=("grads", "textonly", "repeat"), default="grads")
+    p.add_argument("--plan", choices=("grads", "textonly", "repeat", "ranked"), default="grads")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e4)
@@ -54,14 +62,21 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     print(f"PID {rank} {os.getpid()}", flush=True)
     model, tok = tiny_setup()
+    batches = []
     if args.plan == "grads":
         all_batches = grad_check_batches(tok)
         per_rank = len(all_batches) // world
         batches = all_batches[rank * per_rank : (rank + 1) * per_rank]
     elif args.plan == "textonly":
         batches = textonly_batches(tok, rank, args.grad_accum * args.steps)
-    else:
+    elif args.plan == "repeat":
         batches = train_batches(tok)
+    # ranked: the real PackedLoader over synthetic records (a global cursor: resumable at another world size)
+    loader = (
+        ranked_loader(tok, Path(args.out), rank, world, 40, 2)
+        if args.plan == "ranked"
+        else ListLoader(batches)
+    )
     cfg = TrainConfig(
         lr_vision=args.lr,
         lr_projector=args.lr,
@@ -85,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.kill_at and row["step"] == args.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    fit(model, ListLoader(batches), cfg, out_dir=args.out, on_step=on_step if rank == 0 else None)
+    fit(model, loader, cfg, out_dir=args.out, on_step=on_step if rank == 0 else None)
 
     from torch.distributed.tensor import DTensor
 

@@ -139,20 +139,20 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_losses(tmp_path: Path) ->
 
 @pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
 def test_resume_at_another_world_size_reshards(tmp_path: Path, first: int, second: int) -> None:
-    """DCP reshards the model and the optimizer: 2 steps on ``first`` ranks then 2 on ``second`` equal 4 steps on
-    one rank (the ``repeat`` plan gives every rank the same micro-batches, so the global gradient does not depend on
-    the world size)."""
-    common = ("--plan", "repeat", "--save-every", "2", "--lr", "1e-3", "--eps", "1e-8")
+    """DCP reshards the model and the optimizer, the loader's global cursor the data: 2 steps on ``first`` ranks
+    then 2 on ``second`` equal 4 steps on one rank (the ``ranked`` plan: the same 2 packed rows per step, dealt over
+    whatever ranks there are)."""
+    common = ("--plan", "ranked", "--save-every", "2", "--lr", "1e-3", "--eps", "1e-8")
     _run(tmp_path / "ref", *common, "--steps", "4", nproc=1)
     _run(tmp_path / "run", *common, "--steps", "2", nproc=first)
     _run(tmp_path / "run", *common, "--steps", "4", nproc=second)
     ref, got = _losses(tmp_path / "ref"), _losses(tmp_path / "run")
     for step in (3, 4):
-        assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, got, ref)
+        assert got[step] == pytest.approx(ref[step], rel=1e-4), (step, got, ref)
     a = torch.load(tmp_path / "ref" / "params_after.pt", weights_only=True)
     b = torch.load(tmp_path / "run" / "params_after.pt", weights_only=True)
     for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
 
 
 def test_export_loads_with_auto_classes_and_gives_the_trained_logits(tmp_path: Path) -> None:

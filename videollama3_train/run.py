@@ -192,6 +192,8 @@ def _complete_results(out_dir: Path) -> dict[str, Any]:
 def _report_complete(cfg: RunConfig, record: dict[str, Any]) -> dict[str, Any]:
     out_dir = Path(cfg.output_dir)
     results_file = out_dir / "results.json"
+    if int(os.environ.get("RANK", "0")) != 0:  # under a launcher every rank sees the record; one reports it
+        return _complete_results(out_dir)
     print(
         f"[{cfg.stage}] output_dir={out_dir} holds this run, complete at step {record.get('step', '?')}: nothing to "
         f"do (export: {out_dir / 'export'}; results: {results_file}).\n"

@@ -188,32 +188,19 @@ def build_train_data(
         padding_rows_per_step=loader.padding_per_step,
         samples_per_row=stats["samples_packed"] / max(packed_rows, 1),
     )
-    if is_main:
-        source = (
-            f"trainer.global_batch_samples={global_batch_samples} / {samples_per_row:.2f} samples per row"
-            if global_batch_samples is not None
-            else f"trainer.grad_accum={grad_accum} x {world_size} ranks"
-        )
-        log.info(
-            "global batch: %d packed rows per optimizer step (%s), ~%.0f samples; %d ranks x grad_accum %d",
-            rows,
-            source,
-            rows * stats["samples_per_row"],
+    # the global batch itself is printed by the train command (run.py); the idle share is this module's to say
+    if is_main and loader.padding_per_step:
+        log.warning(
+            "%d ranks do not divide the %d rows of a step: %d of the %d micro-batches of each step are empty "
+            "(%.0f%% of the ranks' time idle); a world size dividing %d, or another "
+            "trainer.global_batch_samples, avoids it",
             world_size,
-            loader.grad_accum,
+            rows,
+            loader.padding_per_step,
+            world_size * loader.grad_accum,
+            100 * loader.padding_per_step / (world_size * loader.grad_accum),
+            rows,
         )
-        if loader.padding_per_step:
-            log.warning(
-                "%d ranks do not divide the %d rows of a step: %d of the %d micro-batches of each step are empty "
-                "(%.0f%% of the ranks' time idle); a world size dividing %d, or another "
-                "trainer.global_batch_samples, avoids it",
-                world_size,
-                rows,
-                loader.padding_per_step,
-                world_size * loader.grad_accum,
-                100 * loader.padding_per_step / (world_size * loader.grad_accum),
-                rows,
-            )
     return DataBundle(loader, names, records, roots, failures, stats, rows, loader.grad_accum)
 
 

@@ -340,6 +340,7 @@ class FSDP2Backend(Backend):
     """
 
     name = "fsdp2"
+    reshards = True  # DCP reshards the model and optimizer states to the world size at hand
 
     def __init__(self, accelerator: Accelerator, *, max_grad_norm: float, cfg: TrainConfig | None = None):
         super().__init__(accelerator, max_grad_norm=max_grad_norm)
