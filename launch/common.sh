@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Helpers sourced by the launch scripts: world size, grad_accum for a global batch, and one function that starts
+# Helpers sourced by the launch scripts: world size, and one function that starts
 # one training run with the launcher chosen by $LAUNCHER. Not meant to be run directly.
 #
 # Every launch script cd's into the repository root first: relative paths in overrides (output_dir=outputs/x,
@@ -50,18 +50,6 @@ world_size() {
     deepspeed) hostfile_slots "${HOSTFILE:-$LAUNCH_DIR/hostfile}" ;;
     *) die "unknown LAUNCHER=${LAUNCHER}; use torchrun | torchrun_multinode | slurm | deepspeed | accelerate" ;;
   esac
-}
-
-# grad_accum = max(1, round(GLOBAL_BATCH / (world_size * SAMPLES_PER_MICRO_BATCH))).
-# A micro-batch is one packed row (data.max_tokens tokens), which holds a variable number of samples;
-# SAMPLES_PER_MICRO_BATCH is the average you expect (about 4 for 16k-token rows of typical SFT data).
-grad_accum_for() {
-  local global="$1" world="$2" per_micro="$3"
-  (( world > 0 && per_micro > 0 )) || die "world size ($world) and SAMPLES_PER_MICRO_BATCH ($per_micro) must be > 0"
-  local denom=$(( world * per_micro ))
-  local ga=$(( (global + denom / 2) / denom ))
-  (( ga >= 1 )) || ga=1
-  echo "$ga"
 }
 
 # Print a command, then run it unless DRY_RUN=1 (every launch script starts its processes through it).

@@ -11,9 +11,9 @@
 #                              e.g. DATA_VIDEO_FINETUNE=video_mix
 #   SIGLIP_DIR, QWEN_DIR       stage-1 assembly from local SigLIP + Qwen2.5-Instruct checkpoints; or INIT_FROM=a
 #                              native / official checkpoint; with neither, stage 1 starts from random weights
-#   GLOBAL_BATCH [128]         target samples per optimizer step
-#   SAMPLES_PER_MICRO_BATCH [4]  average samples in one packed micro-batch (data.max_tokens tokens)
-#   GRAD_ACCUM                 force trainer.grad_accum instead of computing it
+#   GLOBAL_BATCH [128]         samples per optimizer step (trainer.global_batch_samples; the trainer derives the
+#                              packed rows per step and grad_accum for the world size)
+#   GRAD_ACCUM                 fix trainer.grad_accum packed rows per rank instead (global batch then grows with GPUs)
 #   BACKEND [zero1]            trainer.backend
 #   FIRST_STAGE [encoder_adaptation]  start here (earlier stages must have their export/)
 #   FORCE [0]                  1 = hand stages whose export/ exists to the train command anyway (skipped otherwise);
@@ -28,23 +28,16 @@ cd "$REPO_DIR"
 MODEL="${MODEL:?set MODEL=videollama3_2b or videollama3_7b (or run stages_2b.sh / stages_7b.sh)}"
 OUTPUT_ROOT="${OUTPUT_ROOT:-outputs/$MODEL}"
 GLOBAL_BATCH="${GLOBAL_BATCH:-128}"
-SAMPLES_PER_MICRO_BATCH="${SAMPLES_PER_MICRO_BATCH:-4}"
 BACKEND="${BACKEND:-zero1}"
 FIRST_STAGE="${FIRST_STAGE:-encoder_adaptation}"
 STAGES=(encoder_adaptation alignment multitask_sft video_finetune)
 
 [[ " ${STAGES[*]} " == *" $FIRST_STAGE "* ]] || die "FIRST_STAGE=$FIRST_STAGE is not one of: ${STAGES[*]}"
 
-world="$(world_size)"
-grad_accum="${GRAD_ACCUM:-$(grad_accum_for "$GLOBAL_BATCH" "$world" "$SAMPLES_PER_MICRO_BATCH")}"
-effective=$((world * SAMPLES_PER_MICRO_BATCH * grad_accum))
-echo "global batch: $world processes x ~$SAMPLES_PER_MICRO_BATCH samples per packed micro-batch x grad_accum" \
-  "$grad_accum = ~$effective samples per step (target $GLOBAL_BATCH)" >&2
-if (( 4 * effective > 5 * GLOBAL_BATCH || 4 * effective < 3 * GLOBAL_BATCH )); then
-  # Too many GPUs for the target even at grad_accum 1 (or an uneven split): say so rather than drift silently.
-  echo "warning: ~$effective samples per step is more than 25% away from $GLOBAL_BATCH; lower data.max_tokens" \
-    "(fewer samples per packed row) or set GRAD_ACCUM / SAMPLES_PER_MICRO_BATCH" >&2
-fi
+# The trainer turns the global batch (samples) into packed rows per step from the data's own packing and derives
+# grad_accum for the world size; GRAD_ACCUM=<n> fixes n packed rows per rank per step instead.
+if [[ -n "${GRAD_ACCUM:-}" ]]; then batch=("trainer.grad_accum=$GRAD_ACCUM" "trainer.global_batch_samples=null")
+else batch=("trainer.global_batch_samples=$GLOBAL_BATCH"); fi
 
 # Data config of a stage: DATA_<STAGE in capitals>, else DATA, else the bundled sample.
 data_for() {
@@ -81,7 +74,7 @@ for stage in "${STAGES[@]}"; do
     else
       # An interrupted stage resumes from its newest checkpoint in $out (trainer.resume defaults to true).
       launch_train "stage=$stage" "model=$MODEL" "data=$(data_for "$stage")" "output_dir=$out" \
-        ${init[@]+"${init[@]}"} "trainer.grad_accum=$grad_accum" "trainer.backend=$BACKEND" "$@"
+        ${init[@]+"${init[@]}"} "${batch[@]}" "trainer.backend=$BACKEND" "$@"
     fi
   fi
   prev="$stage"

@@ -45,6 +45,7 @@ TINY_KEYS = {
     "model.tokenizer",
     "model.dtype",
     "trainer.epochs",
+    "trainer.global_batch_samples",
     "trainer.warmup_ratio",
     "trainer.save_every",
     "trainer.log_every",
