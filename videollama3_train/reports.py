@@ -240,6 +240,14 @@ REASONS: dict[str, tuple[str, str]] = {
         "fix the path or data.root; restore the file",
     ),
     "empty_file": ("a file is 0 bytes", "re-download / re-extract it"),
+    "unsupported_streaming": (
+        "a streaming record of the official code (stream, conversation, start_time/end_time keys)",
+        "not supported: give the clip as a video with start/end and the turns as conversations",
+    ),
+    "unsupported_image_folder": (
+        "a folder given under image (one image per file is read)",
+        "list the folder's files under image, or give the folder under video (frame folders)",
+    ),
     "corrupt_image": ("an image's header or pixel data cannot be decoded (e.g. truncated)", "re-download it"),
     "corrupt_video": ("a video container cannot be opened or decoded (e.g. truncated mp4)", "re-download it"),
     "no_video_stream": (

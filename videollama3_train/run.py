@@ -55,25 +55,12 @@ def build_tokenizer_for(cfg: RunConfig):
 
 
 def build_stage_processor(tokenizer, enc):
-    """transformers' processor with this stage's merge sizes and budgets (it is saved with every export, so
-    inference on the export sees images the way this stage trained on them)."""
+    """transformers' processor with this stage's merge sizes, budgets and frame sampling (it is saved with every
+    export, so inference on the export sees images and videos the way this stage trained on them)."""
+    from .data.encode import processor_settings
     from .model.tokenizer import build_processor
 
-    img_factor = (enc.patch_size * enc.image_merge_size) ** 2
-    vid_factor = (enc.patch_size * enc.video_merge_size) ** 2
-    return build_processor(
-        tokenizer,
-        image_merge_size=enc.image_merge_size,
-        video_merge_size=enc.video_merge_size,
-        image_min_pixels=enc.min_tokens_per_item * img_factor,
-        image_max_pixels=min(enc.max_visual_tokens, enc.max_tokens_per_item) * img_factor,
-        video_min_pixels=enc.min_tokens_per_item * vid_factor,
-        video_max_pixels=enc.max_visual_tokens * vid_factor,
-        use_token_compression=enc.use_token_compression,
-        fps=enc.fps,
-        max_frames=enc.max_frames,
-        min_frames=enc.min_frames,
-    )
+    return build_processor(tokenizer, **processor_settings(enc))
 
 
 def set_cpu_threads(world_size: int, num_workers: int, *, on_cpu: bool) -> None:

@@ -8,7 +8,8 @@ class DataError(ValueError):
 
     ``reason`` is a short stable slug (``missing_file``, ``empty_file``, ``corrupt_image``, ``corrupt_video``,
     ``no_video_stream``, ``no_frames``, ``placeholder_mismatch``, ``empty_assistant``, ``unknown_role``,
-    ``path_escapes_root``, ``image_too_large``, ``bad_aspect_ratio``, ``too_long``, ``bad_schema``, ``bad_text``)
+    ``path_escapes_root``, ``image_too_large``, ``bad_aspect_ratio``, ``too_long``, ``bad_schema``, ``bad_text``,
+    ``unsupported_streaming``, ``unsupported_image_folder``)
     used for skip counters and the doctor's report.
     """
 

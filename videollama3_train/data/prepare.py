@@ -17,7 +17,6 @@ from .annotations import iter_records, normalize_record
 from .config import DataConfig, EncodeConfig
 from .errors import DataError
 from .frame_cache import build_frame_cache
-from .vision import per_item_tokens
 
 __all__ = ["collect_videos", "frame_pixel_cap", "prepare", "prepare_data"]
 
@@ -62,23 +61,22 @@ def collect_videos(
     return list(found), counts
 
 
-def _cap_for(
-    num_frames: int, *, max_visual_tokens: int, min_tokens: int, max_tokens: int, factor: int
-) -> int:
-    return per_item_tokens(num_frames, max_visual_tokens, min_tokens, max_tokens) * factor * factor
+def _cap_for(num_frames: int, *, max_visual_tokens: int, min_tokens: int, factor: int) -> int:
+    # the processor's video budget: the sample's pixels divided by the frame count (data/encode.py, the parity path)
+    return max(min_tokens * factor * factor, max_visual_tokens * factor * factor // max(num_frames, 1))
 
 
 def frame_pixel_cap(cfg: EncodeConfig):
     """Picklable ``num_frames -> pixels`` cap: the largest frame a video of that many frames can get in ``cfg``.
 
-    That is when the video is alone in its sample (the budget is shared with nothing else): the per-frame token
-    share of ``max_visual_tokens``, times the pixels one token covers (``(patch * video_merge)**2``).
+    That is when the video is alone in its sample (the budget is shared with nothing else): the processor's video
+    budget, ``max_visual_tokens`` pixels-worth divided by the frame count (at least ``min_tokens_per_item``), in the
+    pixels one token covers (``(patch * video_merge)**2``).
     """
     return functools.partial(
         _cap_for,
         max_visual_tokens=cfg.max_visual_tokens,
         min_tokens=cfg.min_tokens_per_item,
-        max_tokens=cfg.max_tokens_per_item,
         factor=cfg.patch_size * cfg.video_merge_size,
     )
 

@@ -99,11 +99,11 @@ def fit(
     # The scheduler drives the raw optimizer's param groups (shared with accelerate's / DeepSpeed's wrapper) and
     # is stepped by us once per applied update: accelerate's scheduler wrapper would step it once per process.
     scheduler = build_scheduler(optimizer, cfg, total_steps)
+    if acc.is_main_process:  # before prepare: ZeRO-3 and FSDP2 shard the parameters (their numel shrinks)
+        print(trainable_table(model, cfg.lrs), flush=True)
     sp = build_sp_group(cfg.sequence_parallel)  # groups of ranks sharing each row (1: none)
     loss_module = sequence_parallel_loss_module(model, cfg.loss_chunk_size, sp)
     train_module, optimizer = backend.prepare(loss_module, optimizer)
-    if acc.is_main_process:
-        print(trainable_table(model, cfg.lrs), flush=True)
 
     # ---- resume; the parts that keep their own cadence -----------------------------------------------------
     extras = {"model_config": model.config, "processor": processor}
