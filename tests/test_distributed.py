@@ -22,15 +22,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from dist_worker import ListLoader, grad_check_batches, read_digests, textonly_batches, tiny_setup
+from helpers import torchrun
 from test_fit import _adam_first_update, _cfg, _reference_grads
 
 from videollama3_train.trainer import TrainConfig, fit
@@ -40,35 +37,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 BACKENDS = ["ddp", "zero1", "zero2", "zero3"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(out: Path, *args: str, nproc: int = 2, timeout: int = 400, expect_ok: bool = True) -> str:
     """Run tests/dist_worker.py under torchrun; a hang fails with the log after ``timeout`` seconds."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-    cmd += [
-        "--master_port",
-        str(_free_port()),
-        str(REPO / "tests" / "dist_worker.py"),
-        "--out",
-        str(out),
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-    except subprocess.TimeoutExpired as e:
-        raise AssertionError(
-            f"torchrun did not finish within {timeout}s (hang?):\n{e.stdout}\n{e.stderr}"
-        ) from e
-    log = proc.stdout + proc.stderr
+    log = torchrun(
+        nproc,
+        [str(REPO / "tests" / "dist_worker.py"), "--out", str(out), *args],
+        timeout=timeout,
+        expect_ok=expect_ok,
+    )
     if expect_ok:
-        assert proc.returncode == 0 and "WORKER DONE" in log, log[-6000:]
-    else:
-        assert proc.returncode != 0, log[-6000:]
+        assert "WORKER DONE" in log, log[-6000:]
     return log
 
 

@@ -16,7 +16,6 @@ import contextlib
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_worker import ListLoader, read_consumed, tiny_setup, train_batches
+from helpers import free_port
 from test_fit import _cfg, _losses
 
 from videollama3_train.trainer import find_latest_checkpoint, fit
@@ -48,12 +48,6 @@ WORKER_ARGS += [
 TIMEOUT = 300  # seconds any one process may take (a tiny model: tens of seconds on 2 shared cores)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Run:
     """A worker launch (1 process: plain python; 2: torchrun) whose output is read by a thread, so waiting for a
     line has a deadline even when the process prints nothing."""
@@ -64,7 +58,7 @@ class _Run:
             cmd = [sys.executable, *script]
         else:
             launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(world)]
-            cmd = [sys.executable, *launcher, "--master_port", str(_free_port()), *script]
+            cmd = [sys.executable, *launcher, "--master_port", str(free_port()), *script]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ("train", "pipeline", "doctor", "prepare", "export", "report")
@@ -430,7 +431,7 @@ def test_under_torchrun_one_rank_reports(tmp_path: Path) -> None:
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "videollama3_train.train",
         "stage=alignment",
@@ -446,14 +447,6 @@ def test_under_torchrun_one_rank_reports(tmp_path: Path) -> None:
     assert "traceback : data.path is required" in proc.stderr  # torchrun's summary, from the error file
     assert "videollama3_train/" not in proc.stderr  # no frame of ours: no Python traceback from the ranks
     assert seconds < 2 * START_SECONDS and not (tmp_path / "o").exists()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,47 +9,23 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from dist_worker import grad_check_batches, textonly_batches, tiny_setup
+from helpers import torchrun
 from test_fit import _adam_first_update, _reference_grads
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(out: Path, *args: str, nproc: int = 2, timeout: int = 300, expect_ok: bool = True) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-    cmd += [
-        "--master_port",
-        str(_free_port()),
-        str(REPO / "tests" / "fsdp2_worker.py"),
-        "--out",
-        str(out),
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-    except subprocess.TimeoutExpired as e:
-        raise AssertionError(
-            f"torchrun did not finish within {timeout}s (hang?):\n{e.stdout}\n{e.stderr}"
-        ) from e
-    log = proc.stdout + proc.stderr
+    script = [str(REPO / "tests" / "fsdp2_worker.py"), "--out", str(out), *args]
+    log = torchrun(nproc, script, timeout=timeout, expect_ok=True if expect_ok else None)
     if expect_ok:
-        assert proc.returncode == 0 and "WORKER DONE" in log, log[-6000:]
+        assert "WORKER DONE" in log, log[-6000:]
     return log
 
 

@@ -7,22 +7,16 @@ The two agents run the real train command exactly as ``launch/torchrun_multinode
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +31,7 @@ def small_data(tmp_path_factory) -> Path:
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("backend", ["zero2", "fsdp2"])
 def test_two_node_torchrun(tmp_path: Path, small_data: Path, backend: str) -> None:
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "run"
     train_args = [
         "-m",
@@ -116,7 +110,7 @@ def test_zero3_two_processes_exports_whole_weights(tmp_path: Path, small_data: P
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "videollama3_train.train",
         "stage=alignment",

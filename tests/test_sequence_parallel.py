@@ -10,23 +10,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 
 from videollama3_train.trainer.sequence_parallel import SPGroup, pad_row, slice_bounds, split_frames
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_split_frames_balances_patches_in_order() -> None:
@@ -64,7 +58,7 @@ def test_two_ranks_equal_one_process_on_a_mixed_row(tmp_path: Path) -> None:
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
     ]
     cmd += [str(REPO / "tests" / "sp_worker.py"), "--out", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -143,14 +137,14 @@ def test_sp2_dp2_trains_through_the_train_command_and_resumes_after_sigkill(tmp_
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
     ref = tmp_path / "ref"
     proc = subprocess.run(
-        _train_cmd(ref, data, _free_port(), 4), capture_output=True, text=True, timeout=700, env=env
+        _train_cmd(ref, data, free_port(), 4), capture_output=True, text=True, timeout=700, env=env
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
 
     run = tmp_path / "run"
     log = (tmp_path / "killed.log").open("w")
     killed = subprocess.Popen(
-        _train_cmd(run, data, _free_port(), 4),
+        _train_cmd(run, data, free_port(), 4),
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
@@ -169,7 +163,7 @@ def test_sp2_dp2_trains_through_the_train_command_and_resumes_after_sigkill(tmp_
     killed.wait(timeout=60)
     log.close()
     proc = subprocess.run(
-        _train_cmd(run, data, _free_port(), 4), capture_output=True, text=True, timeout=700, env=env
+        _train_cmd(run, data, free_port(), 4), capture_output=True, text=True, timeout=700, env=env
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     assert "resum" in (proc.stdout + proc.stderr).lower(), (proc.stdout + proc.stderr)[-3000:]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dist_worker import ListLoader, tiny_setup, train_batches
+from helpers import free_port
 
 from videollama3_train.contract import IGNORE_INDEX
 from videollama3_train.trainer import TrainConfig, fit
@@ -164,12 +164,6 @@ def test_fit_logs_the_breakdown_with_a_fused_kernel(tmp_path: Path, monkeypatch)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(cmd: list[str], timeout: int = 400) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     try:
@@ -191,7 +185,7 @@ def test_two_ranks_with_different_datasets_log_the_global_breakdown(tmp_path: Pa
     worker = str(REPO / "tests" / "metrics_worker.py")
     two, one = tmp_path / "two", tmp_path / "one"
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-          str(_free_port()), worker, "--out", str(two)])  # fmt: skip
+          str(free_port()), worker, "--out", str(two)])  # fmt: skip
     _run([sys.executable, worker, "--out", str(one), "--single"])
     dist_rows, ref_rows = _rows(two), _rows(one)
     assert [r["step"] for r in dist_rows] == [r["step"] for r in ref_rows] == [1, 2]

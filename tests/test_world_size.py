@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_worker import read_consumed
+from helpers import free_port, torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -39,25 +39,8 @@ WORKER_ARGS += ["--steps", "-1", "--lr", "1e-3", "--eps", "1e-6", "--schedule", 
 STOP = 5  # epoch 1, step 1 (4 steps per epoch: 3 of 4 rows and a last one of 2 rows, padded)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(nproc: int, args: list[str], timeout: int = 400, expect_ok: bool = True) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-    cmd += ["--master_port", str(_free_port()), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-    except subprocess.TimeoutExpired as e:
-        raise AssertionError(
-            f"torchrun did not finish within {timeout}s (hang?):\n{e.stdout}\n{e.stderr}"
-        ) from e
-    log = proc.stdout + proc.stderr
-    assert (proc.returncode == 0) == expect_ok, log[-6000:]
-    return log
+    return torchrun(nproc, args, timeout=timeout, expect_ok=expect_ok)
 
 
 def _worker(out: Path, nproc: int, backend: str, *extra: str, expect_ok: bool = True) -> str:
@@ -160,7 +143,7 @@ def _train_until_sigterm(nproc: int, args: list[str], out: Path, after_step: int
     """Start ``train`` under torchrun, SIGTERM the launcher once ``after_step`` steps are logged; the ranks stop
     after a step with a checkpoint. Returns the step of that checkpoint."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-    cmd += ["--master_port", str(_free_port()), *args]
+    cmd += ["--master_port", str(free_port()), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
     log = (out.parent / f"{out.name}_sigterm.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
