@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_worker import (  # noqa: E402
     ListLoader,
+    _shut_down,
     grad_check_batches,
     ranked_loader,
     textonly_batches,
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 export_hf(model, build_processor(tok), Path(args.out) / "export")
         state.wait_for_everyone()
     print("WORKER DONE", flush=True)
+    _shut_down()
     return 0
 
 

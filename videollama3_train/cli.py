@@ -110,12 +110,24 @@ def _main(cmd: Command, overrides: list[str], show_cfg: bool) -> int:
 
             print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
             return 0
-        return int(cmd.run(cfg, overrides) or 0)
+        status = int(cmd.run(cfg, overrides) or 0)
+        _leave_process_group()
+        return status
     except Exception as e:  # noqa: BLE001 - sorted below: a user's mistake is reported, a bug re-raised
         message = user_message(e)
         if message is None:
             raise
         return _report(cmd, message)
+
+
+def _leave_process_group() -> None:
+    """After a successful run, leave the process group together: a rank that exits with gloo still up may abort in
+    its C++ teardown ("terminate called without an active exception"), which torchrun reports as a failed run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _parse_args(cmd: Command, args: list[str]) -> tuple[list[str], bool]:

@@ -282,7 +282,7 @@ def _train(
             if cfg.model.init_kind == "assemble"
             else "random weights"
         )
-        print(
+        story = (
             f"{say} model {cfg.model.preset} ({weights}) -> output_dir {out_dir.resolve()}\n"
             f"{say} {device_line(accelerator, cfg)}\n"
             f"{say} data: {sum(records.values())} records ({', '.join(f'{n} {k}' for n, k in records.items())}), "
@@ -292,14 +292,19 @@ def _train(
             + "\n"
             f"{say} global batch: {data.rows_per_step} packed rows per optimizer step "
             f"(~{data.rows_per_step * st.get('samples_per_row', 0):.1f} samples, <= "
-            f"{data.rows_per_step * cfg.data.max_tokens} tokens) = {accelerator.num_processes} rank(s) x grad_accum "
+            f"{data.rows_per_step * cfg.data.max_tokens * n} tokens) = {accelerator.num_processes // n} "
+            + ("rank(s)" if n == 1 else f"sequence-parallel group(s) of {n} ranks")
+            + " x grad_accum "
             f"{data.grad_accum}\n"
             f"{say} schedule: {total_steps} optimizer steps ({cfg.trainer.epochs} epochs of {steps_per_epoch[0]}"
             + (f", capped by trainer.max_steps={cfg.trainer.max_steps}" if cfg.trainer.max_steps > 0 else "")
             + f"), {cfg.trainer.lr_schedule} lr with {cfg.trainer.warmup_ratio:.0%} warmup; "
-            + ("resuming from the newest checkpoint" if resuming else "starting at step 0"),
-            flush=True,
+            + ("resuming from the newest checkpoint" if resuming else "starting at step 0")
         )
+        print(story, flush=True)
+        if log_path is not None:  # the run's log keeps the story too (the console is not kept)
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(story + "\n")
 
     model = build_model(cfg.model, tokenizer)
     if cfg.lora.enabled:
