@@ -95,6 +95,8 @@ def _train_cmd(out: Path, data: Path, port: int, nproc: int, *extra: str) -> lis
         "data=file",
         f"data.path={data / 'train.jsonl'}",
         f"data.root={data}",
+        f"data.heldout_path={data / 'heldout.jsonl'}",  # rank 0 evaluates alone after training: no Ulysses then
+        "eval.max_new_tokens=2",
         "trainer.sequence_parallel=2",
         "trainer.max_steps=20",
         "trainer.save_every=2",

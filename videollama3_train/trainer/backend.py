@@ -467,8 +467,16 @@ def _fsdp2_whole(model: nn.Module) -> Iterator[nn.Module]:
     if not PartialState().is_main_process:
         yield model
         return
+    config = copy.deepcopy(model.config)
+    for c in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
+        if (
+            c is not None
+        ):  # our attention backends are switched on after construction (model/attention.py); rank
+            c._attn_implementation_internal = (
+                "sdpa"  # 0's export and evaluation of the copy run unsplit on sdpa
+            )
     with torch.device("meta"):
-        whole = type(model)(copy.deepcopy(model.config))
+        whole = type(model)(config)
     whole.load_state_dict(full, assign=True, strict=False)
     for (
         name,

@@ -157,6 +157,8 @@ def fit(
                 log.add_eval(state.step, eval_fn(model, state.step))
         final = {**log.close(), "interrupted": stop}
 
+    if hasattr(loss_module, "release"):  # sequence parallelism: the model gets its own attention back
+        loss_module.release()
     if stop:  # SIGTERM: every rank saved this step; a clean exit lets the scheduler requeue the job
         checkpointer.exit_after_stop(state.step)
     return final

@@ -243,14 +243,14 @@ def local_llm_slice(language_model: torch.nn.Module, position_ids: Tensor, sp: S
         return args, kwargs
 
     handle = language_model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    # kept after the context: activation checkpointing recomputes the layers' forward inside this micro-batch's
+    # backward, after the context has exited (the next micro-batch's forward sets them anew)
     _local.cu = cu_seqlens_from_position_ids(position_ids)
     _local.sp = sp
     try:
         yield
     finally:
         handle.remove()
-        _local.cu = None
-        _local.sp = None
 
 
 def _all_to_all(x: Tensor, group) -> Tensor:
@@ -316,10 +316,13 @@ def register_ulysses() -> None:
     AttentionMaskInterface.register(ULYSSES, flash_attention_mask)
 
 
-def use_ulysses(model: torch.nn.Module) -> None:
-    """Switch the LLM (not the vision tower, whose frames stay on one rank each) to Ulysses attention."""
+def use_ulysses(model: torch.nn.Module) -> str:
+    """Switch the LLM (not the vision tower, whose frames stay on one rank each) to Ulysses attention; returns the
+    implementation it had (:meth:`SequenceParallelLoss.release` puts it back)."""
     register_ulysses()
+    previous = model.config.text_config._attn_implementation
     model.config.text_config._attn_implementation_internal = ULYSSES
+    return previous
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -339,9 +342,14 @@ class SequenceParallelLoss(LossModule):
     def __init__(self, model, chunk_size: int, sp: SPGroup):
         super().__init__(model, chunk_size)
         self.sp = sp
-        use_ulysses(self.model)
+        self._llm_attention = use_ulysses(self.model)
         self.frames_encoded = 0  # frames (images + video frames) this rank's tower encoded (tests, metrics)
         self.patches_encoded = 0
+
+    def release(self) -> None:
+        """Give the LLM its own attention back: after training, rank 0 alone evaluates and exports the model, and
+        Ulysses attention would wait for the group's other ranks."""
+        self.model.config.text_config._attn_implementation_internal = self._llm_attention
 
     def forward(self, batch: dict[str, Any]):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
