@@ -87,25 +87,28 @@ def _train_cmd(out: Path, data: Path, port: int, nproc: int, *extra: str) -> lis
         "--master_port",
         str(port),
     ]
-    return cmd + [
-        "-m",
-        "videollama3_train.train",
-        "stage=multitask_sft",
-        "model=tiny",
-        "data=file",
-        f"data.path={data / 'train.jsonl'}",
-        f"data.root={data}",
-        f"data.heldout_path={data / 'heldout.jsonl'}",  # rank 0 evaluates alone after training: no Ulysses then
-        "eval.max_new_tokens=2",
-        "trainer.sequence_parallel=2",
-        "trainer.max_steps=20",
-        "trainer.save_every=2",
-        "trainer.log_every=1",
-        "eval.before=false",
-        "logger=disabled",
-        f"output_dir={out}",
-        *extra,
-    ]
+    return (
+        cmd
+        + [
+            "-m",
+            "videollama3_train.train",
+            "stage=multitask_sft",
+            "model=tiny",
+            "data=file",
+            f"data.path={data / 'train.jsonl'}",
+            f"data.root={data}",
+            f"data.heldout_path={data / 'heldout.jsonl'}",  # rank 0 evaluates alone after training: no Ulysses then
+            "eval.max_new_tokens=2",
+            "trainer.sequence_parallel=2",
+            "trainer.max_steps=20",
+            "trainer.save_every=2",
+            "trainer.log_every=1",
+            "eval.before=false",
+            "logger=disabled",
+            f"output_dir={out}",
+            *extra,
+        ]
+    )
 
 
 def _pids_with(text: str) -> list[int]:
