@@ -24,7 +24,9 @@ Tasks (the mapping from pixels / text to the answer is deterministic, so a model
 
 The shares favour what a small randomly initialised model learns from a few hundred records within minutes
 (colours through the image and the video path, a memorisable word list): the ``tiny`` preset learns those, while
-shape, count, motion and arithmetic stay as harder items a real model is expected to get.
+shape, count, motion and arithmetic stay as harder items a real model is expected to get. (``direction`` on a plain
+background is not observable to it at all once stages 3-4 prune the unchanged tokens: see
+``data/generate_motion.py``, the separate motion set the tiny preset is measured on, B7 in BENCHMARKS.md.)
 
 Held-out is disjoint from training, by construction, with the same task families on both sides:
 
@@ -263,8 +265,8 @@ def draw_video(rng: random.Random, *, direction: str, colour: str) -> tuple[np.n
     return frames, fps
 
 
-def write_video(path: Path, frames: np.ndarray, fps: int) -> None:
-    """Encode ``frames`` as an H.264 (yuv420p) mp4 with the pinned :data:`X264_OPTIONS`."""
+def write_video(path: Path, frames: np.ndarray, fps: int, *, crf: int | None = None) -> None:
+    """Encode ``frames`` as an H.264 (yuv420p) mp4 with the pinned :data:`X264_OPTIONS` (``crf``: another quality)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     size = frames.shape[1]
     with av.open(str(path), mode="w", format="mp4") as container:
@@ -272,7 +274,7 @@ def write_video(path: Path, frames: np.ndarray, fps: int) -> None:
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
         stream.codec_context.thread_count = 1  # also the thread count of PyAV's RGB->YUV conversion
-        stream.options = dict(X264_OPTIONS)
+        stream.options = {**X264_OPTIONS, **({} if crf is None else {"crf": str(crf)})}
         stream.codec_context.time_base = Fraction(1, fps)
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
@@ -439,15 +441,27 @@ def task_counts(total: int) -> dict[str, int]:
     return {task: counts[task] for task in TASKS}
 
 
-def build_split(rng: random.Random, out: Path, split: str, total: int, *, with_answers: bool) -> list[dict]:
+def build_split(
+    rng: random.Random,
+    out: Path,
+    split: str,
+    total: int,
+    *,
+    with_answers: bool,
+    tasks: dict[str, tuple[str, tuple[str, ...], Maker]] | None = None,
+    counts: dict[str, int] | None = None,
+) -> list[dict]:
     """Make ``total`` records of split ``split`` ("train" | "heldout"), shuffled; media are written under
-    ``out/media``. Media content and text prompts come from the split's own region (module docstring)."""
+    ``out/media``. Media content and text prompts come from the split's own region (module docstring).
+    ``tasks`` / ``counts``: another task table and records per task (default: :data:`TASKS`, :func:`task_counts`;
+    ``data/generate_motion.py`` passes its own)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    tasks = TASKS if tasks is None else tasks
     ctx = Split(split, rng, out)
     records: list[dict] = []
-    for task, n in task_counts(total).items():
-        modality, classes, maker = TASKS[task]
+    for task, n in (task_counts(total) if counts is None else counts).items():
+        modality, classes, maker = tasks[task]
         # Deal classes round-robin so each class appears n/len(classes) times (+-1), then shuffle the order.
         answers = [classes[i % len(classes)] for i in range(n)]
         rng.shuffle(answers)
