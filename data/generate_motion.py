@@ -36,11 +36,9 @@ beside each task's majority-answer baseline. ``benchmarks/bench_generalisation.p
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import random
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -128,41 +126,14 @@ def generate(out: Path, *, seed: int = 0, n_train: int = 800, n_heldout: int = 1
     out.mkdir(parents=True, exist_ok=True)
     train = build_split(random.Random(f"motion-{seed}-train"), out, "train", n_train, TRAIN_SHARES)
     heldout = build_split(random.Random(f"motion-{seed}-heldout"), out, "heldout", n_heldout, HELDOUT_SHARES)
-    shared = sample.overlap(train, heldout, out)
-    if any(shared.values()):  # cannot happen: media are split by content, text by (instance, phrasing)
-        raise RuntimeError(f"held-out overlaps training: {shared}")
-    sample.write_jsonl(out / "train.jsonl", train)
-    sample.write_jsonl(out / "heldout.jsonl", heldout)
+    summary = sample.write_splits(out, train, heldout)
     motion = [r for r in heldout if r["task"] == "motion"]
-    return {
-        "train": len(train),
-        "heldout": len(heldout),
-        "media_bytes": sum(
-            (out / rel).stat().st_size for r in train + heldout for rel in sample.media_paths(r)
-        ),
-        "heldout_baseline_accuracy": sample.majority_baseline(train, heldout),
-        "motion_baseline_accuracy": sample.majority_baseline(train, motion) if motion else None,
-        "overlap": shared,
-    }
+    summary["motion_baseline_accuracy"] = sample.majority_baseline(train, motion) if motion else None
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("data/motion"), help="output folder (data root)")
-    parser.add_argument(
-        "--seed", type=int, default=0, help="random seed; the output is a pure function of it"
-    )
-    parser.add_argument("--train", type=int, default=800, help="number of training records")
-    parser.add_argument("--heldout", type=int, default=100, help="number of held-out records")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    s = generate(args.out, seed=args.seed, n_train=args.train, n_heldout=args.heldout)
-    print(
-        f"wrote {s['train']} train + {s['heldout']} held-out records to {args.out} ({s['media_bytes'] / 1e6:.2f} MB "
-        f"media; held-out baseline {s['heldout_baseline_accuracy']:.3f}, motion "
-        f"{s['motion_baseline_accuracy'] or 0:.3f}; overlap 0) in {time.perf_counter() - start:.1f}s"
-    )
-    return 0
+    return sample.cli(argv, doc=__doc__, generate=generate, out="data/motion", n_train=800, n_heldout=100)
 
 
 if __name__ == "__main__":

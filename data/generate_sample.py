@@ -540,6 +540,12 @@ def generate(out: Path, *, seed: int = 0, n_train: int = 360, n_heldout: int = 6
     # Separate streams per split: the held-out set stays the same whatever --train is.
     train = build_split(random.Random(f"{seed}-train"), out, "train", n_train, with_answers=False)
     heldout = build_split(random.Random(f"{seed}-heldout"), out, "heldout", n_heldout, with_answers=True)
+    return write_splits(out, train, heldout)
+
+
+def write_splits(out: Path, train: list[dict], heldout: list[dict]) -> dict:
+    """Check the splits share nothing, write ``train.jsonl`` / ``heldout.jsonl`` under ``out``; returns the summary
+    (record counts, media bytes, held-out baseline, train/held-out overlap: 0, or this raises)."""
     shared = overlap(train, heldout, out)
     if any(shared.values()):  # cannot happen (module docstring); never write a leaking split
         raise RuntimeError(f"held-out overlaps training: {shared}")
@@ -556,23 +562,37 @@ def generate(out: Path, *, seed: int = 0, n_train: int = 360, n_heldout: int = 6
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("data/sample"), help="output folder (data root)")
+def cli(
+    argv: list[str] | None, *, doc: str, generate: Callable[..., dict], out: str, n_train: int, n_heldout: int
+) -> int:
+    """The command line of a generator: ``--out --seed --train --heldout``, then one line of summary (any
+    ``<name>_baseline_accuracy`` beside the held-out one is printed too)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(out), help="output folder (data root)")
     parser.add_argument(
         "--seed", type=int, default=0, help="random seed; the output is a pure function of it"
     )
-    parser.add_argument("--train", type=int, default=360, help="number of training records")
-    parser.add_argument("--heldout", type=int, default=60, help="number of held-out records")
+    parser.add_argument("--train", type=int, default=n_train, help="number of training records")
+    parser.add_argument("--heldout", type=int, default=n_heldout, help="number of held-out records")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     summary = generate(args.out, seed=args.seed, n_train=args.train, n_heldout=args.heldout)
+    others = "".join(
+        f", {key.removesuffix('_baseline_accuracy')} baseline {value:.3f}"
+        for key, value in summary.items()
+        if key.endswith("_baseline_accuracy") and key != "heldout_baseline_accuracy" and value is not None
+    )
     print(
         f"wrote {summary['train']} train + {summary['heldout']} held-out records to {args.out} "
         f"({summary['media_bytes'] / 1e6:.2f} MB media, held-out baseline accuracy "
-        f"{summary['heldout_baseline_accuracy']:.3f}, held-out/train overlap 0) in {time.perf_counter() - start:.1f}s"
+        f"{summary['heldout_baseline_accuracy']:.3f}{others}, held-out/train overlap 0) in "
+        f"{time.perf_counter() - start:.1f}s"
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(argv, doc=__doc__, generate=generate, out="data/sample", n_train=360, n_heldout=60)
 
 
 if __name__ == "__main__":
