@@ -8,18 +8,10 @@ import numpy as np
 import pytest
 
 from videollama3_train.data.config import DataConfig, DatasetConfig, EncodeConfig, check_data_and_encode
+from videollama3_train.data.costs import compute_costs, cost_cache, cost_config_hash
 from videollama3_train.data.errors import DataError
-from videollama3_train.data.packing import (
-    build_epoch_plan,
-    compute_costs,
-    cost_cache,
-    cost_config_hash,
-    fill_ratio,
-    mixture_counts,
-    pack,
-    plan_mixture,
-    rank_balance,
-)
+from videollama3_train.data.mixture import mixture_counts, plan_mixture
+from videollama3_train.data.packing import build_epoch_plan, fill_ratio, pack, rank_balance
 from videollama3_train.data.pool import parallel_map
 
 # ------------------------------------------------------------------------------------------------------------

@@ -81,8 +81,9 @@ def build_train_data(
     of the world size; the loader deals each step's rows to the ranks (``grad_accum = ceil(G / world_size)``
     each; the trainer takes it from the loader)."""
     from .annotations import load_annotations
+    from .costs import compute_costs, cost_cache
     from .loader import DatasetEncoder, PackedLoader
-    from .packing import build_epoch_plan, compute_costs, cost_cache
+    from .packing import build_epoch_plan
 
     dcfg.check_paths()
     datasets = dcfg.resolved_datasets()

@@ -71,7 +71,7 @@ class EncodeConfig:
 
 @dataclass
 class DatasetConfig:
-    """One dataset of a mixture, as configured and as the packer (``packing.plan_mixture``) takes it.
+    """One dataset of a mixture, as configured and as the packer (``mixture.plan_mixture``) takes it.
 
     ``weight`` and ``repeat`` exclude each other; with neither the dataset is used once per epoch. Checked
     here, at config time, so a bad mixture stops the run before the cost pre-pass.

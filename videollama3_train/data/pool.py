@@ -1,5 +1,5 @@
 """One process pool with a progress bar, for the passes that touch every record or video once: the cost pre-pass
-(``packing.compute_costs``), the frame cache (``frame_cache.build_frame_cache``) and the doctor's scan.
+(``costs.compute_costs``), the frame cache (``frame_cache.build_frame_cache``) and the doctor's scan.
 
 Why processes and not threads: each item is CPU work in Python (JSON, tokenising, PyAV demuxing, JPEG encoding)
 that holds the GIL. Why an initializer: the large, read-only state of a pass (a memory-mapped dataset, the

@@ -226,7 +226,8 @@ def scan_data(
         video seconds, pixels per sample) and ``stages`` (the packing estimate per stage).
     series: the values behind the histograms (``reports.write_report`` draws them).
     """
-    from .packing import build_epoch_plan, cost_config_hash
+    from .costs import cost_config_hash
+    from .packing import build_epoch_plan
     from .pool import parallel_map
 
     threshold = opts.max_failure_rate if opts.max_failure_rate is not None else data.max_bad_fraction
