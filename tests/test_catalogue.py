@@ -108,6 +108,11 @@ def build_catalogue(root: Path) -> list[Item]:
     make_image(root / "thin.png", size=(1, 4000), mode="L")
     make_png_header(root / "huge.png", 20000, 20000)
     (root.parent / "outside.png").write_bytes((root / "good.png").read_bytes())
+    # a shared dataset folder elsewhere, linked into the media root (how clusters share datasets)
+    shared = root.parent / "shared_datasets"
+    shared.mkdir(exist_ok=True)
+    make_image(shared / "linked.png", size=(32, 24), pattern="noise")
+    (root / "shared").symlink_to(shared, target_is_directory=True)
 
     def img(name: str, reason: str | None, file: str | None = None) -> Item:
         return Item(
@@ -142,6 +147,10 @@ def build_catalogue(root: Path) -> list[Item]:
             "path_escapes_root",
             "outside.png",
         ),
+        # a path inside the root through a link the dataset owner made: followed (data.follow_symlinks=true)
+        img("linked", None, "shared/linked.png"),
+        # `..` through the link climbs out of the root as written: refused whatever the link's target
+        img("linked_escape", "path_escapes_root", "shared/../../outside.png"),
         Item(
             "placeholders",
             {"image": ["good.png", "good.png"], "conversations": conv("<image>\nonly one tag")},
@@ -193,11 +202,18 @@ def catalogue(tmp_path_factory) -> tuple[Path, dict[str, Item]]:
     return root, {it.name: it for it in build_catalogue(root)}
 
 
-def run_micro_batch(root: Path, record: dict, processor, caplog) -> tuple[list[dict], PackedLoader]:
+def run_micro_batch(
+    root: Path, record: dict, processor, caplog, **encode: Any
+) -> tuple[list[dict], PackedLoader]:
     """One micro-batch ``[good text, record, good image]`` of dataset 'cat' through the training loader."""
     records = [GOOD_TEXT, record, {"image": "good.png", "conversations": conv("<image>\nq")}]
     encoder = DatasetEncoder(
-        [records], [str(root)], ["cat"], encode_record, processor=processor, config=EncodeConfig(**CFG)
+        [records],
+        [str(root)],
+        ["cat"],
+        encode_record,
+        processor=processor,
+        config=EncodeConfig(**CFG, **encode),
     )
     plan = PackPlan(
         micro_batches=[[[0, 1, 2]]],
@@ -224,6 +240,7 @@ def _bad_names() -> list[str]:
         "thin.png",
         "huge.png",
         "outside",
+        "linked_escape",
         "placeholders",
         "empty_assistant",
         "unknown_role",
@@ -279,6 +296,21 @@ def test_unusual_image_mode_works(catalogue, tiny_processor, caplog, name):
     assert [m["index"] for m in batch["meta"]] == [0, 1, 2]
     assert batch["pixel_values"].dtype == torch.float32 and batch["image_grid_thw"].shape == (2, 3)
     assert bool(batch["pixel_values"].isfinite().all())
+
+
+def test_symlinked_dataset_folder(catalogue, tiny_processor, caplog):
+    """A folder linked into the media root is followed by default; data.follow_symlinks=false refuses it as
+    path_escapes_root, naming the record's file (today's strict check)."""
+    root, items = catalogue
+    record = items["linked"].record
+    batches, loader = run_micro_batch(root, record, tiny_processor, caplog)
+    assert loader.skipped == {} and [m["index"] for m in batches[0]["meta"]] == [0, 1, 2]
+    caplog.clear()
+    batches, loader = run_micro_batch(root, record, tiny_processor, caplog, follow_symlinks=False)
+    assert loader.skipped == {"path_escapes_root": 1}
+    assert [m["index"] for m in batches[0]["meta"]] == [0, 2]
+    (line,) = [r.getMessage() for r in caplog.records if "skipping bad sample" in r.getMessage()]
+    assert "shared/linked.png" in line and "record 1" in line, line
 
 
 def test_all_bad_micro_batch_yields_an_empty_marker(catalogue, tiny_processor, caplog):

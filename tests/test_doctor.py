@@ -122,3 +122,40 @@ def test_command_exits_2_above_the_threshold(mixture, tmp_path):
     # the default threshold is data.max_bad_fraction (1%): both datasets are far above it, and it says so
     assert "TOO MANY BAD RECORDS" in proc.stderr and "'main'" in proc.stderr and "'b'" in proc.stderr
     assert (tmp_path / "out" / "report.json").is_file()
+
+
+def test_doctor_follows_symlinks_inside_the_root_unless_told(tmp_path):
+    """A dataset folder linked into the media root (a cluster's shared copy): the doctor reads it by default;
+    data.follow_symlinks=false reports it as path_escapes_root naming the record; `..` is refused either way."""
+    from mediagen import make_image
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    make_image(shared / "a.png", size=(32, 24), pattern="noise")
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "media").symlink_to(shared, target_is_directory=True)
+    make_image(tmp_path / "outside.png", size=(32, 24), pattern="noise")
+    records = [
+        {"image": "media/a.png", "conversations": conv("<image>\nq")},
+        {"image": "../outside.png", "conversations": conv("<image>\nq")},
+    ]
+    (root / "train.json").write_text(json.dumps(records))
+    failures = {}
+    for follow in ("true", "false"):
+        out = tmp_path / f"report_{follow}"
+        argv = [
+            "data=file",
+            f"data.path={root / 'train.json'}",
+            f"data.follow_symlinks={follow}",
+            f"output_dir={out}",
+            "doctor.workers=0",
+            "doctor.stages=[multitask_sft]",
+            "doctor.max_failure_rate=1.0",
+            *ENCODE,
+        ]
+        assert run_doctor(compose("doctor", argv), argv, progress=False) == 0
+        report = json.loads((out / "report.json").read_text())
+        failures[follow] = {ex["record"]: r for r, e in report["reasons"].items() for ex in e["examples"]}
+    assert failures["true"] == {1: "path_escapes_root"}
+    assert failures["false"] == {0: "path_escapes_root", 1: "path_escapes_root"}

@@ -169,10 +169,25 @@ def test_resolve_media_path(tmp_path: Path):
     (root / "inner_link.png").symlink_to(img)
     assert resolve_media_path(root, "inner_link.png") == img.resolve()
     (root / "out_link.png").symlink_to(outside)
-    for rel in ("../secret.png", str(outside), "out_link.png", "sub/../../secret.png"):
+    (root / "out_dir").symlink_to(tmp_path, target_is_directory=True)
+    # links inside the root are the dataset owner's: followed by default, refused by the strict check
+    assert resolve_media_path(root, "out_link.png") == outside.resolve()
+    assert resolve_media_path(root, "out_dir/secret.png") == outside.resolve()
+    for rel in ("out_link.png", "out_dir/secret.png"):
         with pytest.raises(DataError) as e:
-            resolve_media_path(root, rel)
-        assert _reason(e) == "path_escapes_root", rel
+            resolve_media_path(root, rel, follow_symlinks=False)
+        assert _reason(e) == "path_escapes_root" and "follow_symlinks" in str(e.value), rel
+    assert resolve_media_path(root, "inner_link.png", follow_symlinks=False) == img.resolve()
+    # written paths may not leave the root, links or not ("out_dir/.." is the root's parent as written)
+    for rel in ("../secret.png", str(outside), "sub/../../secret.png", "out_dir/../../secret.png"):
+        for follow in (True, False):
+            with pytest.raises(DataError) as e:
+                resolve_media_path(root, rel, follow_symlinks=follow)
+            assert _reason(e) == "path_escapes_root" and rel in str(e.value), rel
+    # ".." is collapsed before links are followed: the file checked is the file opened
+    assert resolve_media_path(root, "out_dir/../sub/a.png") == img.resolve()
+    # an absolute path inside the root is accepted
+    assert resolve_media_path(root, str(img)) == img.resolve()
     with pytest.raises(DataError) as e:
         resolve_media_path(root, "sub/missing.png")
     assert _reason(e) == "missing_file"

@@ -283,9 +283,9 @@ def explain_config_error(exc: BaseException) -> str | None:
 def _unknown_key(full_key: str) -> str:
     import difflib
 
-    from .config import COMMAND_SCHEMAS, _schema_keys
+    from .config import COMMAND_SCHEMAS, schema_keys
 
-    known = sorted({k for s in COMMAND_SCHEMAS.values() for k in _schema_keys(s) if "<name>" not in k})
+    known = sorted({k for s in COMMAND_SCHEMAS.values() for k in schema_keys(s) if "<name>" not in k})
     close = difflib.get_close_matches(full_key, known, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]}? " if close else ""
     return f"unknown key {full_key}: {hint}(docs/config.md lists every key; a run's config is its --cfg)"

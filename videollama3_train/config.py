@@ -56,6 +56,7 @@ __all__ = [
     "compose",
     "compose_stage",
     "register_configs",
+    "schema_keys",
 ]
 
 
@@ -114,6 +115,8 @@ class RunConfig:
             raise ValueError(f"stage must be one of {[*STAGES, *EXTRA_STAGES]}, got {self.stage!r}")
         if self.init_from is not None:
             self.model.init_from = self.init_from
+        # every planner and encoder takes the encode config; the data key is the one a user sets
+        self.encode.follow_symlinks = self.data.follow_symlinks
         # a sample the encode settings allow must fit a micro-batch (of a sequence-parallel group's row)
         self.data.validate_against(self.encode, self.trainer.sequence_parallel)
 
@@ -278,7 +281,7 @@ def _unwrap(t: Any) -> Any:
     return t
 
 
-def _schema_keys(cls: type, prefix: str = "") -> list[str]:
+def schema_keys(cls: type, prefix: str = "") -> list[str]:
     """Every dotted key of a schema (``data.datasets.<name>.path`` style for dict values)."""
     out = []
     for name, t in typing.get_type_hints(cls).items():
@@ -286,9 +289,9 @@ def _schema_keys(cls: type, prefix: str = "") -> list[str]:
         key = f"{prefix}{name}"
         out.append(key)
         if dataclasses.is_dataclass(t):
-            out += _schema_keys(t, key + ".")
+            out += schema_keys(t, key + ".")
         elif typing.get_origin(t) is dict and dataclasses.is_dataclass(typing.get_args(t)[1]):
-            out += _schema_keys(typing.get_args(t)[1], key + ".<name>.")
+            out += schema_keys(typing.get_args(t)[1], key + ".<name>.")
     return out
 
 
@@ -328,7 +331,7 @@ def check_overrides(config_name: str, overrides: Sequence[str]) -> None:
             continue  # a config group (+group=option), not a key
         if _schema_has(schema, key.split(".")):
             continue
-        known = [k for k in _schema_keys(schema) if "<name>" not in k]
+        known = [k for k in schema_keys(schema) if "<name>" not in k]
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}=...? " if close else ""
         raise ConfigError(

@@ -47,6 +47,8 @@ class EncodeConfig:
     frame_cache_dir: str | None = (
         None  # directory written by `prepare`; read instead of decoding when present
     )
+    # follow symlinks inside a media root (copied from data.follow_symlinks at start, which is the key to set)
+    follow_symlinks: bool = True
     # --- text -----------------------------------------------------------------------------------------------
     max_length: int = 16384  # tokens per sample, visual tokens included
     length_policy: str = "rebudget"  # over max_length: rebudget (shrink visuals, else drop), drop, truncate
@@ -138,6 +140,10 @@ class DataConfig:
     cost_workers: int = 2  # processes of the cost pre-pass (0 or 1 = in the main process)
     cost_cache: bool = True  # cache the cost table beside the annotations (keyed by file and encode config)
     max_bad_fraction: float = 0.01  # abort when more than this fraction of samples fail to decode
+    # follow symlinks that exist inside a media root wherever they point (a shared dataset folder linked into the
+    # root is the dataset owner's choice); paths written in annotations still may not leave the root (`..`, an
+    # absolute path elsewhere). False: a path whose links resolve outside the root is refused too
+    follow_symlinks: bool = True
 
     def __post_init__(self):
         if self.path is None and not self.datasets:

@@ -135,12 +135,12 @@ class Plan:
 def _probe(item: dict[str, Any], data_root: Path, config: EncodeConfig) -> MediaPlan:
     path = item["path"]
     if item["type"] == "image":
-        p = media.resolve_media_path(data_root, path)
+        p = media.resolve_media_path(data_root, path, config.follow_symlinks)
         w, h = media.probe_image(p, max_pixels=config.max_image_pixels)
         return MediaPlan("image", path, [p], w, h)
 
     if isinstance(path, list):  # a video given frame by frame (official "<image> per frame" convention)
-        frames = [media.resolve_media_path(data_root, f) for f in path]
+        frames = [media.resolve_media_path(data_root, f, config.follow_symlinks) for f in path]
         n = len(frames)
         count = min(n, config.max_frames)
         # evenly spaced when over the cap, as for decoded videos
@@ -152,7 +152,7 @@ def _probe(item: dict[str, Any], data_root: Path, config: EncodeConfig) -> Media
         m.timestamps = [i / config.fps for i in idx]
         return m
 
-    p = media.resolve_media_path(data_root, path)
+    p = media.resolve_media_path(data_root, path, config.follow_symlinks)
     # a frame folder's clock is config.frame_folder_fps (a GIF's: its own, or config.gif_fps); media.sample_frames
     # samples such assigned clocks by the official code's rule
     info = media.probe_video(p, folder_fps=config.frame_folder_fps, gif_fps=config.gif_fps)

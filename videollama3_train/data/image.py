@@ -24,25 +24,45 @@ DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's hard DecompressionBomb limit (2 x M
 # ---------------------------------------------------------------------------------------------------------------
 # paths
 # ---------------------------------------------------------------------------------------------------------------
-def resolve_media_path(root: PathLike, rel: str) -> Path:
-    """Join ``rel`` to ``root``, resolve symlinks and check the result stays inside ``root`` and holds data.
+def resolve_media_path(root: PathLike, rel: str, follow_symlinks: bool = True) -> Path:
+    """Join ``rel`` to ``root``, check the path stays inside ``root`` and holds data; return it resolved.
 
-    An absolute ``rel`` is accepted only when it resolves inside ``root``. A directory is returned as is (a frame
-    folder); emptiness of a folder is checked when it is probed.
+    Containment is checked on the path as written (lexically): ``..`` that climbs out of ``root``, or an absolute
+    path elsewhere, is ``path_escapes_root``. ``..`` is collapsed before any link is followed, so the file checked
+    is the file opened. With ``follow_symlinks`` (``data.follow_symlinks``, the default) a symlink that exists
+    inside ``root`` is then followed wherever it points: links inside a media root are the dataset owner's (a
+    cluster's shared dataset folder linked into ``data/``). ``follow_symlinks=False`` also refuses a path whose
+    links resolve outside ``root`` (the strict check). An absolute ``rel`` is accepted only when it lies inside
+    ``root`` (as written or resolved). A directory is returned as is (a frame folder); emptiness of a folder is
+    checked when it is probed.
     Raises DataError ``path_escapes_root``, ``missing_file`` or ``empty_file`` (0-byte file).
     """
+    root_abs = os.path.normpath(os.path.abspath(root))
     root_resolved = Path(root).resolve()
-    target = (root_resolved / rel).resolve()  # follows symlinks, so a link pointing outside is caught below
-    if target != root_resolved and root_resolved not in target.parents:
+    joined = os.path.normpath(os.path.join(root_abs, rel))  # an absolute rel replaces root_abs here
+
+    def inside(path: str | Path, top: str | Path) -> bool:
+        path, top = str(path), str(top)
+        return path == top or path.startswith(top.rstrip(os.sep) + os.sep)
+
+    if not (inside(joined, root_abs) or inside(joined, root_resolved)):
         raise DataError(
             "path_escapes_root",
-            f"{rel!r} resolves to {target}, outside the data root {root_resolved}",
+            f"{rel!r} lies outside the data root {root_abs}",
+            path=rel,
+        )
+    target = Path(joined).resolve()
+    if not follow_symlinks and not inside(target, root_resolved):
+        raise DataError(
+            "path_escapes_root",
+            f"{rel!r} resolves through a symlink to {target}, outside the data root {root_resolved} "
+            "(data.follow_symlinks=false)",
             path=rel,
         )
     try:
         st = target.stat()
     except FileNotFoundError:
-        raise DataError("missing_file", f"no such file under {root_resolved}", path=str(target)) from None
+        raise DataError("missing_file", f"no such file under {root_abs}", path=str(target)) from None
     if not target.is_dir() and st.st_size == 0:
         raise DataError("empty_file", "file is 0 bytes", path=str(target))
     return target
