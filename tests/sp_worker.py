@@ -54,11 +54,11 @@ def main() -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     tok = build_tiny_tokenizer()
     model = build_model(ModelConfig(preset="tiny", attn_implementation="sdpa", seed=0), tok).float()
-    for m in model.modules():  # sharp attention: a leak between samples or slices would move the loss visibly
+    # sharp attention: a leak between samples or slices would move the loss visibly; one seed per layer, by its
+    # place in the model, so every run (and every rank) has the same model
+    for i, m in enumerate(model.modules()):
         if isinstance(m, torch.nn.Linear):
-            torch.nn.init.normal_(
-                m.weight, std=0.2, generator=torch.Generator().manual_seed(hash(id(m)) % 1000)
-            )
+            torch.nn.init.normal_(m.weight, std=0.2, generator=torch.Generator().manual_seed(i))
     for prm in model.parameters():
         dist.broadcast(prm.data, 0)
     samples = row(tok)

@@ -10,6 +10,7 @@ None for them (how transformers / accelerate probe optional packages).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -123,7 +124,7 @@ def test_step_path_imports_without_the_blocked_packages(tmp_path: Path) -> None:
 
 
 def _number(x) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and x == x
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)  # not NaN, not inf
 
 
 def test_dry_run_writes_the_three_parts_with_numbers(dry_run) -> None:

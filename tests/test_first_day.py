@@ -3,7 +3,9 @@ clobbered; every command answers --help.
 
 Most mistakes go through the commands' own entry point in this process (``<command>.main(argv)``: what the
 console scripts and ``python -m`` call), which is fast; one goes through a fresh ``python -m`` process, one
-through ``torchrun --nproc_per_node 2``, both timed.
+through ``torchrun --nproc_per_node 2``. In every mistake test building the model raises (``model_build_raises``
+here, ``tests/no_model.py`` in a fresh process): a mistake must be reported before the model (minutes to load at
+full size) is built.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,18 @@ from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ("train", "pipeline", "doctor", "prepare", "export", "report")
-# A mistake must be reported before anything heavy starts: imports and composing the config take a few seconds
-# on an idle machine; this bound leaves room for a loaded CI machine, far below building a model and training.
-START_SECONDS = 90
+NO_MODEL = str(REPO / "tests" / "no_model.py")
+
+
+@pytest.fixture(autouse=True)
+def model_build_raises(request, monkeypatch) -> None:
+    """Building a model raises in every test here but those marked ``builds_model`` (a real run)."""
+    if request.node.get_closest_marker("builds_model"):
+        return
+    from no_model import refuse
+    from transformers import VideoLlama3ForConditionalGeneration
+
+    monkeypatch.setattr(VideoLlama3ForConditionalGeneration, "__init__", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -290,6 +300,26 @@ def test_restart_over_checkpoints_fails(capsys, tmp_path: Path, data: Path) -> N
     assert code == 1 and "trainer.resume=false would start over" in err
 
 
+def test_resume_with_another_global_batch_fails(capsys, tmp_path: Path, data: Path) -> None:
+    """A 2-process run of the tiny preset (no global batch set: 2 packed rows per step) resumed on 1 process
+    (1 row per step) cannot resume exactly: one line naming the checkpoint and both batches, before the model."""
+    import torch
+
+    out = tmp_path / "run"
+    _finished_run(out, data, max_steps=4)
+    (out / "results.json").unlink()  # unfinished: a checkpoint of step 4 to resume from
+    ckpt = out / "checkpoints" / "step-00000004"
+    torch.save({"world_size": 2}, ckpt / "trainer_state.pt")
+    for r in range(2):
+        torch.save({"rows_per_step": 2, "world_size": 2, "rank": r, "step": 4}, ckpt / f"loader_rank{r}.pt")
+    args = ["stage=alignment", "model=tiny", *_data_args(data), "trainer.max_steps=4", f"output_dir={out}"]
+    code, _, err = cli(capsys, "train", *args)
+    assert code == 1
+    (line,) = _short(err[err.index("vl3-train: error:") :])  # after the data's progress bars
+    assert f"{ckpt} holds 2 packed rows per optimizer step (2 processes), this run 1 (1 processes)" in line
+    assert "global batch changed" in line and "trainer.global_batch_samples" in line
+
+
 def test_run_dir_of_an_older_version_is_checked_too(capsys, tmp_path: Path, data: Path) -> None:
     """A run directory without run.json (written before it existed): its resolved_config.json names the stage."""
     out = tmp_path / "run"
@@ -398,13 +428,12 @@ def test_a_fresh_process_fails_within_seconds(tmp_path: Path) -> None:
     env = {**os.environ, "WANDB_MODE": "disabled"}
     cmd = [
         sys.executable,
-        "-m",
+        NO_MODEL,
         "videollama3_train.train",
         "stage=finetune",
         "init_from=/ckpt/X",
         "data=file",
     ]
-    start = time.monotonic()
     proc = subprocess.run(
         [*cmd, f"output_dir={tmp_path / 'o'}"],
         capture_output=True,
@@ -413,10 +442,9 @@ def test_a_fresh_process_fails_within_seconds(tmp_path: Path) -> None:
         cwd=tmp_path,
         timeout=300,
     )
-    seconds = time.monotonic() - start
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith("vl3-train: error: init_from=/ckpt/X needs model="), proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 2 and seconds < START_SECONDS, (seconds, proc.stderr)
+    assert len(proc.stderr.strip().splitlines()) == 2, proc.stderr
 
 
 @pytest.mark.slow
@@ -432,21 +460,19 @@ def test_under_torchrun_one_rank_reports(tmp_path: Path) -> None:
         "2",
         "--master_port",
         str(free_port()),
-        "-m",
+        NO_MODEL,
         "videollama3_train.train",
         "stage=alignment",
         "model=tiny",
         "data=file",
         f"output_dir={tmp_path / 'o'}",
     ]
-    start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=360)
-    seconds = time.monotonic() - start
     assert proc.returncode != 0
     assert proc.stderr.count("vl3-train: error: data.path is required") == 1, proc.stderr
     assert "traceback : data.path is required" in proc.stderr  # torchrun's summary, from the error file
     assert "videollama3_train/" not in proc.stderr  # no frame of ours: no Python traceback from the ranks
-    assert seconds < 2 * START_SECONDS and not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -500,6 +526,7 @@ def test_cfg_prints_the_composed_config(capsys, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.builds_model
 @pytest.mark.timeout(900)
 def test_run_story_rerun_reschedule_and_export(capsys, tmp_path: Path, data: Path) -> None:
     out = tmp_path / "run"

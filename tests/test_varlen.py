@@ -232,3 +232,84 @@ def test_build_model_with_a_varlen_backend_random_and_from_a_directory(tmp_path)
         packed = loaded(input_ids=ids, position_ids=pos, use_cache=False).logits
         second = sdpa(input_ids=ids[:, 5:], use_cache=False).logits
     torch.testing.assert_close(packed[:, 5:], second, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The CUDA call itself: what ``varlen_attn`` receives from the adapter, with the kernel faked on CPU
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fake_varlen_attn(new_api: bool, calls: list):
+    """A stand-in for ``torch.nn.attention.varlen.varlen_attn`` with the signature of torch >= 2.11 (``window_size``,
+    ``enable_gqa``) or of torch 2.10 (``is_causal``, no GQA); it records its arguments and answers like the kernel
+    (the reference, in the input dtype)."""
+
+    def check_and_answer(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal):
+        assert q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype  # one half dtype
+        assert cu_q.dtype == torch.int32 and cu_k is cu_q and max_q == max_k
+        return attention.reference_varlen_kernel(q, k, v, cu_q, max_q, causal=causal, scale=scale)
+
+    if new_api:
+
+        def varlen_attn(
+            q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False
+        ):
+            calls.append({"q": q, "k": k, "v": v, "cu": cu_q, "max": max_q, "scale": scale,
+                          "window_size": window_size, "enable_gqa": enable_gqa})  # fmt: skip
+            assert enable_gqa == (q.shape[1] != k.shape[1])  # GQA said exactly when the heads differ
+            return check_and_answer(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size == (-1, 0))
+
+    else:
+
+        def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, is_causal=False):
+            calls.append(
+                {"q": q, "k": k, "v": v, "cu": cu_q, "max": max_q, "scale": scale, "is_causal": is_causal}
+            )
+            assert q.shape[1] == k.shape[1]  # no GQA in this kernel: the adapter repeats the key/value heads
+            return check_and_answer(q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal)
+
+    return varlen_attn
+
+
+@pytest.mark.parametrize("new_api", [True, False], ids=["window_size", "is_causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("hq", "hkv", "causal"), [(4, 2, True), (4, 4, False)], ids=["gqa-causal", "mha-bidi"]
+)
+def test_cuda_adapter_call(monkeypatch, new_api, dtype, hq, hkv, causal) -> None:
+    """``flash_varlen``'s call of the CUDA kernel: half-precision q/k/v (fp32 cast to bf16, the answer cast back),
+    causal as ``window_size=(-1, 0)`` (torch >= 2.11) or ``is_causal`` (2.10), GQA as ``enable_gqa`` or repeated
+    heads, int32 ``cu_seqlens`` of the packed samples, the longest as max length, the scale passed through; and the
+    answer is the per-sample attention of each packed sample."""
+    import torch.nn.attention.varlen as varlen_mod
+
+    calls: list = []
+    monkeypatch.setattr(varlen_mod, "varlen_attn", _fake_varlen_attn(new_api, calls))
+    gen = torch.Generator().manual_seed(0)
+    lengths, d = [5, 3, 7], 8
+    n = sum(lengths)
+    query, key, value = (torch.randn(1, h, n, d, generator=gen).to(dtype) for h in (hq, hkv, hkv))
+    position_ids = torch.cat([torch.arange(s) for s in lengths]).unsqueeze(0)
+    module = torch.nn.Module()
+    module.is_causal = causal
+    out, _ = attention.varlen_attention_forward(
+        module, query, key, value, None, scaling=0.3, position_ids=position_ids
+    )
+    (call,) = calls
+    half = torch.bfloat16 if dtype == torch.float32 else dtype
+    assert call["q"].dtype == call["k"].dtype == call["v"].dtype == half
+    assert call["q"].shape == (n, hq, d)
+    assert call["k"].shape == call["v"].shape == ((n, hkv, d) if new_api else (n, hq, d))
+    assert call["cu"].tolist() == [0, 5, 8, 15] and call["max"] == 7 and call["scale"] == 0.3
+    if new_api:
+        assert call["window_size"] == ((-1, 0) if causal else (-1, -1))
+        assert call["enable_gqa"] == (hq != hkv)
+    else:
+        assert call["is_causal"] is causal
+    assert out.shape == (1, n, hq, d) and out.dtype == dtype  # back in the caller's dtype
+    rep = hq // hkv
+    for a, b in [(0, 5), (5, 8), (8, 15)]:  # oracle: each sample alone, in the kernel's dtype
+        qs = query[0, :, a:b].to(half)
+        ks, vs = (t[0, :, a:b].to(half).repeat_interleave(rep, dim=0) for t in (key, value))
+        want = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=0.3).transpose(0, 1)
+        torch.testing.assert_close(out[0, a:b], want.to(dtype), atol=1e-2, rtol=1e-2)

@@ -246,6 +246,7 @@ def _train(
         raise UserError(str(e)) from e
     heldout, heldout_bad = load_heldout(cfg.data, cfg.encode, processor) if is_main else ([], 0)
     trainer_cfg = dataclasses.replace(cfg.trainer, grad_accum=data.grad_accum)
+    _check_global_batch(out_dir, data.rows_per_step, accelerator.num_processes, resuming=resuming)
     total_steps, steps_per_epoch = plan_steps(trainer_cfg, data.loader)
     change = schedule_change(record, cfg, total_steps)
     if change is not None and resuming:
@@ -432,6 +433,15 @@ def _train(
     finally:
         writer.finish()  # the process group stays: the next stage of a pipeline reuses it
     return results
+
+
+def _check_global_batch(out_dir: Path, rows_per_step: int, world_size: int, *, resuming: bool) -> None:
+    """A resume with another global batch is a user error, refused before the model is built."""
+    from .trainer.checkpoint import global_batch_mismatch
+
+    why = global_batch_mismatch(out_dir, rows_per_step, world_size) if resuming else None
+    if why:
+        raise UserError(why)
 
 
 def _latest_step(out_dir: Path) -> int | None:

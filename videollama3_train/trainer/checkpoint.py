@@ -180,6 +180,24 @@ def saved_world_size(path: str | os.PathLike) -> int:
     return len(list(path.glob("loader_rank*.pt")))
 
 
+def global_batch_mismatch(output_dir: str | os.PathLike, rows_per_step: int, world_size: int) -> str | None:
+    """Why the newest checkpoint under ``output_dir`` cannot be resumed with ``rows_per_step`` packed rows per
+    optimizer step on ``world_size`` processes (a changed global batch: no exact resume), or None. Read from its
+    rank-0 loader state only, so a run can refuse before it builds a model."""
+    latest = find_latest_checkpoint(output_dir)
+    if latest is None or not (latest / "loader_rank0.pt").is_file():
+        return None
+    saved = torch.load(latest / "loader_rank0.pt", map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or saved.get("rows_per_step", rows_per_step) == rows_per_step:
+        return None
+    return (
+        f"{latest} holds {saved['rows_per_step']} packed rows per optimizer step ({saved_world_size(latest)} "
+        f"processes), this run {rows_per_step} ({world_size} processes): the global batch changed and exact resume "
+        "is impossible; set trainer.global_batch_samples (the same in both runs) to resume at another world size, "
+        "or resume with the same processes and trainer.grad_accum"
+    )
+
+
 def load_checkpoint(
     accelerator,
     path: str | os.PathLike,
