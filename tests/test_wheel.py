@@ -153,3 +153,55 @@ def test_installed_train_runs_outside_the_repo(installed: Path, tmp_path: Path) 
     assert (out / "export" / "config.json").is_file() and (out / "run.json").is_file()
     assert (out / "train.log").is_file()
     assert sorted(p.name for p in work.iterdir()) == ["out"]  # nothing else written to the working directory
+
+
+def test_installed_sweep_on_a_user_mixture(installed: Path, tmp_path: Path) -> None:
+    """Hydra as its users know it, from the installed package: ``-m`` over a comma list gives one complete run
+    directory per job under the sweep's folder, each training a mixture kept in the user's own config folder
+    (``--config-dir``) with a recipe derived from a shipped stage."""
+    from test_hydra import write_user_configs
+    from test_sample_data import gen
+
+    for name, seed in (("a", 5), ("b", 6)):
+        gen.generate(tmp_path / name, seed=seed, n_train=8, n_heldout=2)
+    myconf = write_user_configs(tmp_path / "myconf", tmp_path / "a", tmp_path / "b")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    proc = _run(
+        [
+            str(installed / "vl3-train"),
+            "-m",
+            "--config-dir",
+            str(myconf),
+            "data=mine",
+            "stage=short_align",
+            "model=tiny",
+            "trainer.max_steps=1,2",
+            "logger=disabled",
+            "output_dir=sweep",
+        ],
+        cwd=work,
+        env=env,
+        timeout=800,
+    )
+    sweep = work / "sweep"
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0_trainer.max_steps=1", "1_trainer.max_steps=2"], proc.stdout[-3000:]
+    for job, steps in zip(jobs, (1, 2), strict=True):
+        run = sweep / job
+        for f in ("run.json", "results.json", "train.log", "metrics.jsonl", "export/config.json"):
+            assert (run / f).is_file(), (job, f)
+        assert json.loads((run / "results.json").read_text())["final"]["step"] == steps
+        assert f"[alignment] done at step {steps}: export {run}/export" in proc.stdout
+        resolved = json.loads((run / "resolved_config.json").read_text())
+        assert set(resolved["data"]["datasets"]) == {"first", "second"}
+    assert (sweep / "multirun.yaml").is_file()
+    assert sorted(p.name for p in work.iterdir()) == [
+        "sweep"
+    ]  # nothing else written to the working directory

@@ -4,7 +4,8 @@ Every console script (``vl3-train``, ``vl3-pipeline``, ``vl3-doctor``, ``vl3-pre
 ``vl3-report``) and every ``python -m videollama3_train.<command>`` is ``main(COMMAND)`` of its module:
 
 1. ``-h`` / ``--help`` prints what the command does, its main keys and two examples (nothing is imported or
-   composed); ``--cfg`` prints the composed config and exits;
+   composed); ``--cfg [job|hydra|all]`` (``--resolve``) prints the composed config and exits; ``--config-dir DIR``
+   adds a user's config folder (as ``hydra.searchpath``); ``-m`` / ``--multirun`` runs a sweep (``sweep.py``);
 2. the arguments are Hydra overrides (``key=value``, ``group=option``, ``+data.datasets.x.path=...``), composed
    with ``configs/<command>.yaml`` by :func:`videollama3_train.config.compose` into the command's dataclass;
 3. the command runs; it writes its log file itself (``<output_dir>/<command>.log``, see ``console.log_file``).
@@ -75,10 +76,24 @@ def render_help(cmd: Command) -> str:
         "them all), group=option for the groups stage/, model/, data/, logger/;",
         "'+data.datasets={NAME:{path:A.jsonl,root:DIR}}' adds datasets to a mixture (+ adds no other key).",
         "A misspelt key, a wrong type or a missing required value stops at start naming the key.",
-        "options: -h/--help this text; --cfg print the composed config and exit.",
+        "options: -h/--help this text; --cfg [job|hydra|all] print the composed config and exit (--resolve:",
+        "  interpolations resolved); --config-dir DIR (or hydra.searchpath=[DIR]) adds your own data/, stage/,",
+        "  model/ YAML to the shipped ones; -m/--multirun sweeps comma lists and ranges (lr=1e-5,2e-5,",
+        f"  trainer.seed=range(3)): one run directory per job under {cmd.path_key}, jobs one after another (or",
+        "  hydra/launcher=NAME with its plugin installed, e.g. submitit_slurm); docs/hydra.md.",
         f"errors: one or two lines and exit status 1; {TRACEBACK_ENV}=1 adds the traceback.",
     ]
     return "\n".join(lines)
+
+
+@dataclass
+class Args:
+    """The command line, read: Hydra overrides and Hydra's own options."""
+
+    overrides: list[str]  # key=value / group=option / hydra.searchpath=[...] (--config-dir folded in)
+    show_cfg: str | None = None  # --cfg job | hydra | all
+    resolve: bool = False  # --resolve: --cfg prints interpolations resolved
+    multirun: bool = False  # -m / --multirun
 
 
 def main(cmd: Command, argv: Sequence[str] | None = None) -> int:
@@ -89,35 +104,58 @@ def main(cmd: Command, argv: Sequence[str] | None = None) -> int:
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        overrides, show_cfg = _parse_args(cmd, args)
+        parsed = parse_args(cmd, args)
     except UserError as e:
-        return _report(cmd, str(e))
+        return report_error(cmd, str(e))
     import warnings
 
     from torch.distributed.elastic.multiprocessing.errors import record
 
     # record's fault handler needs a real stderr; when there is none (captured output) it only warns
     warnings.filterwarnings("ignore", message="Unable to enable fault handler")
-    return record(_main)(cmd, overrides, show_cfg)
+    return record(_main)(cmd, parsed)
 
 
-def _main(cmd: Command, overrides: list[str], show_cfg: bool) -> int:
+def _main(cmd: Command, args: Args) -> int:
     try:
         _setup_console_logging()
-        cfg = load_config(cmd, overrides)
-        if show_cfg:
-            from omegaconf import OmegaConf
+        if args.multirun:
+            from .sweep import run_sweep
 
-            print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+            return run_sweep(cmd, args)
+        if args.show_cfg:
+            print_config(cmd, args.overrides, args.show_cfg, args.resolve)
             return 0
-        status = int(cmd.run(cfg, overrides) or 0)
-        _leave_process_group()
-        return status
+        return run_command(cmd, args.overrides)
     except Exception as e:  # noqa: BLE001 - sorted below: a user's mistake is reported, a bug re-raised
         message = user_message(e)
         if message is None:
             raise
-        return _report(cmd, message)
+        return report_error(cmd, message)
+
+
+def run_command(cmd: Command, overrides: list[str]) -> int:
+    """Compose ``cmd``'s config from ``overrides`` and run it: one run (or one job of a sweep)."""
+    cfg = load_config(cmd, overrides)
+    status = int(cmd.run(cfg, overrides) or 0)
+    _leave_process_group()
+    return status
+
+
+def print_config(cmd: Command, overrides: list[str], what: str, resolve: bool) -> None:
+    """``--cfg job|hydra|all`` (``--resolve``): the composed config as YAML, after the same checks as a run."""
+    from omegaconf import OmegaConf
+
+    from .config import compose_node
+
+    load_config(cmd, overrides)  # every check of a run: a mistake is reported, not printed
+    node = compose_node(cmd.config or cmd.name, hydra_overrides_only(overrides), hydra_config=what != "job")
+    if what in ("job", "all"):
+        job = OmegaConf.masked_copy(node, [k for k in node if k != "hydra"])
+        print(OmegaConf.to_yaml(job, resolve=resolve), end="")
+    if what in ("hydra", "all"):
+        # printed as composed: its interpolations (hydra.job.num, the run time) exist only inside a running job
+        print(OmegaConf.to_yaml(OmegaConf.create({"hydra": node.hydra})), end="")
 
 
 def _leave_process_group() -> None:
@@ -130,25 +168,74 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def _parse_args(cmd: Command, args: list[str]) -> tuple[list[str], bool]:
-    overrides, show_cfg = [], False
-    for a in args:
-        if a == "--cfg":
-            show_cfg = True
+CFG_KINDS = ("job", "hydra", "all")
+
+
+def parse_args(cmd: Command, args: list[str]) -> Args:
+    """Hydra's command line: overrides, ``-m/--multirun``, ``--cfg [job|hydra|all]``, ``--resolve``,
+    ``--config-dir DIR`` (several allowed; folded into ``hydra.searchpath``)."""
+    out, config_dirs = Args([]), []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        i += 1
+        name, eq, value = a.partition("=") if a.startswith("--") else (a, "", "")
+        if a in ("-m", "--multirun"):
+            out.multirun = True
+        elif name in ("--cfg", "-c"):
+            out.show_cfg = "job"
+            if eq or (i < len(args) and "=" not in args[i] and not args[i].startswith("-")):
+                out.show_cfg = value if eq else args[i]
+                i += 0 if eq else 1
+            if out.show_cfg not in CFG_KINDS:
+                raise UserError(f"--cfg {out.show_cfg}: choose job, hydra or all")
+        elif a == "--resolve":
+            out.resolve = True
+        elif name in ("--config-dir", "-cd"):
+            if not eq and i >= len(args):
+                raise UserError(f"{a} needs a folder: {a} DIR (your data/, stage/, model/ configs)")
+            folder = value if eq else args[i]
+            i += 0 if eq else 1
+            if not os.path.isdir(folder):
+                raise UserError(f"--config-dir {folder}: no such folder")
+            config_dirs.append(os.path.abspath(folder))
         elif re.fullmatch(r"--local[_-]rank(=\d+)?", a):
             continue  # added by `deepspeed` / `torch.distributed.launch`; the rank comes from LOCAL_RANK
         elif a.startswith("-"):
             raise UserError(
-                f"unknown option {a}: {cmd.prog} takes Hydra overrides key=value (and -h/--help, --cfg); "
-                f"see {cmd.prog} --help"
+                f"unknown option {a}: {cmd.prog} takes Hydra overrides key=value (and -h/--help, -m/--multirun, "
+                f"--cfg, --resolve, --config-dir DIR); see {cmd.prog} --help"
             )
         elif "=" not in a:
             raise UserError(
                 f"{a!r} is not an override: write key=value (e.g. {cmd.path_key}={a}); see {cmd.prog} --help"
             )
         else:
-            overrides.append(a)
-    return overrides, show_cfg
+            out.overrides.append(a)
+    if config_dirs:
+        out.overrides = _fold_config_dirs(out.overrides, config_dirs)
+    sweep_only = [o for o in out.overrides if o.split("=", 1)[0].lstrip("+~").startswith(SWEEP_HYDRA_KEYS)]
+    if sweep_only and not out.multirun:
+        raise UserError(f"{sweep_only[0]} configures a sweep: add -m (--multirun), or remove it")
+    return out
+
+
+def _fold_config_dirs(overrides: list[str], config_dirs: list[str]) -> list[str]:
+    """``--config-dir`` as Hydra adds it: a search path entry after the shipped configs, merged with a
+    ``hydra.searchpath`` override. As an override it travels wherever the overrides go (the pipeline's stages,
+    the doctor's, each job of a sweep)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    entries, rest = [], []
+    for ov in overrides:
+        if ov.split("=", 1)[0].lstrip("+") == "hydra.searchpath":
+            value = OverridesParser.create().parse_override(ov.lstrip("+")).value()
+            entries += [str(v) for v in (value if isinstance(value, list) else [value])]
+        else:
+            rest.append(ov)
+    entries += [f"file://{d}" for d in config_dirs]
+    quoted = ",".join("'" + e.replace("\\", "\\\\").replace("'", "\\'") + "'" for e in entries)
+    return [*rest, f"hydra.searchpath=[{quoted}]"]
 
 
 class _StdoutHandler(logging.StreamHandler):
@@ -182,11 +269,7 @@ def _setup_console_logging() -> None:
 
 def load_config(cmd: Command, overrides: Sequence[str]) -> Any:
     """The command's config from ``overrides``; every mistake in them is a :class:`UserError`."""
-    if any(o.lstrip("+~").startswith(("hydra.", "hydra/")) for o in overrides):
-        raise UserError(
-            "hydra.* settings are not used: these commands compose their config themselves and write their log "
-            "to the output directory (<command>.log); remove the hydra.* override"
-        )
+    overrides = hydra_overrides_only(overrides, refuse=True)
     if cmd.needs_model_choice:
         from .config import missing_model_choice
 
@@ -209,6 +292,30 @@ def load_config(cmd: Command, overrides: Sequence[str]) -> Any:
         if message is None:
             raise
         raise UserError(message) from e
+
+
+# hydra.* overrides a command takes: the config search path always; with -m the launcher and sweeper too
+# (sweep.py hands them to Hydra's multirun; the jobs compose without them).
+HYDRA_SEARCHPATH = "hydra.searchpath"
+SWEEP_HYDRA_KEYS = ("hydra/launcher", "hydra/sweeper", "hydra.launcher.", "hydra.sweeper.")
+
+
+def hydra_overrides_only(overrides: Sequence[str], refuse: bool = False) -> list[str]:
+    """``overrides`` less the sweep's hydra.* settings (a job or a single run composes without them); with
+    ``refuse``, any other hydra.* setting is a :class:`UserError`."""
+    out = []
+    for ov in overrides:
+        key = ov.split("=", 1)[0].lstrip("+~")
+        if key.startswith(SWEEP_HYDRA_KEYS):
+            continue
+        if refuse and key.startswith(("hydra.", "hydra/")) and key != HYDRA_SEARCHPATH:
+            raise UserError(
+                f"{key}: hydra.* settings are not used: these commands compose their config themselves and write "
+                "their log to the output directory (<command>.log); hydra.searchpath (or --config-dir) and, with "
+                "-m, hydra/launcher= and hydra.launcher.* are taken; remove the other hydra.* override"
+            )
+        out.append(ov)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -306,7 +413,7 @@ def user_message(exc: BaseException) -> str | None:
     return None
 
 
-def _report(cmd: Command, message: str) -> int:
+def report_error(cmd: Command, message: str) -> int:
     """Print ``message`` on the reporting rank, record it in torchrun's error file, return the exit status."""
     show_traceback = os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
     _write_error_file(message, traceback.format_exc() if show_traceback else message)
@@ -338,4 +445,18 @@ def _write_error_file(message: str, callstack: str) -> None:
         pass
 
 
-__all__ = ["EXIT_USER_ERROR", "Command", "explain_config_error", "load_config", "main", "render_help"]
+__all__ = [
+    "EXIT_USER_ERROR",
+    "Args",
+    "Command",
+    "explain_config_error",
+    "hydra_overrides_only",
+    "load_config",
+    "main",
+    "parse_args",
+    "print_config",
+    "render_help",
+    "report_error",
+    "user_message",
+    "run_command",
+]

@@ -19,6 +19,7 @@ import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .console import ConfigError
@@ -54,9 +55,11 @@ __all__ = [
     "ScanConfig",
     "check_overrides",
     "compose",
+    "compose_node",
     "compose_stage",
     "register_configs",
     "schema_keys",
+    "search_dirs",
 ]
 
 
@@ -243,8 +246,17 @@ def compose(config_name: str, overrides: Sequence[str] = ()) -> Any:
     ``+key=`` for a key the schema lacks raises :class:`ConfigError` (Hydra would add it, unused). Errors of
     Hydra's own (unknown key, wrong type, unknown group option) are raised as Hydra raises them; ``cli.py`` turns
     every one into a line or two for the console. Works inside a running Hydra app too: Hydra's global state is
-    restored afterwards.
+    restored afterwards. A ``hydra.searchpath=[DIR, ...]`` override adds a user's config folders (their ``data/``,
+    ``stage/``, ``model/`` options) after the shipped ones, as Hydra's ``--config-dir`` does.
     """
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(compose_node(config_name, overrides))
+
+
+def compose_node(config_name: str, overrides: Sequence[str] = (), *, hydra_config: bool = False) -> Any:
+    """The composed ``DictConfig`` behind :func:`compose` (interpolations unresolved; with ``hydra_config`` the
+    ``hydra`` node too): what ``--cfg`` prints."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -257,7 +269,9 @@ def compose(config_name: str, overrides: Sequence[str] = ()) -> Any:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            dcfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+            dcfg = hydra_compose(
+                config_name=config_name, overrides=list(overrides), return_hydra_config=hydra_config
+            )
     finally:
         restore_gh_from_backup(backup)
     # A mixture gives data.datasets and no data.path: its path stays unset (None), not missing. A data config
@@ -266,7 +280,24 @@ def compose(config_name: str, overrides: Sequence[str] = ()) -> Any:
     if data is not None and OmegaConf.is_missing(data, "path") and data.get("datasets"):
         with open_dict(data):
             data.path = None
-    return OmegaConf.to_object(dcfg)
+    return dcfg
+
+
+def search_dirs(overrides: Sequence[str]) -> list[Path]:
+    """The config folders a ``hydra.searchpath=[...]`` override adds (``file://`` entries and plain paths; a
+    ``pkg://`` entry names an installed package's configs and is left to Hydra)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for ov in overrides:
+        if ov.split("=", 1)[0].lstrip("+") == "hydra.searchpath":
+            value = OverridesParser.create().parse_override(ov.lstrip("+")).value()
+            entries = value if isinstance(value, list) else [value]
+            return [
+                Path(str(e).removeprefix("file://"))
+                for e in entries
+                if "://" not in str(e) or str(e).startswith("file://")
+            ]
+    return []
 
 
 def _key(override: str) -> str:
@@ -317,14 +348,13 @@ def check_overrides(config_name: str, overrides: Sequence[str]) -> None:
     Hydra adds such a key to the config, where nothing reads it: ``+trainer.lr_lmm=1e-5`` would train at the
     default learning rate. The schema's only open keys are the dataset names of ``data.datasets``.
     """
-    from pathlib import Path
-
     schema = COMMAND_SCHEMAS.get(config_name)
     if schema is None:
         return
-    groups = {p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir()}
+    folders = [Path(CONFIG_DIR), *(d for d in search_dirs(overrides) if d.is_dir())]
+    groups = {p.name for folder in folders for p in folder.iterdir() if p.is_dir()}
     for ov in overrides:
-        if not ov.startswith("+") or "=" not in ov:
+        if not ov.startswith("+") or "=" not in ov or ov.lstrip("+").startswith("hydra"):
             continue
         key = ov.split("=", 1)[0].lstrip("+")
         if "@" in key or "/" in key or key in groups:
