@@ -157,7 +157,10 @@ def run_stage(cfg: RunConfig, *, announce: bool = True) -> dict[str, Any]:
     set_cpu_threads(accelerator.num_processes, cfg.data.num_workers, on_cpu=accelerator.device.type == "cpu")
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    with log_file(out_dir / "train.log", enabled=is_main) as log_path:
+    from .trainer.liveness import guard
+
+    # a collective that fails because a rank was lost says which one (trainer/liveness.py)
+    with log_file(out_dir / "train.log", enabled=is_main) as log_path, guard(f"stage {cfg.stage}"):
         return _train(cfg, accelerator, record, data_fp, log_path, resuming=has_checkpoints)
 
 
@@ -208,6 +211,7 @@ def _train(
     from .model.lora import apply_lora
     from .trainer import fit
     from .trainer.backend import whole_model
+    from .trainer.liveness import on_main
     from .trainer.metrics import MetricsWriter
     from .trainer.optim import plan_steps
 
@@ -365,10 +369,15 @@ def _train(
             )
         return res
 
-    if is_main and cfg.eval.before and heldout and not resuming:
-        res = evaluate("before")
-        results["heldout_before"] = res
-        writer.summary({**_heldout_summary(res, "before"), "baseline_accuracy": res["baseline"]})
+    def evaluate_before():
+        if heldout:
+            res = results["heldout_before"] = evaluate("before")
+            writer.summary({**_heldout_summary(res, "before"), "baseline_accuracy": res["baseline"]})
+
+    # rank 0 evaluates alone; the others wait outside any collective (a barrier would fail after the collective
+    # timeout), watching rank 0's heartbeat
+    if cfg.eval.before and not resuming:
+        on_main("held-out evaluation before training", evaluate_before)
 
     # ZeRO-3 and FSDP2 keep each parameter partitioned over the ranks: generation needs them whole, so no
     # evaluation inside the loop (rank 0 alone would wait for the others' shards).
@@ -383,9 +392,9 @@ def _train(
         eval_every = 0
 
     def eval_fn(m, step):  # noqa: ARG001 - fit passes the (possibly wrapped) model
-        if not is_main or not heldout:
+        r = on_main(f"held-out evaluation at step {step}", lambda: evaluate(f"step {step}"))
+        if r is None:  # not rank 0, or no held-out set
             return {}
-        r = evaluate(f"step {step}")
         return {  # logged as eval/<name>
             "heldout_loss": r["loss"],
             "heldout_accuracy": r["accuracy"],
@@ -411,7 +420,8 @@ def _train(
         accelerator.wait_for_everyone()
         # every rank enters: under ZeRO-3 / FSDP2 the export needs the sharded weights gathered
         with whole_model(model, accelerator) as whole:
-            if is_main:
+
+            def export_and_evaluate():
                 results["export"] = str(export_hf(whole, processor, out_dir / "export"))
                 res = evaluate("after", whole)
                 if res is not None:
@@ -429,6 +439,8 @@ def _train(
                     f"{out_dir / 'metrics.jsonl'}" + (f"; log {log_path}" if log_path else ""),
                     flush=True,
                 )
+
+            on_main("the export and the held-out evaluation", export_and_evaluate)
             accelerator.wait_for_everyone()
     finally:
         writer.finish()  # the process group stays: the next stage of a pipeline reuses it

@@ -103,8 +103,27 @@ def set_deepspeed_grad_accum(accelerator: Accelerator, grad_accum: int) -> None:
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
-    """An ``Accelerator`` for ``cfg.backend`` and ``cfg.precision``."""
-    return _STRATEGIES[cfg.backend].build_accelerator(cfg)
+    """An ``Accelerator`` for ``cfg.backend`` and ``cfg.precision``; its process group fails a collective after
+    ``cfg.collective_timeout_s`` and every rank's heartbeat runs (:mod:`~videollama3_train.trainer.liveness`)."""
+    from videollama3_train.trainer import liveness
+
+    accelerator = _STRATEGIES[cfg.backend].build_accelerator(cfg)
+    liveness.start()
+    return accelerator
+
+
+def process_group_kwargs(cfg: TrainConfig, **kwargs: Any):
+    """accelerate's ``InitProcessGroupKwargs`` with ``timeout=cfg.collective_timeout_s`` (and ``kwargs``)."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handler = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_s), **kwargs)
+    # accelerate passes on only the values that differ from its defaults (600 s): a timeout of exactly 600 s would be
+    # dropped and gloo's own 1800 s used; pass it always (the handler's class must stay accelerate's own)
+    given = handler.to_kwargs()
+    handler.to_kwargs = lambda: {**given, "timeout": handler.timeout}
+    return handler
 
 
 def build_backend(cfg: TrainConfig, accelerator: Accelerator | None = None) -> Backend:
@@ -223,7 +242,11 @@ class DDPBackend(Backend):
         # Every parameter gets a gradient every step (dummy tower pass), so the unused-parameter search is off.
         ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
         # Without cpu=True accelerate ignores a torchrun launch on a CUDA-less host (each rank would train alone).
-        return Accelerator(mixed_precision=mixed, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
+        return Accelerator(
+            mixed_precision=mixed,
+            kwargs_handlers=[ddp, process_group_kwargs(cfg)],
+            cpu=not torch.cuda.is_available(),
+        )
 
 
 class DeepSpeedBackend(Backend):
@@ -235,18 +258,19 @@ class DeepSpeedBackend(Backend):
     @classmethod
     def build_accelerator(cls, cfg: TrainConfig) -> Accelerator:
         from accelerate import Accelerator, DeepSpeedPlugin
-        from accelerate.utils import InitProcessGroupKwargs
 
         mixed = "bf16" if resolve_precision(cfg) == "bf16" else "no"
         # The launcher's WORLD_SIZE: accelerate's state must not be created before the Accelerator (a singleton).
         world = int(os.environ.get("WORLD_SIZE", "1"))
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world))
-        handlers = []
-        if not torch.cuda.is_available():
-            # DeepSpeed runs on CPU with its CPU accelerator over gloo, but accelerate, finding no device backend,
-            # would record a world of one process; naming gloo makes it read the real world size and rank.
-            handlers.append(InitProcessGroupKwargs(backend="gloo"))
-        return Accelerator(mixed_precision=mixed, deepspeed_plugin=plugin, kwargs_handlers=handlers)
+        # DeepSpeed runs on CPU with its CPU accelerator over gloo, but accelerate, finding no device backend,
+        # would record a world of one process; naming gloo makes it read the real world size and rank.
+        pg = (
+            process_group_kwargs(cfg)
+            if torch.cuda.is_available()
+            else process_group_kwargs(cfg, backend="gloo")
+        )
+        return Accelerator(mixed_precision=mixed, deepspeed_plugin=plugin, kwargs_handlers=[pg])
 
     @classmethod
     def drives(cls, accelerator: Accelerator) -> bool:
@@ -354,7 +378,11 @@ class FSDP2Backend(Backend):
 
         # bf16 comes from FSDP2's MixedPrecisionPolicy (parameters gathered in bf16, fp32 reduction and master
         # weights), not from accelerate's autocast. cpu=True on a CUDA-less host for the same reason as DDP.
-        return Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
+        return Accelerator(
+            mixed_precision="no",
+            kwargs_handlers=[process_group_kwargs(cfg)],
+            cpu=not torch.cuda.is_available(),
+        )
 
     def prepare(self, module: LossModule, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
         from videollama3_train.trainer import fsdp2

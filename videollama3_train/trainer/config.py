@@ -76,6 +76,12 @@ class TrainConfig:
     resume: bool = True  # resume automatically from the newest complete checkpoint in <out_dir>/checkpoints
     # folder of zero{1,2,3}.json; None = the package's configs/deepspeed (videollama3_train.paths.DEEPSPEED_CONFIG_DIR)
     deepspeed_config_dir: str | None = None
+    # seconds a rank waits in one collective for the others before failing (set on the process group, every backend).
+    # It must outlast the slowest legitimate wait inside a collective: a checkpoint written by rank 0 while the others
+    # wait at the barrier (DDP at 2B: 7.3 GiB weights + 14.6 GiB AdamW states, ~4 min at 100 MB/s) or loaded weights
+    # read by rank 0 and broadcast (7B bf16, 15 GB: ~1.5 min at 200 MB/s); 30 min is 5x the former, yet minutes:
+    # a rank that died is named within seconds by the heartbeat (trainer/liveness.py), one that hangs within this
+    collective_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         for name in ("lr_vision", "lr_projector", "lr_llm"):
@@ -116,6 +122,8 @@ class TrainConfig:
             raise ValueError(f"save_every must be >= 0 (0 = only at the end), got {self.save_every}")
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        if not self.collective_timeout_s > 0:
+            raise ValueError(f"collective_timeout_s must be > 0 seconds, got {self.collective_timeout_s}")
         if self.nan_tolerance < 1:
             raise ValueError(f"nan_tolerance must be >= 1, got {self.nan_tolerance}")
 
