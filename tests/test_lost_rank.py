@@ -100,7 +100,7 @@ def _worker(tmp_path: Path, *args: str) -> tuple[list[int], list[str]]:
 def test_rank0_only_work_longer_than_the_collective_timeout_holds_no_one_and_a_dead_rank0_is_named(
     tmp_path: Path,
 ) -> None:
-    """Rank 0 works 8 s alone with a 3 s collective timeout: the other rank waits in ``liveness.on_main`` (outside
+    """Rank 0 works 8 s alone with a 3 s collective timeout: the other rank waits in ``liveness.main_only`` (outside
     any collective) and both meet at the barrier after it. When rank 0 dies inside that work instead, the other
     rank fails promptly with a message naming rank 0."""
     (tmp_path / "slow").mkdir()

@@ -211,7 +211,7 @@ def _train(
     from .model.lora import apply_lora
     from .trainer import fit
     from .trainer.backend import whole_model
-    from .trainer.liveness import on_main
+    from .trainer.liveness import main_only
     from .trainer.metrics import MetricsWriter
     from .trainer.optim import plan_steps
 
@@ -369,15 +369,11 @@ def _train(
             )
         return res
 
-    def evaluate_before():
-        if heldout:
-            res = results["heldout_before"] = evaluate("before")
+    with main_only("held-out evaluation before training") as main:  # the others wait outside collectives
+        if main and cfg.eval.before and heldout and not resuming:
+            res = evaluate("before")
+            results["heldout_before"] = res
             writer.summary({**_heldout_summary(res, "before"), "baseline_accuracy": res["baseline"]})
-
-    # rank 0 evaluates alone; the others wait outside any collective (a barrier would fail after the collective
-    # timeout), watching rank 0's heartbeat
-    if cfg.eval.before and not resuming:
-        on_main("held-out evaluation before training", evaluate_before)
 
     # ZeRO-3 and FSDP2 keep each parameter partitioned over the ranks: generation needs them whole, so no
     # evaluation inside the loop (rank 0 alone would wait for the others' shards).
@@ -392,8 +388,9 @@ def _train(
         eval_every = 0
 
     def eval_fn(m, step):  # noqa: ARG001 - fit passes the (possibly wrapped) model
-        r = on_main(f"held-out evaluation at step {step}", lambda: evaluate(f"step {step}"))
-        if r is None:  # not rank 0, or no held-out set
+        with main_only(f"held-out evaluation at step {step}") as main:
+            r = evaluate(f"step {step}") if main and heldout else None
+        if r is None:
             return {}
         return {  # logged as eval/<name>
             "heldout_loss": r["loss"],
@@ -418,10 +415,9 @@ def _train(
         if final.get("interrupted"):
             return results
         accelerator.wait_for_everyone()
-        # every rank enters: under ZeRO-3 / FSDP2 the export needs the sharded weights gathered
-        with whole_model(model, accelerator) as whole:
-
-            def export_and_evaluate():
+        # every rank enters (ZeRO-3 / FSDP2 gather the weights); rank 0 alone exports and evaluates (main_only)
+        with whole_model(model, accelerator) as whole, main_only("export, evaluation") as main:
+            if main:
                 results["export"] = str(export_hf(whole, processor, out_dir / "export"))
                 res = evaluate("after", whole)
                 if res is not None:
@@ -439,9 +435,6 @@ def _train(
                     f"{out_dir / 'metrics.jsonl'}" + (f"; log {log_path}" if log_path else ""),
                     flush=True,
                 )
-
-            on_main("the export and the held-out evaluation", export_and_evaluate)
-            accelerator.wait_for_everyone()
     finally:
         writer.finish()  # the process group stays: the next stage of a pipeline reuses it
     return results

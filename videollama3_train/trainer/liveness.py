@@ -10,7 +10,7 @@ store rank 0 hosts under a plain ``env://`` launch):
 * **a heartbeat**: every rank increments its counter in the store once a second from a daemon thread
   (:func:`start`). When a collective fails, :func:`guard` looks at which counters stopped and re-raises
   :class:`LostRankError` naming those ranks ("rank 1 of 2 stopped ...") rather than gloo's or NCCL's socket text.
-* **rank-0-only work outside collectives** (:func:`on_main`): held-out evaluation and the export run on rank 0
+* **rank-0-only work outside collectives** (:func:`main_only`): held-out evaluation and the export run on rank 0
   alone; the other ranks do not wait in a barrier (which would fail after the collective timeout, or hang without
   one) but poll the store for rank 0's "done", watching its heartbeat: an evaluation may take an hour, a dead
   rank 0 is noticed within ``MAIN_LOST_AFTER_S``.
@@ -26,15 +26,13 @@ import os
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import TypeVar
 
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 PREFIX = "videollama3/liveness"  # store keys: <PREFIX>/beat/<rank>, <PREFIX>/main/<n>
 HEARTBEAT_S = 1.0  # seconds between two heartbeats of a rank
@@ -55,7 +53,7 @@ class LostRankError(RuntimeError):
 class _State:
     def __init__(self, store, rank: int, world: int):
         self.store, self.rank, self.world = store, rank, world
-        self.calls = 0  # on_main calls so far (every rank makes the same sequence of calls)
+        self.calls = 0  # main_only blocks so far (every rank makes the same sequence of calls)
         self.stop = threading.Event()
 
 
@@ -177,26 +175,35 @@ def _looks_collective(e: BaseException) -> bool:
     return isinstance(e, (RuntimeError, TimeoutError, ConnectionError))
 
 
-def on_main(what: str, fn: Callable[[], T]) -> T | None:
-    """Run ``fn`` on rank 0 alone while the other ranks wait outside any collective (every rank calls this, in the
-    same order). Returns ``fn()`` on rank 0, None elsewhere. The others return once rank 0 is done, raise
+@contextmanager
+def main_only(what: str) -> Iterator[bool]:
+    """Every rank enters, in the same order; the block's value is True on rank 0 alone, which does the work while
+    the others wait at the end of the block outside any collective. They leave once rank 0 left the block, raise
     :class:`LostRankError` when its heartbeat stops for ``MAIN_LOST_AFTER_S`` or the store goes away, and
-    ``RuntimeError`` when ``fn`` raised on rank 0."""
+    ``RuntimeError`` when the block raised on rank 0.
+
+        with main_only("the export") as main:
+            if main:
+                export(...)
+    """
     state = _state
-    if state is None:
-        return fn() if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0 else None
+    if (
+        state is None
+    ):  # one process, or no store: rank 0 works, the others go on (a collective timeout bounds it)
+        yield not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        return
     state.calls += 1
     key = f"{PREFIX}/main/{state.calls}"
-    if state.rank == 0:
-        try:
-            out = fn()
-        except BaseException as e:
-            state.store.set(key, f"failed: {type(e).__name__}: {e}"[:500])
-            raise
-        state.store.set(key, "ok")
-        return out
-    _wait_for_main(state, key, what)
-    return None
+    if state.rank != 0:
+        yield False
+        _wait_for_main(state, key, what)
+        return
+    try:
+        yield True
+    except BaseException as e:
+        state.store.set(key, f"failed: {type(e).__name__}: {e}"[:500])
+        raise
+    state.store.set(key, "ok")
 
 
 def _wait_for_main(state: _State, key: str, what: str) -> None:
