@@ -254,7 +254,7 @@ def test_unpadded_frame_names_are_read_in_natural_order(tmp_path):
         Image.fromarray(index_frame(k - 1, 32, 32)).save(folder / f"frame_{k}.png")
     Image.fromarray(index_frame(200, 32, 32)).save(folder / ".hidden.png")
     (folder / "notes.txt").write_text("not a frame")
-    names = [Path(p).name for p in video_mod._frame_folder_images(str(folder))]
+    names = [Path(p).name for p in video_mod.frame_folder_images(str(folder))]
     assert names == [f"frame_{k}.png" for k in range(1, 13)]
     info = media.probe_video(folder, folder_fps=1.0)
     frames, stamps = media.decode_video(folder, [float(i) for i in range(12)], info=info)

@@ -245,6 +245,7 @@ def _train(
             world_size=accelerator.num_processes // n,
             is_main=is_main,
             global_batch_samples=cfg.trainer.global_batch_samples,
+            run_dir=str(out_dir),
         )
     except RuntimeError as e:  # too many unusable records, or no optimizer step in the plan
         raise UserError(str(e)) from e

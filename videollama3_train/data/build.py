@@ -74,12 +74,15 @@ def build_train_data(
     world_size: int,
     is_main: bool,
     global_batch_samples: int | None = None,
+    run_dir: str | None = None,
 ) -> DataBundle:
     """Annotations -> cost pre-pass (cached) -> mixture + global packing plan per epoch -> this rank's loader.
 
     The plan of each epoch is global (``G`` rows per optimizer step, :func:`global_rows_per_step`), independent
     of the world size; the loader deals each step's rows to the ranks (``grad_accum = ceil(G / world_size)``
-    each; the trainer takes it from the loader)."""
+    each; the trainer takes it from the loader). The cost pass runs once per job, its records split over the
+    ranks (:func:`~.costs.compute_costs`); ``run_dir`` keeps its table when the annotations' folder is
+    read-only (``data.cost_cache_dir`` unset)."""
     from .annotations import load_annotations
     from .costs import compute_costs, cost_cache
     from .loader import DatasetEncoder, PackedLoader
@@ -92,7 +95,9 @@ def build_train_data(
     configs = {name: d.encode_config(enc) for name, d in datasets.items()}  # per-dataset media clocks
     for name, d in datasets.items():
         ds = load_annotations(d.path)
-        cache, key = cost_cache(d.path, configs[name], processor.tokenizer)
+        cache, key = cost_cache(
+            d.path, configs[name], processor.tokenizer, cache_dir=dcfg.cost_cache_dir, fallback_dir=run_dir
+        )
         table = compute_costs(
             ds,
             partial(_cost_of, root=d.root, processor=processor, config=configs[name], dataset=name),

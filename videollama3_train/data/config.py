@@ -138,7 +138,10 @@ class DataConfig:
     num_workers: int = 2  # decoding worker processes per rank (0 = in the main process)
     prefetch_factor: int = 2  # micro-batches prefetched per worker
     cost_workers: int = 2  # processes of the cost pre-pass (0 or 1 = in the main process)
-    cost_cache: bool = True  # cache the cost table beside the annotations (keyed by file and encode config)
+    cost_cache: bool = True  # cache the cost table (keyed by annotation file, encode config, tokenizer)
+    # folder of the cost tables (train, doctor, prepare); None = beside the annotations, or the run directory when
+    # the annotations' folder is read-only
+    cost_cache_dir: str | None = None
     max_bad_fraction: float = 0.01  # abort when more than this fraction of samples fail to decode
     # follow symlinks that exist inside a media root wherever they point (a shared dataset folder linked into the
     # root is the dataset owner's choice); paths written in annotations still may not leave the root (`..`, an

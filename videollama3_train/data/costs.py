@@ -73,21 +73,38 @@ def cost_config_hash(encode: EncodeConfig) -> str:
     return config_hash(fields)
 
 
-def cost_cache(annotation_path: str | os.PathLike, encode: EncodeConfig, tokenizer: Any) -> tuple[Path, str]:
+def cost_cache(
+    annotation_path: str | os.PathLike,
+    encode: EncodeConfig,
+    tokenizer: Any,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    fallback_dir: str | os.PathLike | None = None,
+) -> tuple[Path, str]:
     """``(cache file, cache key)`` of the cost table of one annotation file: THE cost-cache scheme, for training
     and the doctor alike (pass both to :func:`compute_costs`).
 
-    The file is ``.<annotations>.<hash>.costs.npy`` beside the annotations, one per cost-relevant encode config;
-    the key adds what invalidates it without changing the name: the annotation file's size and mtime
-    (:func:`file_fingerprint`), the tokenizer (its class, name and vocabulary size: token counts depend on it) and
-    the planning rules' version (``encode.PLAN_VERSION``: a table costed under older rules is not reused).
+    The file is ``.<annotations>.<hash>.costs.npy``, one per cost-relevant encode config, in ``cache_dir``
+    (``data.cost_cache_dir``) when given, else beside the annotations, or in ``fallback_dir`` (the run
+    directory) when the annotations' folder is read-only and holds no table yet (a dataset on a read-only mount
+    would otherwise be costed again on every run). The key adds what invalidates it without changing the name:
+    the annotation file's size and mtime (:func:`file_fingerprint`), the tokenizer (its class, name and
+    vocabulary size: token counts depend on it) and the planning rules' version (``encode.PLAN_VERSION``: a
+    table costed under older rules is not reused).
     """
     from .encode import PLAN_VERSION
 
     p = Path(annotation_path)
     h = cost_config_hash(encode)
     tok = f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}"
-    return p.with_name(f".{p.name}.{h[:12]}.costs.npy"), f"{file_fingerprint(p)}-{h}-{tok}-plan{PLAN_VERSION}"
+    name = f".{p.name}.{h[:12]}.costs.npy"
+    if cache_dir is not None:
+        where = Path(cache_dir)
+    else:
+        where = p.parent
+        if fallback_dir is not None and not (where / name).exists() and not os.access(where, os.W_OK):
+            where = Path(fallback_dir)
+    return where / name, f"{file_fingerprint(p)}-{h}-{tok}-plan{PLAN_VERSION}"
 
 
 # Worker-side state: the records and the cost function are sent once per worker (initializer), then each task
@@ -105,12 +122,25 @@ def _cost_range(span: tuple[int, int]) -> tuple[int, np.ndarray, dict[int, tuple
     (start, stop), records, cost_fn = span, _WORKER["records"], _WORKER["cost_fn"]
     costs = np.full((stop - start, 2), -1, dtype=np.int64)
     failures = {}
+    rows = _rows(records, start, stop)
     for i in range(start, stop):
         try:
-            costs[i - start] = cost_fn(i if records is None else records[i])
+            costs[i - start] = cost_fn(i if rows is None else rows[i - start])
         except DataError as e:
             failures[i] = (e.reason, str(e))
     return start, costs, failures
+
+
+def _rows(records: Any, start: int, stop: int) -> Sequence[Any] | None:
+    """Records ``start:stop``; a ``datasets.Dataset`` is read as one slice (one Arrow read for the range:
+    9 against 28 us a record, 256 at a time) and handed out as the rows ``records[i]`` would give."""
+    if records is None:
+        return None
+    columns = getattr(records, "column_names", None)
+    if columns is None:
+        return [records[i] for i in range(start, stop)]
+    batch = records[start:stop]
+    return [dict(zip(columns, values)) for values in zip(*(batch[c] for c in columns))]
 
 
 def compute_costs(
@@ -122,6 +152,7 @@ def compute_costs(
     cache_key: str | None = None,
     chunk_size: int = 256,
     progress: bool = True,
+    distributed: bool = True,
 ) -> CostTable:
     """(tokens, patches) of every record, in parallel, cached.
 
@@ -130,23 +161,32 @@ def compute_costs(
     not fatal; any other exception is a bug and propagates). ``num_workers <= 1`` runs in this process.
     ``cache_path`` + ``cache_key``: reuse a table computed under the same key (:func:`cost_cache` gives both); a
     stale or unreadable cache is recomputed. Returns a :class:`CostTable` with ``costs`` int64 ``(N, 2)``.
+
+    Under a process group (``distributed``, the default, and ``torch.distributed`` initialised) the pass runs once
+    per job, not once per rank: every rank costs every world-th chunk of records with its ``num_workers``
+    processes, then the table and the failures are combined on all ranks (:func:`_gather_table`), equal to a
+    one-process pass (``tests/test_costing.py``, 2 processes); only ``LOCAL_RANK`` 0 writes the cache, and the
+    cache is used only when every rank can read it. All ranks must call it with the same records.
     """
     n = records if isinstance(records, int) else len(records)
     seq = None if isinstance(records, int) else records
-    if cache_path is not None:
-        cached = _load_cache(Path(cache_path), cache_key, n)
-        if cached is not None:
-            return cached
+    rank, world = _process_group() if distributed else (0, 1)
+    cached = _load_cache(Path(cache_path), cache_key, n) if cache_path is not None else None
+    if world > 1:  # every rank must take the same branch: the cache is used only when all of them read it
+        cached = cached if _all_ranks(cached is not None) else None
+    if cached is not None:
+        return cached
 
     costs = np.full((n, 2), -1, dtype=np.int64)
     failures: dict[int, tuple[str, str]] = {}
-    spans = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+    # Ranks take every world-th chunk (interleaved, so the video-heavy parts of a file are shared too).
+    spans = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)][rank::world]
     try:
         chunks = parallel_map(
             _cost_range,
             spans,
             workers=num_workers,
-            desc="cost pre-pass",
+            desc="cost pre-pass" if world == 1 else f"cost pre-pass (rank 0's 1/{world} share)",
             unit="rec",
             progress=progress,
             weight=lambda span: span[1] - span[0],
@@ -158,15 +198,57 @@ def compute_costs(
     for start, part, failed in chunks:
         costs[start : start + len(part)] = part
         failures.update(failed)
+    if world > 1:
+        costs, failures = _gather_table(costs, failures)
 
     table = CostTable(costs, failures)
-    if failures:
+    if failures and rank == 0:
         logger.warning(
             "cost pre-pass: %d of %d records failed: %s", len(failures), n, dict(table.reason_counts())
         )
-    if cache_path is not None:
+    # one writer per node (the cache may be node-local); the write is atomic, so writers never tear a file
+    if cache_path is not None and int(os.environ.get("LOCAL_RANK", rank)) == 0:
         _save_cache(Path(cache_path), cache_key, table)
+    if world > 1 and cache_path is not None:
+        import torch.distributed as dist
+
+        dist.barrier()  # the table is on disk when any rank returns: a later pass of this job reads it everywhere
     return table
+
+
+def _process_group() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group, ``(0, 1)`` without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_ranks(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (one all-reduce)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _gather_table(
+    costs: np.ndarray, failures: dict[int, tuple[str, str]]
+) -> tuple[np.ndarray, dict[int, tuple[str, str]]]:
+    """Every rank's rows into one table on every rank: rows a rank did not cost hold -1, so an element-wise max
+    over ranks is the table (16 bytes a record); the failures (few, small) are gathered as objects."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.from_numpy(costs)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    parts: list[dict[int, tuple[str, str]] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, failures)
+    merged = {i: tuple(v) for part in parts for i, v in (part or {}).items()}
+    return t.numpy(), dict(sorted(merged.items()))
 
 
 def _sidecar(cache_path: Path) -> Path:

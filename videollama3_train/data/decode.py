@@ -19,13 +19,13 @@ import torchvision.transforms.v2.functional as tvF
 from PIL import Image
 
 from videollama3_train.data.errors import DataError
-from videollama3_train.data.image import PathLike, _check_file, load_image
+from videollama3_train.data.image import PathLike, check_file, load_image
 from videollama3_train.data.video import (
     VideoInfo,
-    _frame_folder_images,
-    _open_container,
-    _video_stream,
+    frame_folder_images,
+    open_container,
     probe_video,
+    video_stream,
 )
 
 # Without a known keyframe interval, seek only across gaps longer than this (seconds). Typical GOPs are 0.5-10 s.
@@ -235,7 +235,7 @@ class _StreamReader:
 def _decode_folder(
     info: VideoInfo, times: list[float], size: tuple[int, int] | None
 ) -> tuple[np.ndarray, list[float]]:
-    files = _frame_folder_images(info.path)
+    files = frame_folder_images(info.path)
     if not files:
         raise DataError("no_frames", "frame folder holds no images", path=info.path)
     h, w = size if size is not None else (info.height, info.width)
@@ -279,7 +279,7 @@ def decode_video(
     else decodes forward; only kept frames are converted, and at most one native-size frame is held at a time.
     Raises DataError ``missing_file``, ``empty_file``, ``corrupt_video``, ``no_video_stream`` or ``no_frames``.
     """
-    p = _check_file(path)
+    p = check_file(path)
     if info is None:
         info = probe_video(p, folder_fps=folder_fps)
     if not times:
@@ -295,8 +295,8 @@ def decode_video(
     seek_gap = info.keyframe_interval if info.keyframe_interval is not None else _DEFAULT_SEEK_GAP
     if info.kind == "gif":
         seek_gap = math.inf  # FFmpeg's GIF demuxer can only seek back to the start: always decode forward
-    with _open_container(p) as container:
-        stream = _video_stream(container, p)
+    with open_container(p) as container:
+        stream = video_stream(container, p)
         stream.thread_type = "AUTO"  # frame + slice threads; the decoder is flushed after every seek
         sink = _FrameSink(len(targets), out_hw, info.rotation, stream.time_base, prescale)
         reader = _StreamReader(container, stream, info, targets, sink, p)

@@ -45,7 +45,7 @@ from . import media
 from .annotations import RECORD_COLUMN, normalize_record
 from .config import EncodeConfig
 from .errors import DataError
-from .text import build_skeleton, expand_pads, tokenize_skeleton
+from .text import build_skeleton, count_tokens, expand_pads, tokenize_skeleton
 from .vision import (
     compression_mask,
     patchify,
@@ -284,8 +284,19 @@ def _truncation_point(
     return max_length
 
 
-def _plan(record: dict[str, Any], data_root: str | Path, tokenizer, config: EncodeConfig, pad_ids) -> Plan:
-    """:func:`plan_record` with the tokenizer and pad ids given directly; DataErrors are not located."""
+def _plan(
+    record: dict[str, Any],
+    data_root: str | Path,
+    tokenizer,
+    config: EncodeConfig,
+    pad_ids,
+    *,
+    count_only: bool = False,
+) -> Plan:
+    """:func:`plan_record` with the tokenizer and pad ids given directly; DataErrors are not located.
+
+    ``count_only`` (the cost pass): the text is counted (:func:`~.text.count_tokens`), not tokenised, so the
+    plan's ``ids`` / ``flags`` are empty unless the "truncate" policy needs them; its ``cost`` is the same."""
     if isinstance(record, dict) and set(record) == {RECORD_COLUMN} and isinstance(record[RECORD_COLUMN], str):
         record = json.loads(
             record[RECORD_COLUMN]
@@ -306,9 +317,14 @@ def _plan(record: dict[str, Any], data_root: str | Path, tokenizer, config: Enco
         if it["type"] in ("image", "video")
     ]
     skeleton = build_skeleton(messages, [m.timestamps for m in items if m.kind == "video"])
-    ids, flags = tokenize_skeleton(tokenizer, skeleton)
+    if count_only:
+        ids, flags = [], []
+        n_ids = count_tokens(tokenizer, skeleton.text)
+    else:
+        ids, flags = tokenize_skeleton(tokenizer, skeleton)
+        n_ids = len(ids)
     n_slots = sum(m.num_frames for m in items)
-    text_tokens = len(ids) - n_slots
+    text_tokens = n_ids - n_slots
 
     per_item = per_item_tokens(
         n_slots, config.max_visual_tokens, config.min_tokens_per_item, config.max_tokens_per_item
@@ -344,6 +360,8 @@ def _plan(record: dict[str, Any], data_root: str | Path, tokenizer, config: Enco
             f"{config.min_tokens_per_item} tokens each exceed max_length {config.max_length}",
         )
     if config.length_policy == "truncate":
+        if count_only:  # the cut point depends on the labels: tokenise after all
+            plan.ids, plan.flags = ids, flags = tokenize_skeleton(tokenizer, skeleton)
         ids_t, labels_t = expand_pads(ids, flags, _pad_counts(items, config.patch_size), pad_ids)
         plan.truncate_to = _truncation_point(ids_t, labels_t, pad_ids, config.max_length)
         return plan
@@ -600,8 +618,10 @@ def estimate_cost(
     dataset: str = "",
     index: int = -1,
 ) -> tuple[int, int]:
-    """``(num_tokens, num_patches)`` the record will encode to: ``plan_record(...).cost`` (see :class:`Plan`)."""
-    plan = plan_record(
-        record, data_root=data_root, processor=processor, config=config, dataset=dataset, index=index
-    )
+    """``(num_tokens, num_patches)`` the record will encode to: ``plan_record(...).cost`` (see :class:`Plan`),
+    with the text counted instead of tokenised (the same count; ``tests/test_costing.py``)."""
+    try:
+        plan = _plan(record, data_root, processor.tokenizer, config, _pad_ids(processor), count_only=True)
+    except DataError as e:
+        raise e.locate(dataset=dataset, index=index) from None
     return plan.cost

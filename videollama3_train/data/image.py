@@ -68,7 +68,7 @@ def resolve_media_path(root: PathLike, rel: str, follow_symlinks: bool = True) -
     return target
 
 
-def _check_file(path: PathLike) -> str:
+def check_file(path: PathLike) -> str:
     """Existence / emptiness check shared by the readers; returns the path as str."""
     p = str(path)
     try:
@@ -149,7 +149,7 @@ def probe_image(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tupl
 
     Raises DataError ``missing_file``, ``empty_file``, ``corrupt_image`` (unreadable header) or ``image_too_large``.
     """
-    p = _check_file(path)
+    p = check_file(path)
     with _open_image(p, max_pixels) as img:
         w, h = img.size
         try:
@@ -225,7 +225,7 @@ def load_image(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
     first frame is returned. Raises DataError ``missing_file``, ``empty_file``, ``corrupt_image`` (including
     truncated data) or ``image_too_large`` (checked from the header, before decoding).
     """
-    p = _check_file(path)
+    p = check_file(path)
     with _open_image(p, max_pixels) as img:
         try:
             orientation = _orientation(img)
