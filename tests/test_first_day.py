@@ -156,6 +156,42 @@ def test_tiny_preset_never_reaches_a_real_checkpoint(capsys, tmp_path: Path, dat
     assert not (tmp_path / "o").exists()
 
 
+def test_a_checkpoint_whose_chat_template_differs_fails(capsys, tmp_path: Path, data: Path) -> None:
+    """A checkpoint's tokenizer with a default system prompt in its chat template: inference would prompt the
+    model otherwise than training; the run stops naming both renderings, before the model is built."""
+    from videollama3_train.model.tokenizer import CHAT_TEMPLATE, build_tiny_tokenizer
+
+    ckpt = tmp_path / "ckpt"
+    tok = build_tiny_tokenizer()
+    tok.chat_template = (
+        "{%- if messages[0]['role'] != 'system' -%}"
+        "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}{%- endif -%}"
+        + CHAT_TEMPLATE
+    )
+    tok.save_pretrained(ckpt)
+    text = {"hidden_size": 128, "num_hidden_layers": 2}
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "video_llama_3", "text_config": text}))
+    (ckpt / "model.safetensors").write_bytes(b"")
+    args = [
+        "stage=alignment",
+        "model=tiny",
+        f"init_from={ckpt}",
+        *_data_args(data),
+        f"output_dir={tmp_path / 'o'}",
+    ]
+    code, _, err = cli(capsys, "train", *args)
+    assert code == 1 and "Traceback" not in err
+    first, training, template = err[err.index("vl3-train: error:") :].strip().splitlines()
+    assert "chat template renders the conversation of the probe 'text only' unlike training" in first
+    assert (
+        training
+        == "training: '<|im_start|>user\\nWhat color is a banana?<|im_end|>\\n<|im_start|>assistant\\nBananas are yellow.<|im_end|>\\n'"
+    )
+    assert template.startswith(
+        "template: '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user"
+    )
+
+
 def test_finetune_without_init_from_fails(capsys, tmp_path: Path, data: Path) -> None:
     code, _, err = cli(
         capsys, "train", "stage=finetune", "model=videollama3_2b", *_data_args(data), f"output_dir={tmp_path}"

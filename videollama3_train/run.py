@@ -45,13 +45,17 @@ log = logging.getLogger("videollama3_train")
 
 
 def build_tokenizer_for(cfg: RunConfig):
-    """The checkpoint's own tokenizer when starting from a directory that has one, else ``model.tokenizer``."""
+    """The checkpoint's own tokenizer when starting from a directory that has one, else ``model.tokenizer``; its
+    chat template must render prompts as training does (``data/template_check.py``)."""
+    from .data.template_check import template_mismatch
     from .model.tokenizer import build_tokenizer
 
     init = cfg.model.init_from
-    if init and (Path(init) / "tokenizer_config.json").is_file():
-        return build_tokenizer(init)
-    return build_tokenizer(cfg.model.tokenizer)
+    use_init = init and (Path(init) / "tokenizer_config.json").is_file()
+    tokenizer = build_tokenizer(init if use_init else cfg.model.tokenizer)
+    if why := template_mismatch(tokenizer):
+        raise UserError(why)
+    return tokenizer
 
 
 def build_stage_processor(tokenizer, enc):
