@@ -382,7 +382,6 @@ def _install_hooks(args, rank: int) -> None:
 
     fit_module = sys.modules["videollama3_train.trainer.fit"]
 
-    nan_steps = {int(s) for s in args.nan_steps.split(",") if s}
     original_step = fit_module.forward_backward
 
     def forward_backward(module, *a, **kw):
@@ -399,6 +398,9 @@ def _install_hooks(args, rank: int) -> None:
         step, micro = _NOW["step"], _NOW["micro"]
         _NOW["micro"] += 1
         here = micro == 0 and rank == args.fault_rank
+        nan_steps = {
+            int(s) for s in args.nan_steps.split(",") if s
+        }  # read per call: numerics_worker changes it
         if here and step in nan_steps:
             # a non-finite loss whose gradients stay finite: the case a gradient-norm check alone misses
             out = (out[0] + torch.tensor(float("nan"), device=out[0].device), *out[1:])

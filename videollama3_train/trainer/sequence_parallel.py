@@ -186,6 +186,11 @@ def gather_features(
     pad = max(counts) - mine.shape[0]
     if pad:
         mine = torch.cat([mine, mine.new_zeros(pad, width)])
+    if torch.is_grad_enabled() and not mine.requires_grad:
+        # A rank that encoded no frame of the row (a row whose one image went to the other rank) would gather
+        # outside autograd and skip the gather's backward (a reduce-scatter) that the other ranks run: a hang
+        # (measured: every rank waits in step 1), and its slice's gradient for the other ranks' features lost.
+        mine = mine.detach().requires_grad_()
     gathered = wait_tensor(all_gather_single_autograd(mine.contiguous(), 0, sp.group))  # (N * max, width)
     rows = max(counts)
     flat = torch.cat(
