@@ -67,7 +67,7 @@ def test_sequence_parallel_fit_equals_one_process_without_it(cases: Path, refere
     assert moved
     # the rows really were split: each rank's tower encoded part of the patches, together all of them
     work = [json.loads((out / f"sp_rank{r}.json").read_text()) for r in (0, 1)]
-    assert {w["class"] for w in work} == {"SequenceParallelLoss"}
+    assert all(w["class"].endswith("SequenceParallelLoss") for w in work), work  # FSDP2 subclasses it
     total = sum(
         int(b[k].shape[0]) for b in grad_check_batches(tiny_setup()[1]) for k in ("pixel_values", "pixel_values_videos")
         if k in b
