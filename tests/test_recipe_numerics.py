@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ from dist_worker import (
     textonly_batches,
     tiny_setup,
 )
+from helpers import REPO, torchrun
 from numerics_worker import launch_once
 from test_fit import _adam_first_update, _cfg, _reference_grads
 
@@ -189,3 +193,46 @@ def test_zero3_frozen_llm_with_a_text_only_rank_finishes_and_equals_one_process(
         trained += bool(expected.abs().max() > 0)
         torch.testing.assert_close(after[k] - before[k], expected, atol=1e-5, rtol=1e-4, msg=k)
     assert trained and (out / "checkpoints" / f"step-{steps:08d}" / "COMPLETE").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The recipes' configuration through the train command
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_recipe_shaped_run_trains_through_the_train_command(tmp_path: Path) -> None:
+    """What every 2B/7B recipe runs (ZeRO-1, bf16, checkpointing of both towers, a global batch in samples), with the
+    tiny preset on 2 processes through ``train``: the global batch becomes packed rows dealt as grad_accum per rank,
+    every step is finite, and the checkpoint holds DeepSpeed's bf16 weights."""
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, str(REPO / "data" / "generate_sample.py"), "--out", str(data)], check=True,
+                   cwd=REPO, capture_output=True)  # fmt: skip
+    out, steps = tmp_path / "run", 2
+    log = torchrun(2, [
+        "-m", "videollama3_train.train", "stage=multitask_sft", "model=tiny", "data=sample",
+        f"data.path={data / 'train.jsonl'}", f"data.root={data}", "data.heldout_path=null", "eval.before=false",
+        "logger=disabled", f"output_dir={out}", "trainer.backend=zero1", "trainer.precision=bf16",
+        "trainer.gradient_checkpointing=both", "trainer.global_batch_samples=32", f"trainer.max_steps={steps}",
+        "trainer.log_every=1",
+    ], timeout=600)  # fmt: skip
+    assert "= 2 rank(s) x grad_accum 2" in log, log[-4000:]  # 32 samples: 4 packed rows of ~8
+    rows = _rows(out)
+    assert sorted(rows) == list(range(1, steps + 1))
+    for r in rows.values():
+        assert (
+            not r["nonfinite"]
+            and math.isfinite(r["loss"])
+            and math.isfinite(r["grad_norm"])
+            and r["grad_norm"] > 0
+        )
+    cfg = json.loads((out / "resolved_config.json").read_text())["trainer"]
+    assert (cfg["backend"], cfg["precision"], cfg["gradient_checkpointing"]) == ("zero1", "bf16", "both")
+    engine = torch.load(
+        out / "checkpoints" / f"step-{steps:08d}" / "pytorch_model" / "mp_rank_00_model_states.pt",
+        weights_only=False,
+    )
+    assert engine["ds_config"]["bf16"]["enabled"] and engine["ds_config"]["gradient_accumulation_steps"] == 2
+    assert {v.dtype for v in engine["module"].values()} == {torch.bfloat16}
+    assert (out / "export" / "config.json").is_file()
