@@ -15,6 +15,8 @@ Plans (which micro-batches rank r of world w gets):
                yielded is recorded in ``samples_rank<r>.jsonl`` (see :func:`read_consumed`).
 On exit rank 0 writes ``params_after.pt`` (full state dict; ZeRO-3 parameters are gathered first) into --out.
 
+Backends: ``ddp``, ``zero1|2|3``, ``fsdp2`` (``--shard-size``: ``trainer.fsdp_shard_size``).
+
 Switches: ``--dropout P`` (dropout on every decoder layer's MLP output: resumed runs must restore RNG states);
 ``--partition-all`` (ZeRO-3 with persistence threshold 0; after training every rank asserts that every parameter
 is partitioned, :func:`assert_partitioned`); ``--digests`` (every rank writes a digest of the
@@ -215,14 +217,37 @@ class ListLoader:
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """CPU copies of all parameters (ZeRO-3 partitions are gathered first)."""
+    """CPU copies of all parameters (ZeRO-3 partitions are gathered first, FSDP2 shards too; collective then)."""
+    from torch.distributed.tensor import DTensor
+
     params = list(model.parameters())
+    if any(isinstance(p, DTensor) for p in params):
+        from videollama3_train.trainer import fsdp2
+
+        return fsdp2.full_state_dict(model)
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def fsdp2_layout(model: torch.nn.Module) -> dict[str, Any]:
+    """How FSDP2 laid out ``model``'s parameters: the distinct ``[mesh shape, mesh dim names, placements]`` and the
+    parameters left whole (not DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    layouts, whole = set(), []
+    for name, p in model.named_parameters():
+        if isinstance(p, DTensor):
+            mesh = p.device_mesh
+            layouts.add(
+                (tuple(mesh.shape), tuple(mesh.mesh_dim_names or ()), tuple(str(x) for x in p.placements))
+            )
+        else:
+            whole.append(name)
+    return {"layouts": sorted(layouts), "whole": whole}
 
 
 def _stall_in_save(step: int) -> None:
@@ -501,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--pause-at", type=int, default=0, help="rank 0 waits for <out>/go after this step")
     p.add_argument("--token-budget", type=int, default=0, help="ListLoader.token_budget (0: none)")
+    p.add_argument("--shard-size", type=int, default=0, help="fsdp2: trainer.fsdp_shard_size")
     args = p.parse_args(argv)
 
     rank = int(os.environ.get("RANK", 0))
@@ -541,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs,
         max_steps=args.steps,
         backend=args.backend,
+        fsdp_shard_size=args.shard_size,
         precision="fp32",
         save_every=args.save_every,
         keep_last=3,
@@ -576,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
         _write_digest(out, rank, "final", model)
     if args.partition_all:
         print(f"PARTITIONED {rank} {assert_partitioned(model, world)} parameters", flush=True)
+    if args.backend == "fsdp2":
+        print(f"FSDP2 LAYOUT {rank} {json.dumps(fsdp2_layout(model))}", flush=True)
     state = full_state_dict(model)
     if rank == 0:
         torch.save(state, out / "params_after.pt")

@@ -126,14 +126,6 @@ def _reset_accelerate() -> None:
         del os.environ[key]
 
 
-def _whole_state(model: torch.nn.Module, backend: str) -> dict[str, torch.Tensor]:
-    if backend == "fsdp2":
-        from videollama3_train.trainer import fsdp2
-
-        return fsdp2.full_state_dict(model)
-    return full_state_dict(model)
-
-
 def run_case(name: str, out_root: Path, hooks: SimpleNamespace, rank: int, world: int) -> None:
     from videollama3_train.trainer import TrainConfig, fit
 
@@ -181,7 +173,7 @@ def run_case(name: str, out_root: Path, hooks: SimpleNamespace, rank: int, world
         _write_digest(out, rank, "final", model)
     if partition:
         print(f"PARTITIONED {name} {rank} {assert_partitioned(model, world)} parameters", flush=True)
-    state = _whole_state(model, case["backend"])
+    state = full_state_dict(model)
     if rank == 0:
         torch.save(state, out / "params_after.pt")
         (out / "DONE").write_text(json.dumps(case) + "\n")

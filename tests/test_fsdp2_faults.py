@@ -1,0 +1,86 @@
+"""FSDP2 (``trainer.backend=fsdp2``) under the faults and layouts the DDP and ZeRO tests already cover, with their own
+oracles reused: SIGKILL inside a checkpoint write and inside a backward (tests/test_faults.py: the ``ranked`` plan,
+each rank different rows, dropout on, compared bit for bit with an uninterrupted run), HSDP on a 2 x 2 mesh (the
+one-process gradient of the global batch, tests/test_fit.py), and a resume at another world size checked by sample
+ids across an epoch boundary (tests/test_world_size.py's checks, as they are).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import test_faults
+import test_world_size
+import torch
+from dist_worker import grad_check_batches, tiny_setup
+from helpers import REPO, torchrun
+from test_faults import _assert_same_run, _Run
+from test_fit import _adam_first_update, _reference_grads
+
+from videollama3_train.trainer import find_latest_checkpoint
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+FSDP2 = ("--backend", "fsdp2")
+clean_runs = test_faults.clean_runs  # uninterrupted runs by world size and backend (a fixture)
+references = test_world_size.references  # uninterrupted 2-process runs of the world-size plan (a fixture)
+
+
+def test_sigkill_inside_a_save_then_inside_a_backward_resumes_bit_identical(
+    tmp_path: Path, clean_runs
+) -> None:
+    """2 ranks, each its own rows, dropout on, checkpoints every 2 of 6 steps. kill -9 while the step-4 checkpoint
+    is being written (RNG states in ``.tmp``, no DCP shards, no ``COMPLETE``): the restart resumes from step 2; kill
+    -9 it while rank 1 is inside step 5's backward: the next restart resumes from step 4. Steps 3-6 (losses, samples)
+    and the final weights equal the uninterrupted run's bit for bit: DCP restores the shards and the optimizer, and
+    every rank's RNG states come back (dropout masks)."""
+    out = tmp_path / "victim"
+    victim = _Run(out, 2, *FSDP2, "--stall-in-save", "4")
+    victim.wait_for("STALLING IN SAVE")
+    assert len(victim.worker_pids()) == 2, victim.log
+    victim.kill_all()
+    assert any((out / "checkpoints" / "step-00000004.tmp").iterdir()), "the kill did not land inside the save"
+    assert find_latest_checkpoint(out).name == "step-00000002"
+
+    victim = _Run(out, 2, *FSDP2, "--stall-in", "backward", "--stall-step", "5", "--fault-rank", "1")
+    victim.wait_for("STALLING IN BACKWARD")
+    victim.kill_all()
+    assert "at step 2" in victim.log, victim.log
+    assert find_latest_checkpoint(out).name == "step-00000004"
+
+    resumed = _Run(out, 2, *FSDP2)
+    assert resumed.finish() == 0, resumed.log
+    assert "at step 4" in resumed.log, resumed.log
+    _assert_same_run(clean_runs(2, "fsdp2"), out, range(3, 7))
+
+
+def test_hsdp_2x2_lays_out_replicate_by_shard_and_equals_the_reference(tmp_path: Path) -> None:
+    """4 processes, ``trainer.fsdp_shard_size=2``: every parameter is a DTensor on a (replicate 2, shard 2) mesh,
+    replicated across the groups and sharded on dim 0 within each, and one step over the 4 micro-batches of the
+    ``grads`` plan (one per rank) makes the update of the one-process gradient of the whole global batch."""
+    log = torchrun(
+        4, [str(REPO / "tests" / "dist_worker.py"), "--out", str(tmp_path), *FSDP2, "--shard-size", "2",
+            "--plan", "grads", "--steps", "1"], timeout=600,
+    )  # fmt: skip
+    layouts = [line.split(" ", 3) for line in log.splitlines() if line.startswith("FSDP2 LAYOUT ")]
+    assert sorted(int(r) for _, _, r, _ in layouts) == [0, 1, 2, 3], log[-4000:]
+    for *_, layout in layouts:
+        assert json.loads(layout) == {
+            "layouts": [[[2, 2], ["replicate", "shard"], ["R", "S(0)"]]],
+            "whole": [],
+        }
+    model, tok = tiny_setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = _reference_grads(copy.deepcopy(model), grad_check_batches(tok))
+    after = torch.load(tmp_path / "params_after.pt", weights_only=True)
+    for k, g in grads.items():
+        u = _adam_first_update(g, 1e4, 1e4)
+        torch.testing.assert_close(after[k] - before[k], u, atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_resume_at_another_world_size_keeps_every_sample_once(tmp_path: Path, references) -> None:
+    """2 processes stop in epoch 1, 1 process resumes (DCP reshards model and optimizer): every step trains on the
+    samples of the uninterrupted 2-process run, each sample once per epoch, with its lr, label tokens and loss."""
+    test_world_size.test_resume_at_another_world_size(tmp_path, "fsdp2", 2, 1, references)
