@@ -29,6 +29,8 @@ printed below the table). ``out MB`` is the size of the method's result, the sam
     nice -n 10 python benchmarks/bench_video.py                  # 720p + 1080p, 1 and 10 min, GOP 2 s and 8 s
     nice -n 10 python benchmarks/bench_video.py --minutes 60 --resolutions 720p
     nice -n 10 python benchmarks/bench_video.py --plan --quick   # planning a record vs encoding it
+    # encode_record's peak RSS beyond its output, under two code trees (a worktree of another commit and this one)
+    nice -n 10 python benchmarks/bench_video.py --encode today=/tmp/base new=. --resolutions 360p --minutes 20 --gops 2
 
 ``--plan`` answers a different question: what does the loader pay for planning a record again (``plan_record``:
 headers, container metadata, tokenising) instead of receiving the cost pass's plan, against the whole
@@ -56,7 +58,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
-RESOLUTIONS = {"720p": (1280, 720), "1080p": (1920, 1080)}
+RESOLUTIONS = {"360p": (640, 360), "720p": (1280, 720), "1080p": (1920, 1080)}
 SOURCE_FPS = 25
 SEGMENT_S = 16  # a multiple of every keyframe interval used, so GOPs stay regular across the seams
 SAMPLING = {"fps": 1.0, "max_frames": 180, "min_frames": 4}
@@ -299,6 +301,53 @@ def run_ours(p: dict, prescale: bool = False) -> dict:
     return {"frames": len(frames), "out_mb": frames.nbytes / 2**20}
 
 
+def run_encode(p: dict, encode: bool) -> dict:
+    """``encode_record`` of one record holding the clip (tiny processor, the target above, no token compression);
+    with ``encode=False`` only what precedes it (imports, processor): the baseline of this method."""
+    from videollama3_train.data.config import EncodeConfig
+    from videollama3_train.data.encode import encode_record
+    from videollama3_train.model.tokenizer import build_processor, build_tiny_tokenizer
+
+    processor = build_processor(build_tiny_tokenizer())
+    config = EncodeConfig(
+        fps=SAMPLING["fps"],
+        max_frames=SAMPLING["max_frames"],
+        min_frames=SAMPLING["min_frames"],
+        max_visual_tokens=MAX_VISUAL_TOKENS,
+        video_merge_size=MERGE,
+        use_token_compression=False,
+        max_length=MAX_VISUAL_TOKENS + 64,
+    )
+    if not encode:
+        return {"frames": 0}
+    path = Path(p["path"])
+    record = {
+        "video": [path.name],
+        "conversations": [{"from": "human", "value": "<video>\nQ"}, {"from": "gpt", "value": "A"}],
+    }
+    sample = encode_record(record, data_root=path.parent, processor=processor, config=config)
+    pv = sample["pixel_values_videos"]
+    return {"frames": int(sample["video_grid_thw"][0, 0]), "out_mb": pv.numel() * pv.element_size() / 2**20}
+
+
+def encode_peaks(clips: list[Path], trees: dict[str, str]) -> None:
+    """Peak RSS of ``encode_record`` on each clip under each code tree (``PYTHONPATH``), against the float32
+    pixels it returns: what encoding holds beyond its output."""
+    print("\n| clip | code | seconds | peak RSS - base MB | out MB (float32 pixels) | above output MB |")
+    print("|---|---|---:|---:|---:|---:|")
+    for clip in clips:
+        p = {"path": str(clip)}
+        for name, tree in trees.items():
+            base = measure("encode-base", p, "", tree)
+            r = measure("encode", p, "", tree)
+            over = r["rss_mb"] - base["rss_mb"]
+            print(
+                f"| {clip.stem} | {name} | {r['seconds']:.2f} | {over:.0f} | {r['out_mb']:.1f} "
+                f"| {over - r['out_mb']:.0f} |",
+                flush=True,
+            )
+
+
 def run_cache(p: dict, cache_dir: str) -> dict:
     from videollama3_train.data import frame_cache
 
@@ -359,6 +408,8 @@ def child(method: str, plan_json: str, arg: str) -> None:
         res = run_cache(p, arg)
     elif method == "prepare":
         res = run_prepare(p, arg)
+    elif method in ("encode", "encode-base"):
+        res = run_encode(p, method == "encode")
     elif method == "base":
         res = {"frames": 0}
     else:
@@ -368,12 +419,15 @@ def child(method: str, plan_json: str, arg: str) -> None:
     print(json.dumps(res))
 
 
-def measure(method: str, p: dict, arg: str) -> dict:
+def measure(method: str, p: dict, arg: str, tree: str | None = None) -> dict:
+    """One child measurement; ``tree``: import ``videollama3_train`` from there (``PYTHONPATH``)."""
+    env = None if tree is None else {**os.environ, "PYTHONPATH": tree, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(
         [sys.executable, __file__, "--child", method, json.dumps(p), arg],
         capture_output=True,
         text=True,
         check=False,
+        env=env,
     )
     if out.returncode != 0:
         raise RuntimeError(f"{method} on {p['path']} failed:\n{out.stderr[-2000:]}")
@@ -434,11 +488,17 @@ def main() -> None:
     ap.add_argument("--child", nargs=3, metavar=("METHOD", "PLAN", "ARG"), help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="720p only, 1 and 10 minute clips, GOP 2 s and 8 s")
     ap.add_argument("--minutes", type=float, nargs="+", default=[1, 10])
-    ap.add_argument("--resolutions", nargs="+", default=list(RESOLUTIONS), choices=list(RESOLUTIONS))
+    ap.add_argument("--resolutions", nargs="+", default=["720p", "1080p"], choices=list(RESOLUTIONS))
     ap.add_argument("--gops", type=int, nargs="+", default=[2, 8], help="keyframe intervals in seconds")
     ap.add_argument("--formats", action="store_true", help="only compare cache codecs (size, write, read)")
     ap.add_argument("--official-mem-gb", type=float, default=6.0, help="above this, official keeps only 180")
     ap.add_argument("--plan", action="store_true", help="only time plan_record against encode_record")
+    ap.add_argument(
+        "--encode",
+        nargs="*",
+        metavar="NAME=TREE",
+        help="only the peak RSS of encode_record, under each code tree (e.g. today=/tmp/base new=.)",
+    )
     args = ap.parse_args()
     if args.child:
         child(*args.child)
@@ -449,6 +509,12 @@ def main() -> None:
     print(f"machine: {machine()}", flush=True)
     if args.plan:
         plan_vs_encode([make_clip(r, m, args.gops[0]) for r in args.resolutions for m in args.minutes])
+        return
+    if args.encode is not None:
+        trees = dict(t.split("=", 1) for t in args.encode) or {"new": str(HERE.parent)}
+        trees = {k: str(Path(v).resolve()) for k, v in trees.items()}
+        clips = [make_clip(r, m, g) for r in args.resolutions for m in args.minutes for g in args.gops]
+        encode_peaks(clips, trees)
         return
     if args.formats:
         for res in args.resolutions:

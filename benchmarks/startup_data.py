@@ -3,8 +3,8 @@
 The mix of the start-up measurements: 50% single images (JPEG, each side 200-1200 px), 5% 30-s 320x240 H.264
 clips (25 fps), 45% text-only records, every record naming its own media path. Paths are symlinks onto a small
 pool of real files (``pool/``), so a million records cost a few MB of disk (symlinks are inodes, not data), while
-the cost pass still opens, resolves and reads a distinct path per record. Text lengths vary (8-160 words a turn,
-1-3 turns) so tokenisation is a real share of the work.
+the cost pass still opens, resolves and reads a distinct path per record. Text lengths vary (questions 5-30 words, answers 5-60,
+1-2 turns, under the tiny preset's 1024-token samples) so tokenisation is a real share of the work.
 
     python benchmarks/startup_data.py /tmp/b8 100000      # -> /tmp/b8/train_100000.jsonl + media
 """
@@ -148,10 +148,10 @@ def make_dataset(root: str | os.PathLike, n: int, *, seed: int = 0) -> tuple[Pat
     tmp = ann.with_name(ann.name + ".tmp")
     with open(tmp, "w") as f:
         for i in range(n):
-            turns = int(rng.integers(1, 4))
+            turns = int(rng.integers(1, 3))
             conv = []
             for _ in range(turns):
-                q, a = _text(rng, 8, 60), _text(rng, 8, 160)
+                q, a = _text(rng, 5, 30), _text(rng, 5, 60)
                 conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
             rec: dict = {"id": i}
             if kinds[i] == 0:

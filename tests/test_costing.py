@@ -240,3 +240,20 @@ def test_cost_cache_falls_back_to_run_dir_when_read_only(tmp_path, monkeypatch):
         cost_cache(ann, EncodeConfig(), tok, cache_dir=tmp_path / "c", fallback_dir=run)[0].parent
         == tmp_path / "c"
     )
+
+
+@pytest.mark.parametrize("size", [(28, 56), (56, 28)])  # at the frames' size, and resized
+def test_normalized_patches_equal_two_step_form(size):
+    """The one-float-copy encode path (``normalized_patches``) is bit-identical to normalising then patchifying,
+    over chunk boundaries (11 frames, chunks of 4) and on a permuted (non-contiguous) view."""
+    import torch
+
+    from videollama3_train.data.vision import normalized_patches, patchify, resize_and_normalize
+
+    g = torch.Generator().manual_seed(0)
+    hwc = torch.randint(0, 256, (11, 28, 56, 3), dtype=torch.uint8, generator=g)
+    frames = hwc.permute(0, 3, 1, 2)  # a view, as encode passes decoded frames
+    mean, std = (0.48, 0.45, 0.4), (0.27, 0.26, 0.28)
+    want = patchify(resize_and_normalize(frames.contiguous(), size, mean=mean, std=std), merge_size=2)
+    got = normalized_patches(frames, size, mean=mean, std=std, merge_size=2, chunk=4)
+    assert got.dtype == torch.float32 and torch.equal(got, want)

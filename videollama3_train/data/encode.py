@@ -48,12 +48,11 @@ from .errors import DataError
 from .text import build_skeleton, count_tokens, expand_pads, tokenize_skeleton
 from .vision import (
     compression_mask,
-    patchify,
+    normalized_patches,
     per_item_tokens,
     processor_budgets,
     processor_frame_size,
     processor_image_size,
-    resize_and_normalize,
     target_size,
 )
 
@@ -453,9 +452,15 @@ def _pixels(m: MediaPlan, config: EncodeConfig, mean, std) -> torch.Tensor:
             raise DataError(
                 "corrupt_video", f"decoded {len(arr)} frames, asked for {len(m.times)}", path=str(m.paths[0])
             )
-        frames = _to_chw(arr)
-    x = resize_and_normalize(frames, m.size, mean=mean, std=std)
-    return patchify(x, patch_size=config.patch_size, merge_size=m.merge)
+        if tuple(arr.shape[1:3]) == tuple(m.size):  # at target size: a view, patch order is the first copy
+            frames = torch.from_numpy(arr).permute(0, 3, 1, 2)
+        else:
+            frames = _to_chw(arr)
+        del arr
+    # one float copy at the peak: the output (normalized_patches)
+    return normalized_patches(
+        frames, m.size, mean=mean, std=std, patch_size=config.patch_size, merge_size=m.merge
+    )
 
 
 def _same_size(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -527,14 +532,14 @@ def _encode(
     videos = [m for m in plan.media if m.kind == "video"]
     patch = config.patch_size
     if images:
-        sample["pixel_values"] = torch.cat([_located(_pixels, m, config, mean, std) for m in images])
+        sample["pixel_values"] = _concat([_located(_pixels, m, config, mean, std) for m in images])
         sample["image_grid_thw"] = torch.tensor(
             [[1, h // patch, w // patch] for h, w in (m.size for m in images)]
         )
         sample["image_merge_sizes"] = torch.tensor([m.merge for m in images], dtype=torch.long)
     kept: list[list[int]] = []
     if videos:
-        pv = torch.cat([_located(_pixels, m, config, mean, std) for m in videos])
+        pv = _concat([_located(_pixels, m, config, mean, std) for m in videos])
         grid = torch.tensor([[m.num_frames, m.size[0] // patch, m.size[1] // patch] for m in videos])
         merges = torch.tensor([m.merge for m in videos], dtype=torch.long)
         if config.use_token_compression:
@@ -568,6 +573,12 @@ def _encode(
         "num_label_tokens": int((labels != IGNORE_INDEX).sum()),
     }
     return sample
+
+
+def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)`` without copying a single part: ``cat`` of one tensor allocates a second copy of the
+    sample's pixels (+81 MB at the peak for a 20-min clip at 180 frames; BENCHMARKS.md, B1)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _located(fn, m: MediaPlan, *args):

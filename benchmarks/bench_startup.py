@@ -1,0 +1,306 @@
+"""B8: how long a large official-format dataset takes to start training, today's code beside the new.
+
+For each size N a dataset of the stated mix is generated (``startup_data.py``: 50% single JPEGs 200-1200 px a
+side, 5% 30-s 320x240 H.264 clips, 45% text-only; every record its own media path, symlinked onto a small pool;
+under ``--cache-dir``, never in the repository). Each measurement runs in a fresh subprocess that imports one
+code tree through ``PYTHONPATH`` (``--base``: a worktree of the old commit; the new: this checkout), the two
+interleaved phase by phase so both see the same machine load:
+
+* ``arrow``: ``load_annotations`` (annotations -> memory-mapped Arrow) into a fresh cache;
+* ``cost``: the cost pre-pass (``compute_costs`` with ``_cost_of``, ``--workers`` processes, no cache): records/s
+  (wall), and records per CPU-second of the pass's processes (what one core does, robust to a shared machine's
+  load); and per modality, 1 process on the first records of each kind (records per CPU-second);
+  the two tables must be equal (checked here, the run stops otherwise);
+* ``plan``: one epoch's plan (``packing.build_epoch_plan``, the packer's public entry point, as each tree has it);
+* ``train``: ``train model=tiny stage=multitask_sft trainer.max_steps=1`` on the dataset, cold (no cost table,
+  fresh Arrow cache) and warm (both cached): seconds to the first optimizer step (the train progress bar's
+  first step), to the process exit, and the peak RSS of the main process and of each loader worker (the process
+  tree sampled every 0.2 s).
+
+    nice -n 10 python benchmarks/bench_startup.py --base /tmp/base-startup --sizes 100000
+    nice -n 10 python benchmarks/bench_startup.py --base /tmp/base-startup --sizes 1000000 --only cost plan --new-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PER_MODALITY = {"image": 1500, "video": 150, "text": 1500}  # records timed alone per kind (1 process)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# children (run under one code tree)
+# ---------------------------------------------------------------------------------------------------------------
+def _peak_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (the pool's workers, once joined)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _processor():
+    from videollama3_train.model.tokenizer import build_processor, build_tiny_tokenizer
+
+    return build_processor(build_tiny_tokenizer())
+
+
+def _encode_config():
+    from videollama3_train.data.config import EncodeConfig
+
+    # multitask_sft's cost-relevant settings (configs/stage/multitask_sft.yaml)
+    return EncodeConfig(image_merge_size=1, video_merge_size=2, use_token_compression=True)
+
+
+def child_arrow(ann: str, out: str) -> dict:
+    from videollama3_train.data.annotations import load_annotations
+
+    with tempfile.TemporaryDirectory(dir=out) as cache:
+        t = time.perf_counter()
+        ds = load_annotations(ann, cache_dir=cache)
+        return {"seconds": time.perf_counter() - t, "records": len(ds)}
+
+
+def child_cost(ann: str, out: str, workers: int, table: str) -> dict:
+    from functools import partial
+
+    import numpy as np
+
+    from videollama3_train.data.annotations import load_annotations
+    from videollama3_train.data.build import _cost_of
+    from videollama3_train.data.costs import compute_costs
+
+    root = str(Path(ann).parent)
+    processor, enc = _processor(), _encode_config()
+    with tempfile.TemporaryDirectory(dir=out) as cache:
+        ds = load_annotations(ann, cache_dir=cache)
+        fn = partial(_cost_of, root=root, processor=processor, config=enc, dataset="b8")
+        # per modality, 1 process: the first records of each kind
+        kinds: dict[str, list[int]] = {k: [] for k in PER_MODALITY}
+        for i, rec in enumerate(ds.select(range(min(len(ds), 40_000)))["record"]):
+            k = "image" if '"image"' in rec else "video" if '"video"' in rec else "text"
+            if len(kinds[k]) < PER_MODALITY[k]:
+                kinds[k].append(i)
+        # records per CPU-second (this process's CPU time): what a core does, whatever else runs on the machine
+        modality = {}
+        for k, idx in kinds.items():
+            rows = [{"record": r} for r in ds.select(idx)["record"]]
+            t = time.process_time()
+            for r in rows:
+                fn(r)
+            modality[k] = len(rows) / (time.process_time() - t)
+        t, cpu = time.perf_counter(), _cpu_seconds()
+        result = compute_costs(ds, fn, num_workers=workers, progress=False)
+        seconds, cpu = time.perf_counter() - t, _cpu_seconds() - cpu
+    np.save(table, result.costs)
+    return {
+        "seconds": seconds,
+        "records_per_s": len(ds) / seconds,
+        "per_core": len(ds) / seconds / max(workers, 1),
+        "cpu_seconds": cpu,
+        "per_cpu_second": len(ds) / cpu,
+        "modality_per_core": modality,
+        "failures": len(result.failures),
+    }
+
+
+def child_plan(ann: str, table: str) -> dict:
+    import numpy as np
+
+    from videollama3_train.data.config import DataConfig
+    from videollama3_train.data.packing import build_epoch_plan
+
+    dcfg = DataConfig(path=ann, root=str(Path(ann).parent))
+    specs = list(dcfg.resolved_datasets().values())
+    costs = [np.load(table)]
+    t = time.perf_counter()
+    plan = build_epoch_plan(
+        specs,
+        costs,
+        seed=0,
+        epoch=0,
+        max_tokens=dcfg.max_tokens,
+        max_patches=dcfg.max_patches,
+        buffer_size=dcfg.buffer_size,
+        num_ranks=1,
+        grad_accum=1,
+        drop_last=False,
+    )
+    seconds = time.perf_counter() - t
+    return {"seconds": seconds, "samples_per_s": len(costs[0]) / seconds, "steps": int(plan.steps)}
+
+
+def child(args: list[str]) -> None:
+    phase, rest = args[0], args[1:]
+    if phase == "arrow":
+        res = child_arrow(*rest)
+    elif phase == "cost":
+        res = child_cost(rest[0], rest[1], int(rest[2]), rest[3])
+    else:
+        res = child_plan(*rest)
+    res["peak_rss_mb"] = _peak_mb()
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parent
+# ---------------------------------------------------------------------------------------------------------------
+def _env(tree: Path, hf_cache: str | None = None) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.update(TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    if hf_cache:
+        env["HF_DATASETS_CACHE"] = hf_cache
+    return env
+
+
+def run_child(tree: Path, *args: str) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(tree), cwd=tree)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"child {args[0]} under {tree} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def _tree_rss(proc) -> tuple[float, list[float]]:
+    """RSS (MB) of ``proc`` and of each of its descendants."""
+    import psutil
+
+    try:
+        p = psutil.Process(proc.pid)
+        kids = p.children(recursive=True)
+        main = p.memory_info().rss / 2**20
+    except psutil.Error:
+        return 0.0, []
+    out = []
+    for k in kids:
+        with contextlib.suppress(psutil.Error):  # a worker that exited between the listing and the read
+            out.append(k.memory_info().rss / 2**20)
+    return main, out
+
+
+def run_train(tree: Path, ann: Path, out: Path, cold: bool) -> dict:
+    """``train`` to one optimizer step; cold removes the cost tables and uses a fresh Arrow cache."""
+    if cold:
+        for f in ann.parent.glob(f".{ann.name}.*"):
+            f.unlink()
+    hf = tempfile.mkdtemp(dir=out) if cold else str(out / "hf_warm")
+    run_dir = tempfile.mkdtemp(dir=out)
+    cmd = [sys.executable, "-m", "videollama3_train.train", "model=tiny", "stage=multitask_sft"]
+    cmd += [
+        "trainer.max_steps=1",
+        "data=file",
+        f"data.path={ann}",
+        f"data.root={ann.parent}",
+        f"output_dir={run_dir}",
+    ]
+    log_path = Path(run_dir + ".log")
+    t0 = time.perf_counter()
+    first_step, peak_main, peak_worker = None, 0.0, 0.0
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(tree, hf), cwd=tree)
+        while proc.poll() is None:
+            main, kids = _tree_rss(proc)
+            peak_main = max(peak_main, main)
+            peak_worker = max([peak_worker, *kids])
+            if first_step is None and _stepped(log_path):
+                first_step = time.perf_counter() - t0
+            time.sleep(0.2)
+    total = time.perf_counter() - t0
+    if first_step is None and _stepped(log_path):
+        first_step = total
+    text = log_path.read_text()
+    if proc.returncode != 0:
+        raise RuntimeError(f"train under {tree} failed:\n{text[-4000:]}")
+    return {
+        "first_step_s": first_step,
+        "exit_s": total,
+        "main_rss_mb": peak_main,
+        "worker_rss_mb": peak_worker,
+    }
+
+
+def _stepped(log_path: Path) -> bool:
+    """Whether the train log shows the first optimizer step."""
+    text = log_path.read_text(errors="replace")
+    return "| 1/1 [" in text  # the train progress bar at its one step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--base", type=Path, help="worktree of today's code (git worktree add /tmp/base 992ef60)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000])
+    ap.add_argument("--workers", type=int, default=2, help="cost-pass processes (= cores used)")
+    ap.add_argument("--only", nargs="+", default=["arrow", "cost", "plan", "train"])
+    ap.add_argument("--new-only", action="store_true", help="measure the new code only (large sizes)")
+    ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/b8"))
+    ap.add_argument("--json", type=Path, default=HERE / "results" / "B8_startup.jsonl")
+    args = ap.parse_args()
+    if args.child:
+        child(args.child)
+        return
+    sys.path.insert(0, str(HERE))
+    from startup_data import make_dataset
+
+    trees = {"new": REPO} if args.new_only or args.base is None else {"today": args.base, "new": REPO}
+    for n in args.sizes:
+        t = time.perf_counter()
+        ann, counts = make_dataset(args.cache_dir, n)
+        print(f"N={n}: {counts}, generated/reused in {time.perf_counter() - t:.0f} s", flush=True)
+        work = Path(tempfile.mkdtemp(dir=args.cache_dir, prefix="work"))
+        rows: dict[str, dict] = {k: {"code": k, "N": n, "mix": counts} for k in trees}
+        for phase in args.only:
+            for name, tree in trees.items():
+                table = str(work / f"costs_{name}.npy")
+                if phase == "arrow":
+                    rows[name]["arrow"] = run_child(tree, "arrow", str(ann), str(work))
+                elif phase == "cost":
+                    rows[name]["cost"] = run_child(
+                        tree, "cost", str(ann), str(work), str(args.workers), table
+                    )
+                elif phase == "plan":
+                    if not Path(table).exists():
+                        rows[name]["cost"] = run_child(
+                            tree, "cost", str(ann), str(work), str(args.workers), table
+                        )
+                    rows[name]["plan"] = run_child(tree, "plan", str(ann), table)
+                elif phase == "train":
+                    rows[name]["train_cold"] = run_train(tree, ann, work, cold=True)
+                    rows[name]["train_warm"] = run_train(tree, ann, work, cold=False)
+                print(
+                    name, phase, json.dumps(rows[name].get(phase, rows[name].get("train_warm"))), flush=True
+                )
+            if phase == "cost" and len(trees) == 2:
+                import numpy as np
+
+                a, b = (np.load(work / f"costs_{k}.npy") for k in trees)
+                if not np.array_equal(a, b):
+                    raise SystemExit(
+                        f"N={n}: the new cost table differs from today's ({(a != b).any(1).sum()} rows)"
+                    )
+                print(f"N={n}: cost tables equal ({len(a)} rows)", flush=True)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.json, "a") as f:
+            for row in rows.values():
+                f.write(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), **row}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
