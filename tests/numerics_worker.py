@@ -6,8 +6,11 @@ one launch between them rather than one each (a 2-process DeepSpeed launch is ~2
 
 Each case trains a fresh tiny model (:func:`dist_worker.tiny_setup`, the same weights on every rank) and writes into
 ``DIR/<case>/``: ``metrics.jsonl`` (fit's), ``params_after.pt`` (rank 0: the full state dict, ZeRO-3 and FSDP2
-gathered), ``digests_rank<r>.jsonl`` (with ``digests``: :func:`dist_worker.read_digests`) and ``DONE``. Between
-cases accelerate's singletons are reset, so each case builds the accelerator its backend needs.
+gathered), ``digests_rank<r>.jsonl`` (with ``digests``: :func:`dist_worker.read_digests`), ``sp_rank<r>.json`` (with
+sequence parallelism: the patches and frames this rank's tower encoded) and ``DONE``. Between cases accelerate's
+singletons and what they leave behind are reset, so each case builds the accelerator its backend needs. ZeRO-3 cases
+print ``PARTITIONED <case> <rank> ...`` once every rank has asserted that every parameter is partitioned.
+:func:`launch_once` runs every case in one launch per pytest session.
 
 Cases (:data:`CASES`), all with ``lr = eps = 1e4`` (AdamW's first update nearly linear in the gradient, see
 tests/test_fit.py) unless they say otherwise:
