@@ -225,12 +225,24 @@ def _process_group() -> tuple[int, int]:
     return 0, 1
 
 
+def _collective_device():
+    """Where the default group's tensors must live: the current GPU under NCCL alone (it refuses CPU tensors),
+    else the CPU (gloo, or a group with a CPU backend beside NCCL)."""
+    import torch
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend()).lower()
+    if "nccl" in backend and "gloo" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _all_ranks(flag: bool) -> bool:
     """Whether ``flag`` holds on every rank (one all-reduce)."""
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([int(flag)], dtype=torch.int64)
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
 
@@ -243,12 +255,12 @@ def _gather_table(
     import torch
     import torch.distributed as dist
 
-    t = torch.from_numpy(costs)
+    t = torch.from_numpy(costs).to(_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     parts: list[dict[int, tuple[str, str]] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, failures)
     merged = {i: tuple(v) for part in parts for i, v in (part or {}).items()}
-    return t.numpy(), dict(sorted(merged.items()))
+    return t.cpu().numpy(), dict(sorted(merged.items()))
 
 
 def _sidecar(cache_path: Path) -> Path:
