@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -57,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frozen-llm", action="store_true")
     p.add_argument("--export", action="store_true")
     p.add_argument("--shard-size", type=int, default=0, help="trainer.fsdp_shard_size (HSDP when < world)")
-    p.add_argument("--kill-at", type=int, default=0, help="rank 0 SIGKILLs itself after this step")
     args = p.parse_args(argv)
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -98,8 +96,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_step(row):
         print(f"STEP {row['step']} loss {row['loss']!r} grad_norm {row['grad_norm']!r}", flush=True)
-        if args.kill_at and row["step"] == args.kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
 
     fit(model, loader, cfg, out_dir=args.out, on_step=on_step if rank == 0 else None)
 

@@ -97,23 +97,9 @@ def test_frozen_llm_stays_frozen(tmp_path: Path) -> None:
     assert not any(k.startswith("model.language_model.") for k in changed), sorted(changed)[:5]
 
 
-def test_sigkill_then_resume_repeats_the_uninterrupted_losses(tmp_path: Path) -> None:
-    common = ("--plan", "repeat", "--steps", "4", "--save-every", "2", "--lr", "1e-3", "--eps", "1e-8")
-    _run(tmp_path / "ref", *common)
-    log = _run(tmp_path / "run", *common, "--kill-at", "3", expect_ok=False)
-    assert "WORKER DONE" not in log
-    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
-    _run(tmp_path / "run", *common)
-    ref, got = _losses(tmp_path / "ref"), _losses(tmp_path / "run")
-    for step in (3, 4):
-        assert got[step] == pytest.approx(ref[step], rel=1e-6), (step, got, ref)
-    a = torch.load(tmp_path / "ref" / "params_after.pt", weights_only=True)
-    b = torch.load(tmp_path / "run" / "params_after.pt", weights_only=True)
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-6)
-
-
-@pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
+# SIGKILL resume and 2 -> 1 ranks: tests/test_fsdp2_faults.py (dropout, kills inside a save and a backward, bit
+# for bit; sample ids over an epoch boundary)
+@pytest.mark.parametrize(("first", "second"), [(1, 2)])
 def test_resume_at_another_world_size_reshards(tmp_path: Path, first: int, second: int) -> None:
     """DCP reshards the model and the optimizer, the loader's global cursor the data: 2 steps on ``first`` ranks
     then 2 on ``second`` equal 4 steps on one rank (the ``ranked`` plan: the same 2 packed rows per step, dealt over
