@@ -218,6 +218,7 @@ def _train(
     from .trainer.liveness import main_only
     from .trainer.metrics import MetricsWriter
     from .trainer.optim import plan_steps
+    from .trainer.sharded_init import place, wants_meta
 
     out_dir = Path(cfg.output_dir)
     is_main = accelerator.is_main_process
@@ -316,7 +317,10 @@ def _train(
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(story + "\n")
 
-    model = build_model(cfg.model, tokenizer)
+    defer = (
+        wants_meta(cfg.trainer, accelerator) and not cfg.lora.enabled
+    )  # FSDP2/ZeRO-3: no whole copy per rank
+    model = place(build_model(cfg.model, tokenizer, defer_weights=defer), cfg.trainer, accelerator)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
 
@@ -376,7 +380,7 @@ def _train(
 
     with main_only("held-out evaluation before training") as main:  # the others wait outside collectives
         if main and cfg.eval.before and heldout and not resuming:
-            res = evaluate("before")
+            res = evaluate("before", build_model(cfg.model, tokenizer) if defer else model)  # whole: rank 0
             results["heldout_before"] = res
             writer.summary({**_heldout_summary(res, "before"), "baseline_accuracy": res["baseline"]})
 

@@ -12,6 +12,7 @@ Init paths (``ModelConfig.init_from`` / ``init_kind``):
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -19,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from transformers import (
+    GenerationConfig,
     Qwen2Config,
     VideoLlama3Config,
     VideoLlama3ForConditionalGeneration,
@@ -30,6 +31,14 @@ from transformers import (
 
 from .attention import construction_backend, select_attention, use_attention
 from .presets import PRESETS, build_model_config
+from .weights import (
+    CheckpointWeights,
+    RandomWeights,
+    WeightSource,
+    materialize,
+    meta_model,
+    safetensors_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +74,6 @@ class ModelConfig:
 # --------------------------------------------------------------------------------------------------------------
 # Loading helpers
 # --------------------------------------------------------------------------------------------------------------
-
-
-def load_safetensors_dir(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a directory's ``*.safetensors`` (sharded or not). Only safetensors: no pickle is loaded."""
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        bins = sorted(path.glob("*.bin")) + sorted(path.glob("*.pt"))
-        hint = f" (found {bins[0].name}: convert it to safetensors first)" if bins else ""
-        raise FileNotFoundError(f"no *.safetensors weights in {path}{hint}")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return state
 
 
 def detect_init_kind(path: str | Path) -> str:
@@ -173,46 +168,6 @@ def assemble_config(vision_dir: str | Path, llm_dir: str | Path, *, image_token_
     )
 
 
-def assemble_state_dict(vision_dir: str | Path, llm_dir: str | Path) -> dict[str, torch.Tensor]:
-    """SigLIP ``vision_model.*`` -> ``model.vision_model.*`` (position embedding and head dropped); Qwen2
-    ``model.*`` -> ``model.language_model.*``, ``lm_head`` kept."""
-    out: dict[str, torch.Tensor] = {}
-    for k, v in load_safetensors_dir(vision_dir).items():
-        k = k.removeprefix("vision_model.")
-        if k.startswith("text_model.") or k.startswith("logit_"):
-            continue  # a full SiglipModel directory also holds the text tower
-        if k.startswith("head.") or "position_embedding" in k or k.endswith("position_ids"):
-            continue
-        out["model.vision_model." + k] = v
-    for k, v in load_safetensors_dir(llm_dir).items():
-        if k.startswith("model."):
-            out["model.language_model." + k[len("model.") :]] = v
-        elif k.startswith("lm_head."):
-            out[k] = v
-        else:
-            raise KeyError(f"unexpected key {k!r} in Qwen2 checkpoint {llm_dir}")
-    return out
-
-
-def _load_into(
-    model: nn.Module, state: dict[str, torch.Tensor], *, source: str, allow_missing: tuple[str, ...] = ()
-):
-    """Strict load apart from the prefixes in ``allow_missing`` (and a tied lm_head), with a clear report."""
-    result = model.load_state_dict(state, strict=False)
-    tied = model.config.tie_word_embeddings
-    missing = [
-        k
-        for k in result.missing_keys
-        if not k.startswith(allow_missing) and not (tied and k == "lm_head.weight")
-    ]
-    unexpected = list(result.unexpected_keys)
-    if missing or unexpected:
-        raise ValueError(
-            f"weights from {source} do not fit the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
-        )
-
-
 def init_projector(model: VideoLlama3ForConditionalGeneration, std: float = 0.02) -> None:
     for m in model.model.projector.modules():
         if isinstance(m, nn.Linear):
@@ -225,8 +180,15 @@ def init_projector(model: VideoLlama3ForConditionalGeneration, std: float = 0.02
 # --------------------------------------------------------------------------------------------------------------
 
 
-def build_model(cfg: ModelConfig, tokenizer) -> VideoLlama3ForConditionalGeneration:
-    """The model for ``cfg``; media token ids come from ``tokenizer`` and must match a loaded checkpoint's."""
+def build_model(
+    cfg: ModelConfig, tokenizer, *, defer_weights: bool = False
+) -> VideoLlama3ForConditionalGeneration:
+    """The model for ``cfg``; media token ids come from ``tokenizer`` and must match a loaded checkpoint's.
+
+    The model is constructed with its parameters on the meta device and filled tensor by tensor from its weight
+    source (model/weights.py): no second copy of the weights is ever held. ``defer_weights``: leave the
+    parameters on meta and attach the source as ``model.initial_weights`` (FSDP2 shards first and loads after).
+    """
     image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     video_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
     attn = select_attention(cfg.attn_implementation)
@@ -239,43 +201,46 @@ def build_model(cfg: ModelConfig, tokenizer) -> VideoLlama3ForConditionalGenerat
         raise ValueError(f"model.init_kind={kind} needs model.init_from=<directory>")
 
     if kind == "native":
-        model = VideoLlama3ForConditionalGeneration.from_pretrained(
-            cfg.init_from, local_files_only=True, dtype=dtype, attn_implementation=built_with
-        )
-        if (model.config.image_token_id, model.config.video_token_id) != (image_id, video_id):
+        config = VideoLlama3Config.from_pretrained(cfg.init_from, local_files_only=True)
+        if (config.image_token_id, config.video_token_id) != (image_id, video_id):
             raise ValueError(
-                f"{cfg.init_from}: media token ids {model.config.image_token_id}/{model.config.video_token_id} differ "
+                f"{cfg.init_from}: media token ids {config.image_token_id}/{config.video_token_id} differ "
                 f"from the tokenizer's {image_id}/{video_id}; use the tokenizer saved with the checkpoint"
             )
+    elif kind == "random":
+        config = build_model_config(
+            cfg.preset,
+            image_token_id=image_id,
+            video_token_id=video_id,
+            vocab_size=_vocab_for(cfg.preset, tokenizer),
+            attn_implementation=built_with,
+        )
+    elif kind == "official":
+        raw = json.loads((Path(cfg.init_from) / "config.json").read_text())
+        config = official_config(raw, image_token_id=image_id, video_token_id=video_id)
+    else:  # assemble
+        config = assemble_config(
+            cfg.vision_from, cfg.llm_from, image_token_id=image_id, video_token_id=video_id
+        )
+    config._attn_implementation = built_with
+
+    as_built = copy.deepcopy(config)  # the config is changed after the build (generation defaults: pad id)
+
+    def factory():
+        return VideoLlama3ForConditionalGeneration(copy.deepcopy(as_built))
+
+    model = meta_model(factory)
+    source = _weight_source(cfg, kind, factory, dtype)
+    model = model.to(dtype)  # meta parameters: free; buffers as today's build
+    if defer_weights:
+        model.initial_weights = source
     else:
-        torch.manual_seed(cfg.seed)
-        if kind == "random":
-            config = build_model_config(
-                cfg.preset,
-                image_token_id=image_id,
-                video_token_id=video_id,
-                vocab_size=_vocab_for(cfg.preset, tokenizer),
-                attn_implementation=built_with,
-            )
-            state = None
-        elif kind == "official":
-            raw = json.loads((Path(cfg.init_from) / "config.json").read_text())
-            config = official_config(raw, image_token_id=image_id, video_token_id=video_id)
-            state = map_official_state_dict(load_safetensors_dir(cfg.init_from))
-        else:  # assemble
-            config = assemble_config(
-                cfg.vision_from, cfg.llm_from, image_token_id=image_id, video_token_id=video_id
-            )
-            state = assemble_state_dict(cfg.vision_from, cfg.llm_from)
-        config._attn_implementation = built_with
-        model = VideoLlama3ForConditionalGeneration(config)
-        init_projector(model, cfg.projector_init_std)
-        if state is not None:
-            allow = ("model.projector.",) if kind == "assemble" else ()
-            _load_into(model, state, source=str(cfg.init_from or cfg.llm_from), allow_missing=allow)
-            if config.tie_word_embeddings:
-                model.tie_weights()
-        model = model.to(dtype)
+        materialize(model, source, label=_source_label(cfg, kind))
+    if kind == "native":
+        model.generation_config = GenerationConfig.from_model_config(model.config)
+        gen_file = Path(cfg.init_from) / "generation_config.json"
+        if gen_file.is_file():
+            model.generation_config = GenerationConfig.from_pretrained(cfg.init_from, local_files_only=True)
     if len(tokenizer) > model.config.text_config.vocab_size:
         raise ValueError(
             f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {model.config.text_config.vocab_size}"
@@ -283,6 +248,61 @@ def build_model(cfg: ModelConfig, tokenizer) -> VideoLlama3ForConditionalGenerat
     use_attention(model, attn)
     _set_generation_defaults(model, tokenizer)
     return model
+
+
+def _source_label(cfg: ModelConfig, kind: str) -> str:
+    if kind == "random":
+        return f"random init of preset {cfg.preset}"
+    return str(cfg.init_from) if kind != "assemble" else f"{cfg.vision_from} + {cfg.llm_from}"
+
+
+def _weight_source(cfg: ModelConfig, kind: str, factory, dtype: torch.dtype) -> WeightSource:
+    """Where ``model``'s weights come from (tensor by tensor): the preset's random init, or checkpoint files."""
+    random = RandomWeights(factory, seed=cfg.seed, projector_std=cfg.projector_init_std, dtype=dtype)
+    if kind == "random":
+        return random
+    if kind == "native":
+        return CheckpointWeights([(safetensors_files(cfg.init_from), _native_key)], dtype=dtype)
+    if kind == "official":
+        return CheckpointWeights([(safetensors_files(cfg.init_from), _official_key)], dtype=dtype)
+    return CheckpointWeights(
+        [
+            (safetensors_files(cfg.vision_from), _siglip_key),
+            (safetensors_files(cfg.llm_from), lambda k: _qwen2_key(k, cfg.llm_from)),
+        ],
+        dtype=dtype,
+        fill=random,
+        fill_names=("model.projector.",),  # the projector starts random (stage 1 trains it from scratch)
+    )
+
+
+def _native_key(key: str) -> str:
+    return key
+
+
+def _official_key(key: str) -> str | None:
+    if key.endswith("position_embedding.weight") or key.endswith("position_ids"):
+        return None  # NaViT tower: no absolute position embedding
+    return map_official_key(key)
+
+
+def _siglip_key(key: str) -> str | None:
+    """SigLIP ``vision_model.*`` -> ``model.vision_model.*``; position embedding, head and a text tower dropped."""
+    key = key.removeprefix("vision_model.")
+    if key.startswith("text_model.") or key.startswith("logit_"):
+        return None  # a full SiglipModel directory also holds the text tower
+    if key.startswith("head.") or "position_embedding" in key or key.endswith("position_ids"):
+        return None
+    return "model.vision_model." + key
+
+
+def _qwen2_key(key: str, llm_dir) -> str:
+    """Qwen2 ``model.*`` -> ``model.language_model.*``, ``lm_head`` kept."""
+    if key.startswith("model."):
+        return "model.language_model." + key[len("model.") :]
+    if key.startswith("lm_head."):
+        return key
+    raise KeyError(f"unexpected key {key!r} in Qwen2 checkpoint {llm_dir}")
 
 
 def _vocab_for(preset: str, tokenizer) -> int:

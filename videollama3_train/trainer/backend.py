@@ -396,7 +396,9 @@ class FSDP2Backend(Backend):
             api.uniform_backward(module.model)
         names = {id(p): n for n, p in module.named_parameters()}
         mesh = fsdp2.build_mesh(self.cfg.fsdp_shard_size, self.accelerator.device.type)
-        module.to(self.accelerator.device)
+        deferred = hasattr(module.model, "initial_weights")  # built on meta: sharded first, then loaded
+        if not deferred:
+            module.to(self.accelerator.device)
         fsdp2.apply_fsdp2(
             module,
             module.model,
@@ -405,6 +407,10 @@ class FSDP2Backend(Backend):
             reshard_after_forward=self.cfg.fsdp_reshard_after_forward,
             offload=self.cfg.fsdp_offload,
         )
+        if deferred:
+            # sharded parameters live where the offload policy keeps them
+            where = torch.device("cpu") if self.cfg.fsdp_offload else self.accelerator.device
+            fsdp2.load_initial_weights(module.model, module, where)
         # fully_shard replaced every parameter by a sharded one: point the optimizer (built on the whole ones, no
         # step taken yet) at them, keeping its groups and their learning rates.
         sharded = dict(module.named_parameters())

@@ -112,3 +112,57 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# Bytes of full tensors rank 0 hands to one ``set_model_state_dict`` call: each call also copies every local shard
+# into itself (non-strict load), so a few hundred MB keeps both rank 0's extra memory and that overhead small.
+LOAD_CHUNK_BYTES = 512 * 2**20
+
+
+@torch.no_grad()
+def load_initial_weights(model: nn.Module, root: nn.Module, device: torch.device) -> None:
+    """Fill a model sharded while its parameters were on meta (``build_model(defer_weights=True)``): every rank
+    gives its shards memory, rank 0 reads the weights from ``model.initial_weights`` tensor by tensor and
+    ``set_model_state_dict(broadcast_from_rank0=True)`` scatters each to its shards (collective). No rank holds
+    the whole model: rank 0 holds its shards plus one chunk of full tensors, the others their shards plus one full
+    tensor in flight."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from videollama3_train.trainer.sharded_init import check_loaded
+
+    buffers = {n: b for n, b in root.named_buffers()}
+    root.to_empty(device=device)
+    for name, b in buffers.items():  # to_empty gives buffers fresh, uninitialised memory too
+        owner, _, leaf = name.rpartition(".")
+        root.get_submodule(owner)._buffers[leaf] = b.to(device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    # a tied parameter is in the state dict under each of its names, and DCP loads it from the last one: every
+    # name gets the tensor (the stream names it once)
+    first = {id(p): n for n, p in model.named_parameters()}
+    aliases: dict[str, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if first[id(p)] != n:
+            aliases.setdefault(first[id(p)], []).append(n)
+    source = iter(model.initial_weights) if dist.get_rank() == 0 else None
+    seen: set[str] = set()
+    while True:
+        chunk: dict[str, torch.Tensor] = {}
+        if source is not None:
+            size = 0
+            for name, value in source:
+                chunk[name] = value
+                chunk.update(dict.fromkeys(aliases.get(name, ()), value))
+                size += value.numel() * value.element_size()
+                if size >= LOAD_CHUNK_BYTES:
+                    break
+        flag = [bool(chunk)]
+        dist.broadcast_object_list(flag, src=0)
+        if not flag[0]:
+            break
+        seen.update(k for k in chunk if k in first.values())
+        set_model_state_dict(model, chunk, options=options)
+        chunk.clear()
+    if dist.get_rank() == 0:
+        check_loaded(model, seen)
+    del model.initial_weights

@@ -1,0 +1,74 @@
+"""Builds the tiny model the way a sharded backend does (FSDP2: on meta, sharded, then loaded; ZeRO-3: under
+``zero.Init``, then loaded), prepares it, gathers the whole weights back and compares them on rank 0 with the
+oracle: the whole-model construction of today (random init) or the checkpoint's own tensors (``--init-from``).
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/init_worker.py --backend fsdp2 [--init-from DIR]
+
+Prints ``WEIGHTS EQUAL <n> tensors`` on rank 0, or fails with the first differing name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def main() -> int:
+    from dist_worker import _partition_everything, assert_partitioned
+    from safetensors.torch import load_file
+    from test_model_weights import _whole_construction
+
+    from videollama3_train.model.core import ModelConfig, build_model
+    from videollama3_train.model.tokenizer import build_tiny_tokenizer
+    from videollama3_train.trainer import TrainConfig, build_accelerator, build_backend, sharded_init
+    from videollama3_train.trainer.backend import whole_model
+    from videollama3_train.trainer.step import LossModule
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--backend", choices=("fsdp2", "zero3"), required=True)
+    p.add_argument("--init-from", default=None)
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    rank = int(os.environ["RANK"])
+    # ZeRO-3 with persistence threshold 0: every parameter partitioned, however small
+    ds_dir = _partition_everything(Path(a.out), rank) if a.backend == "zero3" else None
+    cfg = TrainConfig(backend=a.backend, precision="fp32", deepspeed_config_dir=ds_dir)
+    tok = build_tiny_tokenizer()
+    mcfg = ModelConfig(preset="tiny", attn_implementation="sdpa", init_from=a.init_from, seed=3)
+    # the oracle first: once a ZeRO-3 accelerator exists, transformers would partition a plain construction too
+    if a.init_from:
+        want = load_file(str(Path(a.init_from) / "model.safetensors"))
+    else:
+        want = _whole_construction(mcfg, tok).state_dict()
+    accelerator = build_accelerator(cfg)
+    backend = build_backend(cfg, accelerator)
+    defer = sharded_init.wants_meta(cfg, accelerator)
+    assert defer
+    model = build_model(mcfg, tok, defer_weights=defer)
+    sharded_init.place(model, cfg, accelerator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    module, optimizer = backend.prepare(LossModule(model, 64), optimizer)
+    if a.backend == "zero3":
+        print(f"PARTITIONED {assert_partitioned(model, accelerator.num_processes)}", flush=True)
+    with whole_model(model, accelerator) as whole:
+        if accelerator.is_main_process:
+            got = {k: v.detach().cpu().clone() for k, v in whole.state_dict().items()}
+    if accelerator.is_main_process:
+        n = 0
+        for k, v in want.items():
+            if k in got or not k.startswith("lm_head."):
+                assert torch.equal(got[k], v), k
+                n += 1
+        print(f"WEIGHTS EQUAL {n} tensors", flush=True)
+    accelerator.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
