@@ -28,7 +28,9 @@ def native_dir(tmp_path_factory, tiny_tokenizer, tiny_processor) -> Path:
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
 @pytest.mark.parametrize("init", ["random", "native"])
-def test_sharded_build_gives_todays_weights(tmp_path: Path, backend: str, init: str, native_dir: Path) -> None:
+def test_sharded_build_gives_todays_weights(
+    tmp_path: Path, backend: str, init: str, native_dir: Path
+) -> None:
     args = [str(REPO / "tests" / "init_worker.py"), "--backend", backend, "--out", str(tmp_path)]
     if init == "native":
         args += ["--init-from", str(native_dir)]
