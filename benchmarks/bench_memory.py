@@ -41,7 +41,7 @@ def _rss(pid: int) -> int:
     return 0
 
 
-def worker(preset: str, backend: str) -> None:
+def worker(preset: str, backend: str, stop_after: str) -> None:
     """One rank: build and prepare as ``train`` does, then print ``B9 {json}``."""
     import inspect
 
@@ -68,6 +68,15 @@ def worker(preset: str, backend: str) -> None:
         model = build_model(mcfg, tok)
     built = time.perf_counter() - t0
     peak_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    first = {
+        "rank": accelerator.process_index,
+        "baseline_gib": base / GIB,
+        "peak_built_gib": peak_built / GIB,
+    }
+    print("B9 " + json.dumps({**first, "seconds_built": built}), flush=True)  # kept if prepare is killed
+    if stop_after == "built":
+        accelerator.wait_for_everyone()
+        os._exit(0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     backend_.prepare(LossModule(model, 4096), optimizer)
     prepared = time.perf_counter() - t0
@@ -94,7 +103,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_case(code: Path, preset: str, backend: str, world: int, limit: float, log: Path) -> dict:
+def run_case(
+    code: Path, preset: str, backend: str, world: int, limit: float, log: Path, stop_after: str = "prepared"
+) -> dict:
     port = _free_port()
     procs = []
     for rank in range(world):
@@ -104,6 +115,7 @@ def run_case(code: Path, preset: str, backend: str, world: int, limit: float, lo
             "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1",
         }  # fmt: skip
         cmd = [sys.executable, __file__, "--worker", "--preset", preset, "--backend", backend]
+        cmd += ["--stop-after", stop_after]
         out = log.with_name(f"{log.stem}_rank{rank}.log").open("w")
         procs.append(
             subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -125,7 +137,7 @@ def run_case(code: Path, preset: str, backend: str, world: int, limit: float, lo
     for rank in range(world):
         text = log.with_name(f"{log.stem}_rank{rank}.log").read_text()
         rows = [json.loads(line[3:]) for line in text.splitlines() if line.startswith("B9 ")]
-        ranks.append(rows[0] if rows else {"rank": rank, "error": text[-1500:]})
+        ranks.append(rows[-1] if rows else {"rank": rank, "error": text[-1500:]})
     return {
         "backend": backend,
         "world": world,
@@ -142,13 +154,14 @@ def main() -> int:
     p.add_argument("--backend", default="fsdp2")
     p.add_argument("--case", action="append", default=[], help="BACKEND:WORLD, e.g. fsdp2:2 (repeatable)")
     p.add_argument("--code", action="append", default=[], help="LABEL=PATH of a videollama3_train checkout")
+    p.add_argument("--stop-after", choices=("built", "prepared"), default="prepared")
     p.add_argument(
         "--limit-gib", type=float, default=17.0, help="kill a case whose processes pass this together"
     )
     p.add_argument("--out", default="benchmarks/results/B9_memory")
     a = p.parse_args()
     if a.worker:
-        worker(a.preset, a.backend)
+        worker(a.preset, a.backend, a.stop_after)
         return 0
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -158,8 +171,8 @@ def main() -> int:
         for label, path in (c.split("=", 1) for c in a.code or ["new=."]):
             log = out.parent / "logs" / f"{out.name}_{label}_{backend}_{world}.log"
             log.parent.mkdir(exist_ok=True)
-            r = run_case(Path(path).resolve(), a.preset, backend, int(world), a.limit_gib, log)
-            r.update(code=label, preset=a.preset)
+            r = run_case(Path(path).resolve(), a.preset, backend, int(world), a.limit_gib, log, a.stop_after)
+            r.update(code=label, preset=a.preset, stop_after=a.stop_after)
             results.append(r)
             print(json.dumps(r), flush=True)
     with open(out.with_suffix(".jsonl"), "a") as f:

@@ -10,6 +10,7 @@ Prints ``WEIGHTS EQUAL <n> tensors`` on rank 0, or fails with the first differin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -42,16 +43,22 @@ def main() -> int:
     tok = build_tiny_tokenizer()
     mcfg = ModelConfig(preset="tiny", attn_implementation="sdpa", init_from=a.init_from, seed=3)
     # the oracle first: once a ZeRO-3 accelerator exists, transformers would partition a plain construction too
+    whole_built = _whole_construction(dataclasses.replace(mcfg, init_from=None), tok)
+    want_buffers = {k: v.clone() for k, v in whole_built.named_buffers()}  # rotary frequencies: the config's
     if a.init_from:
         want = load_file(str(Path(a.init_from) / "model.safetensors"))
     else:
-        want = _whole_construction(mcfg, tok).state_dict()
+        want = whole_built.state_dict()
     accelerator = build_accelerator(cfg)
     backend = build_backend(cfg, accelerator)
     defer = sharded_init.wants_meta(cfg, accelerator)
     assert defer
     model = build_model(mcfg, tok, defer_weights=defer)
     sharded_init.place(model, cfg, accelerator)
+    if a.backend == "fsdp2":  # many small chunks (the tiny model is 2 MB): the chunking is exercised too
+        from videollama3_train.trainer import fsdp2
+
+        fsdp2.LOAD_CHUNK_BYTES = 64 * 2**10
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     module, optimizer = backend.prepare(LossModule(model, 64), optimizer)
     if a.backend == "zero3":
@@ -59,12 +66,16 @@ def main() -> int:
     with whole_model(model, accelerator) as whole:
         if accelerator.is_main_process:
             got = {k: v.detach().cpu().clone() for k, v in whole.state_dict().items()}
+            got_buffers = {k: v.detach().cpu().clone() for k, v in whole.named_buffers()}
     if accelerator.is_main_process:
         n = 0
         for k, v in want.items():
             if k in got or not k.startswith("lm_head."):
                 assert torch.equal(got[k], v), k
                 n += 1
+        assert sorted(got_buffers) == sorted(want_buffers)
+        for k, v in want_buffers.items():  # non-persistent: no weight source carries them, the build keeps them
+            assert torch.equal(got_buffers[k], v), k
         print(f"WEIGHTS EQUAL {n} tensors", flush=True)
     accelerator.wait_for_everyone()
     return 0

@@ -114,9 +114,10 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-# Bytes of full tensors rank 0 hands to one ``set_model_state_dict`` call: each call also copies every local shard
-# into itself (non-strict load), so a few hundred MB keeps both rank 0's extra memory and that overhead small.
-LOAD_CHUNK_BYTES = 512 * 2**20
+# Bytes of full tensors rank 0 hands to one ``set_model_state_dict`` call (a larger tensor goes alone): each call
+# also copies every local shard into itself (non-strict load), so a few hundred MB keeps both rank 0's extra memory
+# and that overhead small (2B preset: 30 calls).
+LOAD_CHUNK_BYTES = 256 * 2**20
 
 
 @torch.no_grad()
@@ -137,30 +138,27 @@ def load_initial_weights(model: nn.Module, root: nn.Module, device: torch.device
         owner, _, leaf = name.rpartition(".")
         root.get_submodule(owner)._buffers[leaf] = b.to(device)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
-    # a tied parameter is in the state dict under each of its names, and DCP loads it from the last one: every
-    # name gets the tensor (the stream names it once)
-    first = {id(p): n for n, p in model.named_parameters()}
-    aliases: dict[str, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        if first[id(p)] != n:
-            aliases.setdefault(first[id(p)], []).append(n)
     source = iter(model.initial_weights) if dist.get_rank() == 0 else None
     seen: set[str] = set()
+    pending: tuple[str, torch.Tensor] | None = None  # the tensor that did not fit the last chunk
     while True:
         chunk: dict[str, torch.Tensor] = {}
         if source is not None:
             size = 0
-            for name, value in source:
-                chunk[name] = value
-                chunk.update(dict.fromkeys(aliases.get(name, ()), value))
-                size += value.numel() * value.element_size()
-                if size >= LOAD_CHUNK_BYTES:
+            while (item := pending or next(source, None)) is not None:
+                name, value = item
+                nbytes = value.numel() * value.element_size()
+                if chunk and size + nbytes > LOAD_CHUNK_BYTES:
+                    pending = item
                     break
+                pending = None
+                chunk[name] = value
+                size += nbytes
         flag = [bool(chunk)]
         dist.broadcast_object_list(flag, src=0)
         if not flag[0]:
             break
-        seen.update(k for k in chunk if k in first.values())
+        seen.update(chunk)
         set_model_state_dict(model, chunk, options=options)
         chunk.clear()
     if dist.get_rank() == 0:
