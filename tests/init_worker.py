@@ -74,7 +74,10 @@ def main() -> int:
                 assert torch.equal(got[k], v), k
                 n += 1
         assert sorted(got_buffers) == sorted(want_buffers)
-        for k, v in want_buffers.items():  # non-persistent: no weight source carries them, the build keeps them
+        for (
+            k,
+            v,
+        ) in want_buffers.items():  # non-persistent: no weight source carries them, the build keeps them
             assert torch.equal(got_buffers[k], v), k
         print(f"WEIGHTS EQUAL {n} tensors", flush=True)
     accelerator.wait_for_everyone()
