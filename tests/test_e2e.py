@@ -96,7 +96,7 @@ def loaded(export):
 def _media(sample: Path) -> tuple[Path, Path]:
     return (
         sorted((sample / "media" / "images").glob("heldout_colour_*.png"))[0],
-        sorted((sample / "media" / "videos").glob("heldout_direction_*.mp4"))[0],
+        sorted((sample / "media" / "videos").glob("heldout_video_colour_*.mp4"))[0],
     )
 
 
