@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from videollama3_train.config import (  # noqa: E402
     SCHEMAS,
+    BenchmarkConfig,
     EvalConfig,
     ExportConfig,
     LoggerConfig,
@@ -50,7 +51,8 @@ SECTIONS = [
     ("data.datasets.<name>", DatasetConfig, "One dataset of a mixture", None),
     ("trainer", TrainConfig, "The training loop (videollama3_train/trainer/config.py)", None),
     ("logger", LoggerConfig, "Logging", None),
-    ("eval", EvalConfig, "Held-out evaluation", None),
+    ("eval", EvalConfig, "Held-out evaluation and benchmarks", None),
+    ("eval.benchmarks.<name>", BenchmarkConfig, "One multiple-choice benchmark (docs/benchmarks.md)", None),
     ("lora", LoraConfig, "LoRA fine-tuning (videollama3_train/model/lora.py, peft)", None),
     ("", PipelineConfig, "Pipeline (pipeline.yaml): the train keys, less `stage=`, plus", RunConfig),
     (

@@ -55,6 +55,7 @@ def mixture(tmp_path_factory):
         f"data.path={base / 'main.jsonl'}",
         f"data.root={root}",
         f"+data.datasets={{b:{{path:{base / 'b.json'},root:{root}}}}}",
+        "logger=disabled",
         *ENCODE,
     ]
     return overrides, expected, {"main": len(main) + 1, "b": len(b)}
@@ -152,6 +153,7 @@ def test_doctor_follows_symlinks_inside_the_root_unless_told(tmp_path):
             "doctor.workers=0",
             "doctor.stages=[multitask_sft]",
             "doctor.max_failure_rate=1.0",
+            "logger=disabled",
             *ENCODE,
         ]
         assert run_doctor(compose("doctor", argv), argv, progress=False) == 0

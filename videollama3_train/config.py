@@ -40,6 +40,7 @@ EXTRA_STAGES = ("finetune",)
 
 __all__ = [
     "CONFIG_DIR",
+    "BenchmarkConfig",
     "STAGES",
     "ConfigError",
     "DoctorConfig",
@@ -68,10 +69,28 @@ class LoggerConfig:
     wandb: str = "offline"  # W&B mode: "online" | "offline" (files under output_dir/wandb) | "disabled"
     project: str = "videollama3-train"  # W&B project name
     run_name: str | None = None  # W&B run name; None = "<stage>-<output_dir folder name>"
+    # W&B group the run joins (its job type is the stage); None = none for a train command, the pipeline's
+    # "pipeline-<output_dir folder name>" for each of its stages, so the four stages sit together on the dashboard
+    group: str | None = None
 
     def __post_init__(self):
         if self.wandb not in ("online", "offline", "disabled"):
             raise ValueError(f"logger.wandb must be online, offline or disabled, got {self.wandb!r}")
+
+
+@dataclass
+class BenchmarkConfig:
+    """One multiple-choice benchmark of ``eval.benchmarks`` (the file layouts read: docs/benchmarks.md)."""
+
+    path: str = "???"  # JSON list or JSONL of questions (video/image, question, options, answer letter)
+    root: str | None = (
+        None  # media root the question's video / image paths are relative to; None = the file's folder
+    )
+    max_samples: int | None = None  # questions scored at most (the first ones); None = all
+
+    def __post_init__(self):
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"eval.benchmarks: max_samples must be >= 1, got {self.max_samples}")
 
 
 @dataclass
@@ -82,10 +101,22 @@ class EvalConfig:
     max_new_tokens: int = 8  # tokens generated per held-out record for the exact-match accuracy
     log_generations: int = 4  # generations (with their references) printed per evaluation
     before: bool = True  # evaluate before the first step too (the starting accuracy; skipped when resuming)
+    # multiple-choice benchmarks scored by the generated option letter before the stage, every eval.every steps and
+    # after it (name -> file): +eval.benchmarks={mvbench:{path:mvbench.json,root:videos}}; docs/benchmarks.md
+    benchmarks: dict[str, BenchmarkConfig] = field(default_factory=dict)
+    # accuracy (a fraction, 0-1) a benchmark may fall below the stage's starting checkpoint before the run warns
+    # naming it (0.05 = five points)
+    max_regression: float = 0.05
+    # a regression past eval.max_regression ends the stage with exit status 3, after its export is written
+    fail_on_regression: bool = False
 
     def __post_init__(self):
         if self.every < 0 or self.max_new_tokens < 1 or self.log_generations < 0:
             raise ValueError("eval.every and eval.log_generations must be >= 0, eval.max_new_tokens >= 1")
+        if not 0 <= self.max_regression <= 1:
+            raise ValueError(
+                f"eval.max_regression is a fraction of questions (0-1), got {self.max_regression}"
+            )
 
 
 @dataclass

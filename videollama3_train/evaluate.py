@@ -113,6 +113,26 @@ def majority_baseline(
     }
 
 
+def prompt_and_media(raw: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """The text of a raw record's first user turn and the media items before its first answer (``{"type", "path",
+    "start", "end"}``): what a predictions table shows beside the answer."""
+    rec = _normalized(raw)
+    if rec is None:
+        return "", []
+    text, media = [], []
+    for m in rec["messages"]:
+        if m["role"] == "assistant":
+            break
+        if m["role"] != "user":
+            continue
+        for it in m["content"]:
+            if it["type"] == "text":
+                text.append(it["text"])
+            else:
+                media.append(it)
+    return "".join(text).strip(), media
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # One sample
 # ----------------------------------------------------------------------------------------------------------------
@@ -294,8 +314,8 @@ def evaluate_heldout(
 
     Returns ``n`` (scored samples), ``bad_records``, ``loss``, ``accuracy``, ``baseline``,
     ``teacher_forced_accuracy``, ``unfinished``, ``accuracy_per_task`` / ``baseline_per_task`` / ``n_per_task``,
-    ``accuracy_per_modality`` and the first ``num_generations`` generations (task, modality, generated,
-    reference, correct).
+    ``accuracy_per_modality``, the first ``num_generations`` generations (task, modality, generated,
+    reference, correct) and ``predictions`` (the same for every sample, with its prompt and media).
     """
     if hasattr(model, "get_base_model"):  # PEFT: adapters live inside the base model
         model = model.get_base_model()
@@ -306,7 +326,7 @@ def evaluate_heldout(
     loss_sum, n_tok, tf_hits, unfinished = 0.0, 0, 0, 0
     per_task: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # hits, baseline hits, count
     per_mod: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    generations = []
+    generations, predictions = [], []
     try:
         for sample, raw in samples:
             loss, n, tf_exact = score_sample(model, sample, device)
@@ -323,16 +343,17 @@ def evaluate_heldout(
             per_task[task][2] += 1
             per_mod[mod][0] += int(correct)
             per_mod[mod][1] += 1
+            row = {
+                "task": task,
+                "modality": mod,
+                "generated": gen["text"] if gen else None,
+                "reference": reference,
+                "correct": correct,
+            }
             if len(generations) < num_generations:
-                generations.append(
-                    {
-                        "task": task,
-                        "modality": mod,
-                        "generated": gen["text"] if gen else None,
-                        "reference": reference,
-                        "correct": correct,
-                    }
-                )
+                generations.append(row)
+            prompt, media = prompt_and_media(raw if isinstance(raw, dict) else {})
+            predictions.append({**row, "prompt": prompt, "media": media})
     finally:
         model.train(was_training)
     n = len(samples)
@@ -359,4 +380,7 @@ def evaluate_heldout(
         "n_per_task": {t: c for t, (_, _, c) in sorted(per_task.items())},
         "accuracy_per_modality": {m: h / t for m, (h, t) in sorted(per_mod.items())},
         "generations": generations,
+        # every scored sample (the first user turn's text and media, reference, generation, correct): the W&B
+        # predictions table
+        "predictions": predictions,
     }

@@ -54,8 +54,28 @@ def run_doctor(cfg: DoctorConfig, overrides: Sequence[str], *, progress: bool = 
             steps, fill = e["optimizer_steps_per_epoch"], e["fill_ratio"]
             print(f"[doctor] {s}: {steps} optimizer steps per epoch, fill {fill:.1%}", flush=True)
     print(f"[doctor] wrote {written[0]} and {written[1]}", flush=True)
+    if cfg.logger.wandb != "disabled":
+        _doctor_artifact(cfg, out_dir, report)
     print(f"[doctor] {report['verdict']}", file=sys.stdout if report["passed"] else sys.stderr, flush=True)
     return EXIT_OK if report["passed"] else EXIT_TOO_MANY_BAD
+
+
+def _doctor_artifact(cfg: DoctorConfig, out_dir: Path, report: dict) -> None:
+    """The report and its plots as one W&B artifact (type ``doctor``) in a run of job type ``doctor``, beside the
+    training runs of the same project and group; the totals in its summary."""
+    from .trainer.metrics import MetricsWriter
+
+    files = [out_dir / "report.md", out_dir / "report.json", *(out_dir / p for p in report.get("plots", []))]
+    with MetricsWriter(
+        out_dir,
+        project=cfg.logger.project,
+        run_name=cfg.logger.run_name or f"doctor-{out_dir.name}",
+        wandb_mode=cfg.logger.wandb,
+        group=cfg.logger.group,
+        job_type="doctor",
+    ) as writer:
+        writer.log_artifact(f"doctor-{out_dir.name}", "doctor", [f for f in files if f.is_file()])
+        writer.summary({f"doctor/{k}": v for k, v in report["totals"].items() if isinstance(v, int | float)})
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -158,7 +158,37 @@ def render_markdown(stages: Sequence[Mapping[str, Any]], per_stage: Sequence[lis
         for stage, s in zip(stages, summaries):
             cells = [_fmt(s["modality_loss"].get(m), ".4f") for m in modalities]
             lines.append(f"| {stage['name']} | " + " | ".join(cells) + " |")
+    lines += _benchmark_lines(stages)
     return "\n".join(lines) + "\n"
+
+
+def _benchmark_lines(stages: Sequence[Mapping[str, Any]]) -> list[str]:
+    """eval.benchmarks: accuracy per benchmark at each stage's start and end (a stage's optional
+    ``benchmarks_before`` / ``benchmarks_after``: name -> {accuracy, chance}); a regression past
+    eval.max_regression is marked."""
+    names = sorted(
+        {n for st in stages for k in ("benchmarks_before", "benchmarks_after") for n in st.get(k) or {}}
+    )
+    if not names:
+        return []
+    out = [
+        "",
+        "## Benchmarks (multiple choice, accuracy by the generated option letter)",
+        "",
+        "| stage | " + " | ".join(f"{n} start | {n} end" for n in names) + " |",
+        "|---|" + "---|---|" * len(names),
+    ]
+    for st in stages:
+        regressed = {r["benchmark"] for r in st.get("benchmark_regressions") or []}
+        cells = []
+        for n in names:
+            before = (st.get("benchmarks_before") or {}).get(n, {}).get("accuracy")
+            after = (st.get("benchmarks_after") or {}).get(n, {}).get("accuracy")
+            cells += [_fmt(before, ".3f"), _fmt(after, ".3f") + (" REGRESSION" if n in regressed else "")]
+        out.append(f"| {st['name']} | " + " | ".join(cells) + " |")
+    chance = {n: r.get("chance") for st in stages for n, r in (st.get("benchmarks_before") or {}).items()}
+    out += ["", "Chance: " + ", ".join(f"{n} {_fmt(c, '.3f')}" for n, c in sorted(chance.items()))]
+    return out
 
 
 def plot_losses(

@@ -207,6 +207,7 @@ def _train(
     *,
     resuming: bool,
 ) -> dict[str, Any]:
+    from .dashboard import log_heldout
     from .data.annotations import record_at
     from .data.build import build_train_data, load_heldout
     from .evaluate import evaluate_heldout, majority_answers
@@ -255,6 +256,7 @@ def _train(
     except RuntimeError as e:  # too many unusable records, or no optimizer step in the plan
         raise UserError(str(e)) from e
     heldout, heldout_bad = load_heldout(cfg.data, cfg.encode, processor) if is_main else ([], 0)
+    benchmarks = _benchmarks(cfg, processor) if is_main else None  # read and encoded once
     trainer_cfg = dataclasses.replace(cfg.trainer, grad_accum=data.grad_accum)
     _check_global_batch(out_dir, data.rows_per_step, accelerator.num_processes, resuming=resuming)
     total_steps, steps_per_epoch = plan_steps(trainer_cfg, data.loader)
@@ -331,6 +333,8 @@ def _train(
         wandb_mode=cfg.logger.wandb,
         config={**dataclasses.asdict(cfg), "effective": effective},
         enabled=is_main,
+        group=cfg.logger.group,
+        job_type=cfg.stage,
     )
 
     # The level held-out accuracy must beat: each task's most frequent training answer (one pass over the
@@ -339,7 +343,7 @@ def _train(
     if heldout:
         baseline_answers = majority_answers(record_at(ds, i) for ds in data.records for i in range(len(ds)))
 
-    def evaluate(tag: str, m=model) -> dict[str, Any] | None:
+    def evaluate(tag: str, m=model, step: int = 0) -> dict[str, Any] | None:
         if not heldout:
             return None
         m.to(accelerator.device)
@@ -376,6 +380,7 @@ def _train(
                 f"{'correct' if g['correct'] else 'wrong'}",
                 flush=True,
             )
+        log_heldout(writer, res, cfg.data, step)
         return res
 
     with main_only("held-out evaluation before training") as main:  # the others wait outside collectives
@@ -383,6 +388,8 @@ def _train(
             res = evaluate("before", build_model(cfg.model, tokenizer) if defer else model)  # whole: rank 0
             results["heldout_before"] = res
             writer.summary({**_heldout_summary(res, "before"), "baseline_accuracy": res["baseline"]})
+        if main and benchmarks is not None:
+            benchmarks.at_start(model.to(accelerator.device), writer, results, out_dir, resuming)
 
     # ZeRO-3 and FSDP2 keep each parameter partitioned over the ranks: generation needs them whole, so no
     # evaluation inside the loop (rank 0 alone would wait for the others' shards).
@@ -398,7 +405,9 @@ def _train(
 
     def eval_fn(m, step):  # noqa: ARG001 - fit passes the (possibly wrapped) model
         with main_only(f"held-out evaluation at step {step}") as main:
-            r = evaluate(f"step {step}") if main and heldout else None
+            r = evaluate(f"step {step}", step=step) if main and heldout else None
+            if main and benchmarks is not None:
+                benchmarks.at_step(m, writer, step)
         if r is None:
             return {}
         return {  # logged as eval/<name>
@@ -428,14 +437,16 @@ def _train(
         with whole_model(model, accelerator) as whole, main_only("export, evaluation") as main:
             if main:
                 results["export"] = str(export_hf(whole, processor, out_dir / "export"))
-                res = evaluate("after", whole)
+                # no row: resumed at the last step, export only
+                step = final.get("step", _latest_step(out_dir))
+                writer.summary({"export": results["export"]})
+                res = evaluate("after", whole, step=step or 0)
                 if res is not None:
                     results["heldout_after"] = res
                     writer.summary(_heldout_summary(res, "after"))
+                if benchmarks is not None:
+                    benchmarks.at_end(whole, writer, results, step or 0)
                 _write_json(out_dir / "results.json", results)
-                step = final.get(
-                    "step", _latest_step(out_dir)
-                )  # no row: resumed at the last step, export only
                 run_record.update(status="complete", step=step, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
                 write_run_record(out_dir, run_record)
                 print(
@@ -458,6 +469,16 @@ def _check_global_batch(out_dir: Path, rows_per_step: int, world_size: int, *, r
         raise UserError(why)
 
 
+def _benchmarks(cfg: RunConfig, processor) -> Any:
+    """eval.benchmarks read and encoded with the stage's settings (None without any); a bad file is a user error."""
+    from .benchmark import BenchmarkError, BenchmarkSuite
+
+    try:
+        return BenchmarkSuite.build(cfg.eval, processor, cfg.encode)
+    except BenchmarkError as e:
+        raise UserError(f"eval.benchmarks: {e}") from e
+
+
 def _latest_step(out_dir: Path) -> int | None:
     from .trainer.checkpoint import find_latest_checkpoint
 
@@ -476,6 +497,16 @@ def _heldout_summary(res: dict[str, Any], tag: str) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------------------
 # The stages chained
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def failed_on_regression(cfg: RunConfig, results: dict[str, Any]) -> bool:
+    """A stage that ends with a benchmark regression under ``eval.fail_on_regression=true`` (its export is
+    written): the command ends with :data:`EXIT_REGRESSION`."""
+    return bool(cfg.eval.fail_on_regression and results.get("benchmark_regressions"))
+
+
+# exit status of a stage (or pipeline) that ended with a benchmark regression under eval.fail_on_regression
+EXIT_REGRESSION = 3
 
 
 def stage_dir(root: str | Path, i: int, stage: str) -> Path:
@@ -497,6 +528,8 @@ def run_pipeline(cfg: PipelineConfig, overrides: Sequence[str]) -> dict[str, Any
 
     stages, root = list(cfg.stages), Path(cfg.output_dir)
     overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "stages"]
+    if cfg.logger.group is None:  # the stages side by side on the W&B dashboard, each its stage as job type
+        overrides.append(f"logger.group=pipeline-{root.resolve().name}")
     configs = []
     for i, s in enumerate(stages):
         prev = None if i == 0 else str(stage_dir(root, i - 1, stages[i - 1]) / "export")
@@ -524,8 +557,17 @@ def run_pipeline(cfg: PipelineConfig, overrides: Sequence[str]) -> dict[str, Any
                 if results[s].get("final", {}).get("interrupted"):
                     print("[pipeline] interrupted; rerun the same command to resume", flush=True)
                     return results
+                if failed_on_regression(scfg, results[s]):
+                    print(
+                        f"[pipeline] {s}: benchmark regression (eval.fail_on_regression); stopping",
+                        flush=True,
+                    )
+                    return results
             prev_export = str(d / "export")
             entry = {"name": s, "output_dir": str(d)}
+            for key in ("benchmarks_before", "benchmarks_after", "benchmark_regressions"):
+                if results[s].get(key):
+                    entry[key] = results[s][key]
             for key, tag in (("heldout_before", "accuracy_before"), ("heldout_after", "accuracy_after")):
                 r = results[s].get(key)
                 if r:

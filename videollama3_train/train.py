@@ -20,10 +20,10 @@ from videollama3_train.cli import main as _cli_main
 
 
 def _run(cfg, overrides: list[str]) -> int:
-    from videollama3_train.run import run_stage
+    from videollama3_train.run import EXIT_REGRESSION, failed_on_regression, run_stage
 
-    run_stage(cfg)
-    return 0
+    results = run_stage(cfg)
+    return EXIT_REGRESSION if failed_on_regression(cfg, results) else 0
 
 
 COMMAND = Command(

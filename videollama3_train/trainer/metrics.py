@@ -429,6 +429,8 @@ class MetricsWriter:
         config: Mapping[str, Any] | None = None,
         enabled: bool = True,
         total_steps: int | None = None,
+        group: str | None = None,
+        job_type: str | None = None,
     ) -> None:
         if wandb_mode not in WANDB_MODES:
             raise ValueError(f"wandb_mode must be one of {WANDB_MODES}, got {wandb_mode!r}")
@@ -445,14 +447,22 @@ class MetricsWriter:
         self._jsonl = self.jsonl_path.open("a", encoding="utf-8")
         if wandb_mode != "disabled":
             try:
-                self._run = self._init_wandb(project, run_name, wandb_mode, config)
+                self._run = self._init_wandb(project, run_name, wandb_mode, config, group, job_type)
             except BaseException:
                 self._jsonl.close()
                 raise
         if total_steps is not None:
             self.start(total_steps)
 
-    def _init_wandb(self, project: str, name: str | None, mode: str, config: Mapping[str, Any] | None) -> Any:
+    def _init_wandb(
+        self,
+        project: str,
+        name: str | None,
+        mode: str,
+        config: Mapping[str, Any] | None,
+        group: str | None,
+        job_type: str | None,
+    ) -> Any:
         import wandb  # lazy: optional at runtime
 
         id_file = self.out_dir / "wandb_run_id"
@@ -465,8 +475,14 @@ class MetricsWriter:
             config=dict(config or {}),
             id=run_id,
             resume="allow" if run_id else None,
+            group=group,  # a pipeline's stages share one group: one row of runs on the dashboard
+            job_type=job_type,  # the stage
         )
         id_file.write_text(run.id)
+        # every metric, evaluations (eval/*, bench/*) included, plots against the optimizer step
+        run.define_metric("trainer/step")
+        for pattern in ("eval/*", "bench/*", "*"):
+            run.define_metric(pattern, step_metric="trainer/step")
         return run
 
     @property
@@ -492,7 +508,8 @@ class MetricsWriter:
         self._jsonl.write(json.dumps({k: _json_safe(v) for k, v in row.items()}) + "\n")
         self._jsonl.flush()  # a crashed run keeps every step it finished
         if self._run is not None:
-            self._run.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
+            wb = {k: v for k, v in row.items() if k != "step"}
+            self._run.log({**wb, "trainer/step": int(step)}, step=int(step))
         if "loss" in row:
             self._show(row)
 
@@ -521,6 +538,36 @@ class MetricsWriter:
         path.write_text(json.dumps({**previous, **clean}, indent=2) + "\n")
         if self._run is not None:
             self._run.summary.update(clean)
+
+    def config(self, values: Mapping[str, Any]) -> None:
+        """Add ``values`` to the W&B run's config (e.g. the effective learning rates and budgets)."""
+        if self._run is not None:
+            self._run.config.update(dict(values), allow_val_change=True)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """A W&B table at ``step`` (nothing without W&B): one row per entry of ``rows``; an RGB ``numpy`` array
+        cell becomes an image (a thumbnail), ``None`` stays empty."""
+        if self._run is None:
+            return
+        import numpy as np
+        import wandb
+
+        def cell(v: Any) -> Any:
+            return wandb.Image(v) if isinstance(v, np.ndarray) else v
+
+        table = wandb.Table(columns=list(columns), data=[[cell(v) for v in row] for row in rows])
+        self._run.log({key: table, "trainer/step": int(step)}, step=int(step))
+
+    def log_artifact(self, name: str, kind: str, paths: Iterable[str | os.PathLike]) -> None:
+        """Files (``paths``, e.g. the doctor's report and plots) as one W&B artifact of type ``kind``."""
+        if self._run is None:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(name, type=kind)
+        for p in paths:
+            artifact.add_file(str(p))
+        self._run.log_artifact(artifact)
 
     def finish(self) -> None:
         """Close the progress bar, the JSONL file and the W&B run (idempotent)."""
