@@ -257,3 +257,13 @@ def test_normalized_patches_equal_two_step_form(size):
     want = patchify(resize_and_normalize(frames.contiguous(), size, mean=mean, std=std), merge_size=2)
     got = normalized_patches(frames, size, mean=mean, std=std, merge_size=2, chunk=4)
     assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_token_counter_forgets_at_its_limit(tiny_tokenizer, monkeypatch):
+    from videollama3_train.data import text
+
+    monkeypatch.setattr(text, "_MEMO_LIMIT", 3)
+    counter = TokenCounter.build(tiny_tokenizer)
+    for t in TEXTS[:4] * 2:
+        assert counter(t) == len(tiny_tokenizer(t, add_special_tokens=False)["input_ids"])
+    assert len(counter._memo) <= 3

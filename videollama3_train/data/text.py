@@ -179,7 +179,7 @@ _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+
 # tokenizer itself.
 _COUNTABLE = r"[\t\n\r\x20-\x7e]*"
 _NORMALIZERS_IDENTITY_ON_ASCII = ("NFC", "NFD", "NFKC", "NFKD")
-_MEMO_LIMIT = 500_000  # distinct words remembered per counter (about 60 MB at most), then forgotten
+_MEMO_LIMIT = 200_000  # distinct words remembered per counter (~18 MB of 8-letter words), then forgotten
 
 
 class TokenCounter:
