@@ -64,35 +64,14 @@ def global_rows_per_step(
     return max(1, round(global_batch_samples / samples_per_row))
 
 
-def build_train_data(
-    dcfg: DataConfig,
-    enc: EncodeConfig,
-    processor,
-    *,
-    grad_accum: int,
-    rank: int,
-    world_size: int,
-    is_main: bool,
-    global_batch_samples: int | None = None,
-    run_dir: str | None = None,
-) -> DataBundle:
-    """Annotations -> cost pre-pass (cached) -> mixture + global packing plan per epoch -> this rank's loader.
-
-    The plan of each epoch is global (``G`` rows per optimizer step, :func:`global_rows_per_step`), independent
-    of the world size; the loader deals each step's rows to the ranks (``grad_accum = ceil(G / world_size)``
-    each; the trainer takes it from the loader). The cost pass runs once per job, its records split over the
-    ranks (:func:`~.costs.compute_costs`); ``run_dir`` keeps its table when the annotations' folder is
-    read-only (``data.cost_cache_dir`` unset)."""
+def _cost_tables(dcfg: DataConfig, datasets, configs, processor, *, is_main: bool, run_dir: str | None):
+    """``(records, cost tables, failures)`` per dataset: annotations read, every record costed once per job
+    (cached), bad records counted and logged; raises RuntimeError above ``data.max_bad_fraction``."""
     from .annotations import load_annotations
     from .costs import compute_costs, cost_cache
-    from .loader import DatasetEncoder, PackedLoader
-    from .packing import build_epoch_plan
 
-    dcfg.check_paths()
-    datasets = dcfg.resolved_datasets()
     records, costs = [], []
     failures: dict[str, dict[str, int]] = {}
-    configs = {name: d.encode_config(enc) for name, d in datasets.items()}  # per-dataset media clocks
     for name, d in datasets.items():
         ds = load_annotations(d.path)
         cache, key = cost_cache(
@@ -129,6 +108,37 @@ def build_train_data(
                 )
         records.append(ds)
         costs.append(table.costs)
+    return records, costs, failures
+
+
+def build_train_data(
+    dcfg: DataConfig,
+    enc: EncodeConfig,
+    processor,
+    *,
+    grad_accum: int,
+    rank: int,
+    world_size: int,
+    is_main: bool,
+    global_batch_samples: int | None = None,
+    run_dir: str | None = None,
+) -> DataBundle:
+    """Annotations -> cost pre-pass (cached) -> mixture + global packing plan per epoch -> this rank's loader.
+
+    The plan of each epoch is global (``G`` rows per optimizer step, :func:`global_rows_per_step`), independent
+    of the world size; the loader deals each step's rows to the ranks (``grad_accum = ceil(G / world_size)``
+    each; the trainer takes it from the loader). The cost pass runs once per job, its records split over the
+    ranks (:func:`~.costs.compute_costs`); ``run_dir`` keeps its table when the annotations' folder is
+    read-only (``data.cost_cache_dir`` unset)."""
+    from .loader import DatasetEncoder, PackedLoader
+    from .packing import build_epoch_plan
+
+    dcfg.check_paths()
+    datasets = dcfg.resolved_datasets()
+    configs = {name: d.encode_config(enc) for name, d in datasets.items()}  # per-dataset media clocks
+    records, costs, failures = _cost_tables(
+        dcfg, datasets, configs, processor, is_main=is_main, run_dir=run_dir
+    )
 
     names = list(datasets)
     roots = [d.root for d in datasets.values()]
