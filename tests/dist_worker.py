@@ -399,17 +399,24 @@ def read_digests(out: Path, rank: int) -> dict[int | str, float]:
     return {r["step"]: r["digest"] for r in rows}
 
 
+_HOOKED: dict[str, Any] = {}  # the run whose fault switches the hooks follow (installed once per process)
+
+
 def _install_hooks(args, rank: int) -> None:
     """Patch the loop's per-step entry (``fit.forward_backward``: knows the step) and the loss module's forward
-    (each micro-batch) for the fault switches of ``args``."""
+    (each micro-batch) for the fault switches of ``args`` (a later call switches the hooks to its ``args``)."""
+    first = not _HOOKED
+    _HOOKED.update(args=args, rank=rank)
+    if not first:
+        return
     import videollama3_train.trainer  # noqa: F401  (its package attribute ``fit`` is the function)
     from videollama3_train.trainer.step import LossModule
 
     fit_module = sys.modules["videollama3_train.trainer.fit"]
-
     original_step = fit_module.forward_backward
 
     def forward_backward(module, *a, **kw):
+        args, rank = _HOOKED["args"], _HOOKED["rank"]
         _NOW["step"], _NOW["micro"] = kw.get("step", 0), 0
         if args.digests:
             _write_digest(Path(args.out), rank, _NOW["step"], module)
@@ -419,6 +426,8 @@ def _install_hooks(args, rank: int) -> None:
     original_forward = LossModule.forward
 
     def forward(self, batch):
+        args, rank = _HOOKED["args"], _HOOKED["rank"]
+        nan_steps = {int(s) for s in args.nan_steps.split(",") if s}
         out = original_forward(self, batch)
         step, micro = _NOW["step"], _NOW["micro"]
         _NOW["micro"] += 1
@@ -493,7 +502,62 @@ def _stop_after(step: int):
     return on_step
 
 
+RUN_SEPARATOR = "+++"  # between the arguments of runs made one after the other in one process
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Each run of ``argv`` (runs separated by ``+++``) in turn, in this process: one launch (imports, process
+    group) for several runs. Every run starts by printing ``RUN <i> START`` (:func:`run_logs` splits a log); a run
+    with ``--expect-error TEXT`` must fail with an exception whose message contains TEXT, and the next run goes on.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    runs: list[list[str]] = [[]]
+    for a in argv:
+        if a == RUN_SEPARATOR:
+            runs.append([])
+        else:
+            runs[-1].append(a)
+    for i, run_argv in enumerate(runs):
+        if i:  # every rank's output of the previous run is out before the marker
+            _reset_accelerate()
+            import torch.distributed as dist
+
+            dist.barrier()
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"RUN {i} START", flush=True)
+        last = i == len(runs) - 1
+        if len(runs) > 1 and any(a in run_argv for a in ("--stall-in", "--stall-in-save", "--pause-at")):
+            raise SystemExit("stalls and pauses are for a launch of one run (a test kills or signals it)")
+        try:
+            run(run_argv, shut_down=last)
+        except SystemExit:  # --stop-after: the run stopped with a checkpoint (exit 0), as after a SIGTERM
+            if last:
+                raise
+    return 0
+
+
+def run_logs(log: str) -> list[str]:
+    """The part of a multi-run launch's log that belongs to each run (both ranks' lines printed to stdout; stderr,
+    which follows stdout in the log, goes to the last run)."""
+    parts = log.split("RUN ")
+    out: dict[int, list[str]] = {}
+    for part in parts[1:]:
+        head, _, rest = part.partition(" START")
+        if head.isdigit():
+            out.setdefault(int(head), []).append(rest)
+        elif out:
+            out[max(out)].append("RUN " + part)
+    return ["".join(out[i]) for i in sorted(out)]
+
+
+def _reset_accelerate() -> None:
+    """Let the next run build its own Accelerator (another backend / DeepSpeed config) in this process."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def run(argv: list[str], *, shut_down: bool = True) -> int:
     from videollama3_train.trainer import TrainConfig, fit
 
     p = argparse.ArgumentParser()
@@ -527,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pause-at", type=int, default=0, help="rank 0 waits for <out>/go after this step")
     p.add_argument("--token-budget", type=int, default=0, help="ListLoader.token_budget (0: none)")
     p.add_argument("--shard-size", type=int, default=0, help="fsdp2: trainer.fsdp_shard_size")
+    p.add_argument("--expect-error", default="", help="the run must fail with this in its message")
     args = p.parse_args(argv)
 
     rank = int(os.environ.get("RANK", 0))
@@ -596,8 +661,18 @@ def main(argv: list[str] | None = None) -> int:
         fit(model, loader, cfg, out_dir=out, on_step=on_step)
     except SystemExit as e:  # SIGTERM: fit checkpointed and asks for a clean exit
         (out / f"exit_rank{rank}").write_text(f"{e.code}\n")
-        _shut_down()
+        if shut_down:
+            _shut_down()
         raise
+    except Exception as e:
+        if not args.expect_error or args.expect_error not in str(e):
+            raise
+        print(f"EXPECTED ERROR {rank}: {e}", flush=True)
+        if shut_down:
+            _shut_down()
+        return 1
+    if args.expect_error:
+        raise AssertionError(f"the run did not fail with {args.expect_error!r}")
     (out / f"exit_rank{rank}").write_text("0\n")
     if args.digests:
         _write_digest(out, rank, "final", model)
@@ -609,7 +684,8 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         torch.save(state, out / "params_after.pt")
         print("WORKER DONE", flush=True)
-    _shut_down()
+    if shut_down:
+        _shut_down()
     return 0
 
 

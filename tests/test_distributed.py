@@ -26,7 +26,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_worker import ListLoader, grad_check_batches, read_digests, textonly_batches, tiny_setup
+from dist_worker import (
+    RUN_SEPARATOR,
+    ListLoader,
+    grad_check_batches,
+    read_digests,
+    run_logs,
+    textonly_batches,
+    tiny_setup,
+)
 from helpers import torchrun
 from test_fit import _adam_first_update, _cfg, _reference_grads
 
@@ -37,17 +45,44 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 BACKENDS = ["ddp", "zero1", "zero2", "zero3"]
 
 
-def _torchrun(out: Path, *args: str, nproc: int = 2, timeout: int = 400, expect_ok: bool = True) -> str:
-    """Run tests/dist_worker.py under torchrun; a hang fails with the log after ``timeout`` seconds."""
-    log = torchrun(
-        nproc,
-        [str(REPO / "tests" / "dist_worker.py"), "--out", str(out), *args],
-        timeout=timeout,
-        expect_ok=expect_ok,
-    )
-    if expect_ok:
-        assert "WORKER DONE" in log, log[-6000:]
-    return log
+# Every run of this file, made one after the other in ONE launch of 2 processes (tests/dist_worker.py runs them in
+# turn; a launch costs more than the runs of the tiny model): name -> worker arguments. ZeRO-3 runs last (a ZeRO-3
+# accelerator leaves transformers' "ZeRO-3 enabled" flag behind). The tests read each run's directory and log.
+NAN_ARGS = [
+    "--plan", "ranked", "--ranked-samples", "80", "--rows-per-step", "4", "--steps", "8", "--lr", "1e-3", "--eps",
+    "1e-8", "--schedule", "linear", "--max-grad-norm", "1.0", "--nan-steps", "2,4,5", "--fault-rank", "1",
+    "--nan-tolerance", "2", "--digests", "--expect-error", "nan_tolerance=2",
+]  # fmt: skip
+MAX_NORM = 0.05
+TEXTONLY_STEPS, TEXTONLY_GA = 3, 2
+
+
+def _runs() -> dict[str, list[str]]:
+    runs: dict[str, list[str]] = {}
+    for b in BACKENDS:
+        grads = [*_backend_args(b), "--grad-accum", "2", "--steps", "1", "--plan", "grads"]
+        runs[f"grads_{b}"] = grads
+        runs[f"clip_{b}"] = [*grads, "--max-grad-norm", str(MAX_NORM)]
+        runs[f"nan_{b}"] = [*_backend_args(b), *NAN_ARGS]
+    runs["textonly_zero3"] = [
+        *_backend_args("zero3"), "--plan", "textonly", "--grad-accum", str(TEXTONLY_GA), "--steps",
+        str(TEXTONLY_STEPS), "--save-every", str(TEXTONLY_STEPS),
+    ]  # fmt: skip
+    return runs
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """name -> (the run's directory, its part of the log). A hang fails with the log after the timeout."""
+    root = tmp_path_factory.mktemp("distributed")
+    argv: list[str] = []
+    for name, args in _runs().items():
+        argv += [RUN_SEPARATOR] if argv else []
+        argv += ["--out", str(root / name), *args]
+    log = torchrun(2, [str(REPO / "tests" / "dist_worker.py"), *argv], timeout=800)
+    parts = run_logs(log)
+    assert len(parts) == len(_runs()), log[-6000:]
+    return {name: (root / name, part) for name, part in zip(_runs(), parts)}
 
 
 def _backend_args(backend: str) -> list[str]:
@@ -82,46 +117,42 @@ def _assert_update(out: Path, before: dict, update: dict, what: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_two_processes_match_one_process_on_the_global_batch(tmp_path: Path, backend: str, reference) -> None:
+def test_two_processes_match_one_process_on_the_global_batch(backend: str, reference, launched) -> None:
     """grad_accum 2 on each of 2 ranks: the update equals the one of the global batch normalised once. With rank 1
     holding a text-only micro-batch, ZeRO-2 also proves the tower runs in the same order on every rank (it reduces
     gradient buckets in gradient-ready order)."""
-    log = _torchrun(tmp_path, *_backend_args(backend), "--grad-accum", "2", "--steps", "1", "--plan", "grads")
+    out, log = launched[f"grads_{backend}"]
+    assert "WORKER DONE" in log, log[-6000:]
     _assert_partitioned(log, backend)
     before, grads = reference
-    _assert_update(tmp_path, before, {k: _adam_first_update(g, 1e4, 1e4) for k, g in grads.items()}, backend)
+    _assert_update(out, before, {k: _adam_first_update(g, 1e4, 1e4) for k, g in grads.items()}, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_clipping_matches_the_clipped_reference_and_logs_the_norm_before_clipping(
-    tmp_path: Path, backend: str, reference
+    backend: str, reference, launched
 ) -> None:
     before, grads = reference
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item()
-    max_norm = 0.05
-    assert norm > 4 * max_norm  # clipping bites
-    log = _torchrun(
-        tmp_path, *_backend_args(backend), "--grad-accum", "2", "--steps", "1", "--plan", "grads",
-        "--max-grad-norm", str(max_norm),
-    )  # fmt: skip
+    assert norm > 4 * MAX_NORM  # clipping bites
+    out, log = launched[f"clip_{backend}"]
+    assert "WORKER DONE" in log, log[-6000:]
     _assert_partitioned(log, backend)
-    coef = max_norm / (norm + 1e-6)
+    coef = MAX_NORM / (norm + 1e-6)
     _assert_update(
-        tmp_path, before, {k: _adam_first_update(g * coef, 1e4, 1e4) for k, g in grads.items()}, backend
+        out, before, {k: _adam_first_update(g * coef, 1e4, 1e4) for k, g in grads.items()}, backend
     )
-    (row,) = _rows(tmp_path)
+    (row,) = _rows(out)
     assert row["grad_norm"] == pytest.approx(norm, rel=1e-4), backend
 
 
-def test_zero3_all_partitioned_with_a_text_only_rank_matches_one_process(tmp_path: Path) -> None:
+def test_zero3_all_partitioned_with_a_text_only_rank_matches_one_process(tmp_path: Path, launched) -> None:
     """ZeRO-3, every parameter partitioned, rank 1 text-only for 3 steps of grad_accum 2: finishes within the
     timeout and ends with the weights of ``fit`` in one process on the same global batches (4 micro-batches a step)
     -- loss normalisation under ZeRO-3 included."""
-    steps, ga = 3, 2
-    log = _torchrun(
-        tmp_path, *_backend_args("zero3"), "--plan", "textonly", "--grad-accum", str(ga), "--steps", str(steps),
-        "--save-every", str(steps), timeout=400,
-    )  # fmt: skip
+    steps, ga = TEXTONLY_STEPS, TEXTONLY_GA
+    out, log = launched["textonly_zero3"]
+    assert "WORKER DONE" in log, log[-6000:]
     _assert_partitioned(log, "zero3")
     model, tok = tiny_setup()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -132,27 +163,24 @@ def test_zero3_all_partitioned_with_a_text_only_rank_matches_one_process(tmp_pat
                max_steps=steps)  # fmt: skip
     fit(model, ListLoader(global_batches), cfg, out_dir=tmp_path / "reference")
     expected = {k: v - before[k] for k, v in model.state_dict().items()}
-    after = torch.load(tmp_path / "params_after.pt", weights_only=True)
+    after = torch.load(out / "params_after.pt", weights_only=True)
     assert any(k.startswith("model.vision_model.") and e.abs().max() > 0 for k, e in expected.items())
     for k, e in expected.items():
         torch.testing.assert_close(after[k] - before[k], e, atol=1e-5, rtol=1e-4, msg=k)
-    assert (tmp_path / "checkpoints" / f"step-{steps:08d}" / "COMPLETE").is_file()
+    assert (out / "checkpoints" / f"step-{steps:08d}" / "COMPLETE").is_file()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nonfinite_loss_on_one_rank_skips_the_step_everywhere_then_aborts(
-    tmp_path: Path, backend: str
-) -> None:
+def test_nonfinite_loss_on_one_rank_skips_the_step_everywhere_then_aborts(backend: str, launched) -> None:
     """Steps 2, 4 and 5 get a NaN loss on rank 1's first micro-batch (of 2); nan_tolerance 2. Step 2 is skipped
     on every rank (parameters unchanged), the lr does not move, the skip is counted once; steps 4-5 abort."""
-    log = _torchrun(
-        tmp_path, *_backend_args(backend), "--plan", "ranked", "--ranked-samples", "80", "--rows-per-step", "4",
-        "--steps", "8", "--lr", "1e-3", "--eps", "1e-8", "--schedule", "linear", "--max-grad-norm", "1.0",
-        "--nan-steps", "2,4,5", "--fault-rank", "1", "--nan-tolerance", "2", "--digests",
-        expect_ok=False,
-    )  # fmt: skip
-    assert "2 consecutive steps with a non-finite loss or gradient norm (nan_tolerance=2)" in log, log[-4000:]
-    rows = {r["step"]: r for r in _rows(tmp_path)}
+    out, log = launched[f"nan_{backend}"]
+    for rank in (0, 1):  # the abort reaches every rank, with the message
+        assert (
+            f"EXPECTED ERROR {rank}: 2 consecutive steps with a non-finite loss or gradient norm (nan_tolerance=2)"
+            in log
+        ), log[-4000:]
+    rows = {r["step"]: r for r in _rows(out)}
     assert sorted(rows) == [1, 2, 3, 4, 5], log[-3000:]
     assert [rows[s]["nonfinite"] for s in range(1, 6)] == [False, True, False, True, True]
     # counted once per step, not once per rank
@@ -161,11 +189,11 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_everywhere_then_aborts(
     assert lr[1] == lr[0] and lr[2] < lr[1] and lr[3] == lr[2]  # the schedule stands still on a skipped step
     assert all(math.isfinite(rows[s]["grad_norm"]) for s in (1, 3))
     for rank in (0, 1):
-        d = read_digests(tmp_path, rank)
+        d = read_digests(out, rank)
         assert sorted(d) == [1, 2, 3, 4, 5], log[-3000:]
         assert d[2] != d[1] and d[4] != d[3], f"rank {rank}: an applied step changed nothing"
         assert d[3] == d[2] and d[5] == d[4], f"rank {rank}: a skipped step changed the parameters"
-    assert not (tmp_path / "params_after.pt").exists()
+    assert not (out / "params_after.pt").exists()
 
 
 def test_a_deepspeed_config_without_gradient_norm_is_refused(tmp_path: Path) -> None:
