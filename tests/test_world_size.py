@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_worker import read_consumed
+from dist_worker import RUN_SEPARATOR, read_consumed, run_logs
 from helpers import free_port, torchrun
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,47 +43,69 @@ def _torchrun(nproc: int, args: list[str], timeout: int = 400, expect_ok: bool =
     return torchrun(nproc, args, timeout=timeout, expect_ok=expect_ok)
 
 
-def _worker(out: Path, nproc: int, backend: str, *extra: str, expect_ok: bool = True) -> str:
-    script = [str(REPO / "tests" / "dist_worker.py"), "--out", str(out), "--backend", backend]
-    return _torchrun(nproc, [*script, *WORKER_ARGS, *extra], expect_ok=expect_ok)
-
-
 def _rows(out: Path) -> dict[int, dict]:
     """metrics.jsonl by step (a step logged twice, before a stop and after the resume: the last wins)."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in rows if "loss" in r}
 
 
+CASES = [("ddp", 2, 1), ("ddp", 1, 2), ("zero1", 2, 1), ("zero1", 1, 2), ("zero2", 2, 1), ("zero2", 1, 2)]
+ZERO3_STOP = 2
+
+
+def _launch(nproc: int, runs: dict[str, list[str]], root: Path) -> dict[str, str]:
+    """``runs`` (name -> worker arguments, into ``root / name``; ``name.resumed`` resumes ``name``) one after the other in one launch of ``nproc``
+    processes (tests/dist_worker.py); name -> that run's part of the log."""
+    order = ("ddp", "zero1", "zero2", "zero3")  # a DDP run after a DeepSpeed one fails in accelerate's state
+    runs = dict(sorted(runs.items(), key=lambda kv: order.index(kv[1][kv[1].index("--backend") + 1])))
+    argv: list[str] = []
+    for name, args in runs.items():
+        argv += [RUN_SEPARATOR] if argv else []
+        argv += ["--out", str(root / name.removesuffix(".resumed")), *WORKER_ARGS, *args]
+    log = _torchrun(nproc, [str(REPO / "tests" / "dist_worker.py"), *argv], timeout=800)
+    parts = run_logs(log)
+    assert len(parts) == len(runs), log[-6000:]
+    return dict(zip(runs, parts))
+
+
 @pytest.fixture(scope="module")
-def references(tmp_path_factory):
-    """Uninterrupted runs at world size 2, by backend, run on first use."""
-    done: dict[str, Path] = {}
+def launched(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """Every worker run of this file in three launches (a launch costs more than these runs): on 1 process the
+    first halves of the 1 -> 2 cases; on 2 the uninterrupted references, the first halves of the 2 -> 1 cases, the
+    second halves of the 1 -> 2 cases and ZeRO-3's first half; on 1 the second halves of the 2 -> 1 cases and the
+    ZeRO-3 resume, which must fail. In a launch the DDP runs come first, then ZeRO-1, 2, 3 (accelerate's state does not go back from DeepSpeed to DDP).
+    Returns (the runs' root, name -> log)."""
+    root = tmp_path_factory.mktemp("world_size")
+    stop = ["--stop-after", str(STOP)]
+    logs = _launch(1, {f"{b}_{f}_{s}": [*_backend(b), *stop] for b, f, s in CASES if f == 1}, root)
+    runs = {f"reference_{b}": _backend(b) for b in ("ddp", "zero1", "zero2")}
+    runs |= {f"{b}_{f}_{s}": [*_backend(b), *stop] for b, f, s in CASES if f == 2}
+    runs |= {f"{b}_{f}_{s}.resumed": _backend(b) for b, f, s in CASES if f == 1}
+    runs["zero3"] = ["--backend", "zero3", "--stop-after", str(ZERO3_STOP)]
+    logs |= _launch(2, runs, root)
+    runs = {f"{b}_{f}_{s}.resumed": _backend(b) for b, f, s in CASES if f == 2}
+    runs["zero3.resumed"] = ["--backend", "zero3", "--expect-error", "was written by 2 processes"]
+    logs |= _launch(1, runs, root)
+    return root, logs
 
-    def get(backend: str) -> Path:
-        if backend not in done:
-            out = tmp_path_factory.mktemp(f"reference_{backend}")
-            _worker(out, 2, backend)
-            done[backend] = out
-        return done[backend]
 
-    return get
+def _backend(backend: str) -> list[str]:
+    return ["--backend", backend]
 
 
-@pytest.mark.parametrize(
-    ("backend", "first", "second"),
-    [("ddp", 2, 1), ("ddp", 1, 2), ("zero1", 2, 1), ("zero1", 1, 2), ("zero2", 2, 1), ("zero2", 1, 2)],
-)
-def test_resume_at_another_world_size(
-    tmp_path: Path, backend: str, first: int, second: int, references
-) -> None:
-    out = tmp_path / "run"
-    log = _worker(out, first, backend, "--stop-after", str(STOP))
+@pytest.mark.parametrize(("backend", "first", "second"), CASES)
+def test_resume_at_another_world_size(backend: str, first: int, second: int, launched) -> None:
+    root, logs = launched
+    name = f"{backend}_{first}_{second}"
+    out = root / name
+    log = logs[name]
     assert "WORKER DONE" not in log and (out / "checkpoints" / f"step-{STOP:08d}" / "COMPLETE").is_file(), log
-    log = _worker(out, second, backend)
+    assert not (out / "checkpoints" / f"step-{STOP + 1:08d}").exists()  # stopped mid-run, at STOP
+    log = logs[f"{name}.resumed"]
     assert f"resuming a checkpoint of {first} processes on {second}" in log, log[-4000:]
-    assert f"at step {STOP}" in log
+    assert f"at step {STOP}" in log and "WORKER DONE" in log
 
-    ref = references(backend)
+    ref = root / f"reference_{backend}"
     # the same samples in every step, every sample of each epoch exactly once
     steps = read_consumed(out)
     assert steps == read_consumed(ref)
@@ -103,12 +125,12 @@ def test_resume_at_another_world_size(
         torch.testing.assert_close(pb[k], pa[k], atol=2e-6, rtol=1e-5, msg=k)
 
 
-def test_zero3_refuses_another_world_size_at_start(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    _worker(out, 2, "zero3", "--stop-after", "2")
-    assert (out / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
-    log = _worker(out, 1, "zero3", expect_ok=False)
-    assert "was written by 2 processes, this run has 1" in log, log[-4000:]
+def test_zero3_refuses_another_world_size_at_start(launched) -> None:
+    root, logs = launched
+    out = root / "zero3"
+    assert (out / "checkpoints" / f"step-{ZERO3_STOP:08d}" / "COMPLETE").is_file()
+    log = logs["zero3.resumed"]
+    assert "EXPECTED ERROR 0:" in log and "was written by 2 processes, this run has 1" in log, log[-4000:]
     assert "cannot load model and optimizer states at another world size" in log
     assert "ZeRO-3" in log and "resume with 2 processes" in log
     assert not (out / "metrics.jsonl").read_text().count('"step": 3')  # nothing trained
