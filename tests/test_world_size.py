@@ -140,7 +140,7 @@ def test_zero3_refuses_another_world_size_at_start(launched) -> None:
 # Through the train command
 # ----------------------------------------------------------------------------------------------------------------
 
-MAX_STEPS = 24
+MAX_STEPS = 24  # past the end of epoch 0 (22 steps)
 
 
 @pytest.fixture(scope="module")
@@ -194,23 +194,35 @@ def _cursor(out: Path, step: int) -> dict:
     return torch.load(out / "checkpoints" / f"step-{step:08d}" / "loader_rank0.pt", weights_only=True)
 
 
+@pytest.fixture(scope="module")
+def train_reference(tmp_path_factory, sample_data: Path) -> Path:
+    """The uninterrupted 2-process run both cases compare with."""
+    ref = tmp_path_factory.mktemp("train_reference")
+    _torchrun(2, _train_args(sample_data, ref, 1), timeout=600)
+    return ref
+
+
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
 def test_train_command_resumes_at_another_world_size(
-    tmp_path: Path, sample_data: Path, first, second
+    capsys, tmp_path: Path, sample_data: Path, train_reference: Path, first, second
 ) -> None:
     """``train`` under torchrun, SIGTERM after a few steps, resumed at the other world size with the same global
     batch (2 packed rows per step: grad_accum 1 on 2 ranks, 2 on 1): every later step has the tokens, label tokens
     and lr of the uninterrupted 2-process run, its loss up to float summation order, and the run ends on the same
-    data cursor. A resume that would change the global batch is refused at start."""
+    data cursor. A resume that would change the global batch is refused at start, in one line."""
+    from videollama3_train.train import main as train_main
+
     ga = {1: 2, 2: 1}
-    ref = tmp_path / "reference"
-    _torchrun(2, _train_args(sample_data, ref, 1), timeout=600)
+    ref = train_reference
     out = tmp_path / "run"
     stop = _train_until_sigterm(first, _train_args(sample_data, out, ga[first]), out)
-    if first == 2:  # world 1 with grad_accum 1 would train 1 row per step, not 2
-        log = _torchrun(1, _train_args(sample_data, out, 1), expect_ok=False)
-        assert "global batch changed" in log, log[-4000:]
+    if first == 2:  # world 1 with grad_accum 1 would train 1 row per step, not 2 (this process: world 1)
+        capsys.readouterr()
+        assert train_main(_train_args(sample_data, out, 1)[2:]) == 1
+        err = capsys.readouterr().err
+        (line,) = err[err.index("vl3-train: error:") :].strip().splitlines()
+        assert "global batch changed" in line and "Traceback" not in err, err[-4000:]
     log = _torchrun(second, _train_args(sample_data, out, ga[second]), timeout=600)
     assert f"resuming a checkpoint of {first} processes on {second}" in log, log[-4000:]
     a, b = _rows(ref), _rows(out)
