@@ -83,4 +83,4 @@ def test_hsdp_2x2_lays_out_replicate_by_shard_and_equals_the_reference(tmp_path:
 def test_resume_at_another_world_size_keeps_every_sample_once(tmp_path: Path, references) -> None:
     """2 processes stop in epoch 1, 1 process resumes (DCP reshards model and optimizer): every step trains on the
     samples of the uninterrupted 2-process run, each sample once per epoch, with its lr, label tokens and loss."""
-    test_world_size.test_resume_at_another_world_size(tmp_path, "fsdp2", 2, 1, references)
+    test_world_size.resume_at_another_world_size(tmp_path, "fsdp2", 2, 1, references)

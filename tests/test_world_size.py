@@ -97,15 +97,21 @@ def _backend(backend: str) -> list[str]:
 def test_resume_at_another_world_size(backend: str, first: int, second: int, launched) -> None:
     root, logs = launched
     name = f"{backend}_{first}_{second}"
-    out = root / name
-    log = logs[name]
+    check_resumed(
+        root / name, root / f"reference_{backend}", logs[name], logs[f"{name}.resumed"], first, second
+    )
+
+
+def check_resumed(out: Path, ref: Path, stop_log: str, resume_log: str, first: int, second: int) -> None:
+    """The run in ``out`` (stopped after step STOP on ``first`` processes, resumed on ``second``) equals the
+    uninterrupted reference ``ref``: samples of every step, each once per epoch, lr, label tokens, losses, weights."""
+    log = stop_log
     assert "WORKER DONE" not in log and (out / "checkpoints" / f"step-{STOP:08d}" / "COMPLETE").is_file(), log
     assert not (out / "checkpoints" / f"step-{STOP + 1:08d}").exists()  # stopped mid-run, at STOP
-    log = logs[f"{name}.resumed"]
+    log = resume_log
     assert f"resuming a checkpoint of {first} processes on {second}" in log, log[-4000:]
     assert f"at step {STOP}" in log and "WORKER DONE" in log
 
-    ref = root / f"reference_{backend}"
     # the same samples in every step, every sample of each epoch exactly once
     steps = read_consumed(out)
     assert steps == read_consumed(ref)
@@ -123,6 +129,34 @@ def test_resume_at_another_world_size(backend: str, first: int, second: int, lau
     pb = torch.load(out / "params_after.pt", weights_only=True)
     for k in pa:
         torch.testing.assert_close(pb[k], pa[k], atol=2e-6, rtol=1e-5, msg=k)
+
+
+def _worker(out: Path, nproc: int, backend: str, *extra: str) -> str:
+    script = [str(REPO / "tests" / "dist_worker.py"), "--out", str(out), "--backend", backend]
+    return _torchrun(nproc, [*script, *WORKER_ARGS, *extra])
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """Uninterrupted runs at world size 2, by backend, run on first use (for other backends' files)."""
+    done: dict[str, Path] = {}
+
+    def get(backend: str) -> Path:
+        if backend not in done:
+            out = tmp_path_factory.mktemp(f"reference_{backend}")
+            _worker(out, 2, backend)
+            done[backend] = out
+        return done[backend]
+
+    return get
+
+
+def resume_at_another_world_size(tmp_path: Path, backend: str, first: int, second: int, references) -> None:
+    """One case in its own launches (for a backend this file does not run): stop, resume, :func:`check_resumed`."""
+    out = tmp_path / "run"
+    stop_log = _worker(out, first, backend, "--stop-after", str(STOP))
+    resume_log = _worker(out, second, backend)
+    check_resumed(out, references(backend), stop_log, resume_log, first, second)
 
 
 def test_zero3_refuses_another_world_size_at_start(launched) -> None:
