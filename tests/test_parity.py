@@ -483,3 +483,44 @@ def test_decoded_frames_are_torchcodecs(tmp_path, torchcodec_ready, fmt):
     theirs = decoder.get_frames_at(indices=list(range(info.num_frames))).data.permute(0, 2, 3, 1).numpy()
     ours, _ = media.decode_video(path, list(info.frame_times), info=info)
     assert np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["alignment", "video_finetune+tiny"])
+def test_system_and_multi_turn_parity(tmp_path, exported, torchcodec_ready, name):
+    """A system turn, then two user turns (an image, then a video, each with a question) and two answers: the ids,
+    grids, mask and pixels of the whole conversation equal the processor's rendering of it."""
+    photo(tmp_path / "a.jpg", 150, 100)
+    make_video(tmp_path / "v.mp4", 96, 64, seconds=5.0, fps=8.0, frames=footage(96, 64))
+    cfg, proc = stage_config(name), exported(name)
+
+    def conversation(media) -> list[dict]:
+        return [
+            {"role": "system", "content": [{"type": "text", "text": "You are a helpful assistant."}]},
+            {
+                "role": "user",
+                "content": [media("image", "a.jpg"), {"type": "text", "text": "What is shown?"}],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": "A scene."}]},
+            {"role": "user", "content": [media("video", "v.mp4"), {"type": "text", "text": "Same scene?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]},
+        ]
+
+    ours = encode_record(
+        {"messages": conversation(lambda k, f: {"type": k, k: f})},
+        data_root=tmp_path,
+        processor=proc,
+        config=cfg,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = proc.apply_chat_template(
+            conversation(lambda k, f: {"type": k, k: str(tmp_path / f)}),
+            fps=cfg.fps,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+        )
+    assert_same(ours, ref)
+    text = proc.tokenizer.decode(ours["input_ids"])
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+    assert text.count("<|im_start|>assistant\n") == 2
