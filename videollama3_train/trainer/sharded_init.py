@@ -7,8 +7,8 @@ stream (``model.initial_weights``, model/weights.py). Then, per backend:
   ``set_model_state_dict(broadcast_from_rank0=True)`` (:func:`videollama3_train.trainer.fsdp2.load_initial_weights`,
   called from ``FSDP2Backend.prepare``).
 * ZeRO-3 (:func:`place`, right after the build): each leaf module gets memory for its parameters and is partitioned
-  at once by ``deepspeed.zero.Init(module=...)`` (one module whole at a time), then every parameter is gathered
-  alone (``GatheredParameters(modifier_rank=0)``), written by rank 0 from the stream and partitioned again.
+  at once by ``deepspeed.zero.Init(module=...)`` (one module whole at a time), then rank 0 broadcasts each
+  parameter from the stream and every rank copies its own partition out of it.
 
 Other backends, and one process, build the model whole (materialised tensor by tensor, no second copy).
 """
@@ -56,20 +56,32 @@ def _zero3_place(model: nn.Module, accelerator: Accelerator) -> None:
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # each module got its own parameter above: the tied output layer shares again
     params = dict(model.named_parameters())
-    source = iter(model.initial_weights) if dist.get_rank() == 0 else None
+    rank, source = dist.get_rank(), iter(model.initial_weights) if dist.get_rank() == 0 else None
     seen: set[str] = set()
     while True:
-        item = [next(source, None) if source is not None else None]
-        name = [item[0][0] if item[0] is not None else None]
+        item = next(source, None) if source is not None else None
+        name = [None if item is None else item[0]]
         dist.broadcast_object_list(name, src=0)
         if name[0] is None:
             break
         if name[0] not in params:
             raise ValueError(f"initial weights: {name[0]}: no such parameter")
         p = params[name[0]]
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-            if source is not None:
-                p.data.copy_(item[0][1])
+        # rank 0's tensor to every rank (one parameter whole in flight), each rank keeps its partition: the
+        # flattened parameter's [rank * n, (rank + 1) * n) elements, as DeepSpeed lays them out
+        full = (
+            item[1].contiguous()
+            if item is not None
+            else torch.empty(tuple(p.ds_shape), dtype=p.ds_tensor.dtype)
+        )
+        dist.broadcast(full, src=0)
+        part = p.ds_tensor.ds_numel if hasattr(p.ds_tensor, "ds_numel") else p.ds_tensor.numel()
+        start = part * rank
+        n = max(0, min(part, p.ds_numel - start))
+        if n:
+            p.ds_tensor.data.view(-1)[:n].copy_(full.view(-1)[start : start + n])
+        if p.numel() == p.ds_numel:  # a persistent (small) parameter is also whole on every rank
+            p.data.copy_(full.view(p.data.shape))
         seen.add(name[0])
     if dist.get_rank() == 0:
         check_loaded(model, seen)
