@@ -81,6 +81,8 @@ def main() -> int:
             assert torch.equal(got_buffers[k], v), k
         print(f"WEIGHTS EQUAL {n} tensors", flush=True)
     accelerator.wait_for_everyone()
+    # leave the process group together (gloo may abort in its teardown at exit otherwise)
+    torch.distributed.destroy_process_group()
     return 0
 
 
