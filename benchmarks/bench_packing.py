@@ -1,22 +1,32 @@
-"""B3: packing quality on a synthetic, realistic mixture.
+"""B3: packing quality and planning cost, today's packer beside the new one on the same inputs.
 
-Prints fill ratio (real tokens / (rows * token budget)) and rank balance (max/mean over ranks, per step and
-over the epoch) for our packer (best-fit-decreasing in a shuffle buffer + LPT dealing to ranks) and for a
-naive baseline: samples concatenated in order until the next one would overflow a budget, rows dealt
-round-robin to ranks (what in-order concatenation, as in the official code, amounts to).
+For each epoch size (``--samples``) the epoch plan (mixture + bin packing + dealing into steps of ``G`` rows) is
+built in a fresh process, once with this checkout's packer and once with another checkout's (``--today``: a path
+whose ``videollama3_train`` is the packer to compare with; both get the same synthetic cost tables), interleaved.
+Each process reports planning wall and CPU time, peak RSS, fill ratio (real tokens / (rows x token budget)) and the
+per-step rank balance (max/mean over ranks of tokens and patches, worst and median step; the padded last step
+left out).
 
-    python benchmarks/bench_packing.py --samples 50000 --ranks 8 --max-tokens 16384
+    python benchmarks/bench_packing.py --samples 10000 100000 1000000 --today /tmp/base \\
+        --out benchmarks/results/B3_packing.json
+
+``--child`` runs one measurement (used by the parent).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from videollama3_train.data.config import DatasetConfig
-from videollama3_train.data.packing import build_epoch_plan, fill_ratio, rank_balance
+MIXES = ("stage3", "longvideo")
 
 
 def synthetic_costs(n: int, *, media_share: float, median_tokens: int, seed: int) -> np.ndarray:
@@ -29,81 +39,141 @@ def synthetic_costs(n: int, *, media_share: float, median_tokens: int, seed: int
     return np.stack([tokens, patches], axis=1)
 
 
-def naive_pack(costs: np.ndarray, order: np.ndarray, max_tokens: int, max_patches: int, ranks: int):
-    """In-order greedy concatenation, rows dealt round-robin; a tail that does not fill a step is dropped."""
-    rows, row, t, p = [], [], 0, 0
-    for i in order:
-        ct, cp = costs[i]
-        if ct > max_tokens or cp > max_patches:
-            continue
-        if row and (t + ct > max_tokens or p + cp > max_patches):
-            rows.append(row)
-            row, t, p = [], 0, 0
-        row.append(int(i))
-        t, p = t + ct, p + cp
-    if row:
-        rows.append(row)
-    steps = len(rows) // ranks
-    return [[rows[s * ranks + r] for s in range(steps)] for r in range(ranks)]
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--samples", type=int, default=50_000, help="samples in the epoch (all datasets together)"
-    )
-    ap.add_argument("--ranks", type=int, default=8, help="data-parallel ranks")
-    ap.add_argument("--max-tokens", type=int, default=16384, help="token budget per micro-batch (row)")
-    ap.add_argument("--max-patches", type=int, default=40960, help="vision-patch budget per micro-batch")
-    ap.add_argument("--buffer", type=int, default=2048, help="shuffle buffer of the packer, in samples")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-
-    # a stage-3-like mixture: image SFT, video, text-only, with different typical lengths and media shares
-    n = args.samples
-    costs = [
-        synthetic_costs(n // 2, media_share=0.95, median_tokens=900, seed=args.seed),
-        synthetic_costs(n // 4, media_share=1.0, median_tokens=3000, seed=args.seed + 1),
-        synthetic_costs(n - n // 2 - n // 4, media_share=0.0, median_tokens=500, seed=args.seed + 2),
-    ]
-    specs = [
-        DatasetConfig(name="image", weight=0.5),
-        DatasetConfig(name="video", weight=0.3),
-        DatasetConfig(name="text", weight=0.2),
+def longvideo_costs(n: int, seed: int) -> list[np.ndarray]:
+    """The long-video mix, three datasets: 30% videos of 4k-16k tokens (merge 2: 4 patches per visual token, 90%
+    of the tokens visual), 50% images (300-2500 tokens, merge 1, 85% visual), 20% text (100-3000 tokens)."""
+    rng = np.random.default_rng(seed)
+    nv, ni = int(0.3 * n), int(0.5 * n)
+    vt = rng.integers(4000, 16001, nv)
+    it = rng.integers(300, 2501, ni)
+    tt = rng.integers(100, 3001, n - nv - ni)
+    return [
+        np.stack([vt, (0.9 * vt).astype(np.int64) * 4], 1),
+        np.stack([it, (0.85 * it).astype(np.int64)], 1),
+        np.stack([tt, np.zeros_like(tt)], 1),
     ]
 
-    start = time.perf_counter()
-    plan = build_epoch_plan(
-        specs,
-        costs,
-        seed=args.seed,
-        epoch=0,
-        max_tokens=args.max_tokens,
-        max_patches=args.max_patches,
-        buffer_size=args.buffer,
-        num_ranks=args.ranks,
-    )
-    elapsed = time.perf_counter() - start
-    naive = naive_pack(plan.costs, np.arange(len(plan.costs)), args.max_tokens, args.max_patches, args.ranks)
 
-    print(f"{n} samples, {args.ranks} ranks, budget {args.max_tokens} tokens / {args.max_patches} patches")
-    columns = ("rows/rank", "fill", "tok step", "tok epoch", "patch step", "patch epoch")
-    print(f"{'packer':<10}" + "".join(f"{c:>12}" for c in columns))
-    for name, mbs in (("ours", plan.micro_batches), ("naive", naive)):
-        flat = [mb for rank in mbs for mb in rank]
-        bal = rank_balance(plan.costs, mbs)
-        values = (
-            fill_ratio(plan.costs, flat, args.max_tokens),
-            bal["tokens_step"],
-            bal["tokens_epoch"],
-            bal["patches_step"],
-            bal["patches_epoch"],
+def mix(name: str, n: int, seed: int) -> tuple[list[np.ndarray], list[float], int, int]:
+    """``(cost tables, weights, max_tokens, max_patches)`` of a named mix of ``n`` samples."""
+    if name == "longvideo":
+        return longvideo_costs(n, seed), [0.3, 0.5, 0.2], 16384, 65536
+    return (
+        [
+            synthetic_costs(n // 2, media_share=0.95, median_tokens=900, seed=seed),
+            synthetic_costs(n // 4, media_share=1.0, median_tokens=3000, seed=seed + 1),
+            synthetic_costs(n - n // 2 - n // 4, media_share=0.0, median_tokens=500, seed=seed + 2),
+        ],
+        [0.5, 0.3, 0.2],
+        16384,
+        40960,
+    )
+
+
+def child(args: argparse.Namespace) -> dict:
+    """One measurement in this process: the packer importable here (this checkout or --today's)."""
+    import inspect
+
+    from videollama3_train.data import packing
+    from videollama3_train.data.config import DatasetConfig
+
+    costs, weights, max_tokens, max_patches = mix(args.mix, args.samples, args.seed)
+    specs = [DatasetConfig(name=f"d{i}", weight=w) for i, w in enumerate(weights)]
+    new = "rows_per_step" in inspect.signature(packing.build_epoch_plan).parameters
+    grouping = {"rows_per_step": args.rows} if new else {"num_ranks": args.rows, "drop_last": False}
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0, c0 = time.perf_counter(), time.process_time()
+    plan = packing.build_epoch_plan(
+        specs, costs, seed=args.seed, epoch=0, max_tokens=max_tokens, max_patches=max_patches, **grouping
+    )
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if new:
+        steps_rows, ids, offsets = plan.steps_rows, plan.rows.ids, plan.rows.offsets
+    else:  # today's: micro_batches[slot][step] lists; made into the same arrays outside the timing
+        rows = [mb for slot in plan.micro_batches for mb in slot if mb]
+        index, k = {}, 0
+        for slot in plan.micro_batches:
+            for mb in slot:
+                if mb:
+                    index[id(mb)] = k
+                    k += 1
+        steps_rows = np.array(
+            [
+                [index[id(slot[s])] if slot[s] else -1 for slot in plan.micro_batches]
+                for s in range(plan.steps)
+            ]
         )
-        print(f"{name:<10}{len(mbs[0]):>12}" + "".join(f"{v:>12.4f}" for v in values))
-    print(
-        f"packing took {elapsed:.2f} s; oversized {len(plan.oversized)}, leftover (not a whole step) "
-        f"{len(plan.leftover)} samples"
+        ids = np.array([i for r in rows for i in r])
+        offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+    load = np.add.reduceat(plan.costs[ids], offsets[:-1], axis=0)
+    slots = np.where(steps_rows[..., None] >= 0, load[np.maximum(steps_rows, 0)], 0)
+    if (steps_rows[-1] < 0).any():
+        slots = slots[:-1]
+    ranks = slots.reshape(len(slots), -1, args.ranks, 2).sum(axis=1) if args.rows % args.ranks == 0 else slots
+    mean = ranks.mean(axis=1)
+    per_step = np.where(mean > 0, ranks.max(axis=1) / np.maximum(mean, 1e-9), 1.0)
+    return {
+        "impl": args.impl,
+        "mix": args.mix,
+        "samples": args.samples,
+        "rows_per_step": args.rows,
+        "ranks": args.ranks,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "samples_per_cpu_s": args.samples / cpu if cpu else None,
+        "rss_before_mb": rss0 / 1024,
+        "peak_rss_mb": rss / 1024,
+        "rows": len(offsets) - 1,
+        "steps": int(len(steps_rows)),
+        "fill": float(load[:, 0].sum() / ((len(offsets) - 1) * max_tokens)),
+        "tokens_step_worst": float(per_step[:, 0].max()),
+        "tokens_step_median": float(np.median(per_step[:, 0])),
+        "patches_step_worst": float(per_step[:, 1].max()),
+        "patches_step_median": float(np.median(per_step[:, 1])),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, nargs="+", default=[10_000, 100_000], help="epoch sizes")
+    ap.add_argument("--mix", choices=MIXES, nargs="+", default=list(MIXES))
+    ap.add_argument("--ranks", type=int, default=8, help="data-parallel ranks (rows per step = ranks)")
+    ap.add_argument("--today", help="a checkout of the packer to compare with (its root goes on PYTHONPATH)")
+    ap.add_argument(
+        "--today-max", type=int, default=1_000_000, help="largest epoch given to --today's packer"
     )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="write the results (JSON lines) here")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--impl", default="new", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        args.samples, args.mix, args.rows = args.samples[0], args.mix[0], args.ranks
+        print(json.dumps(child(args)))
+        return
+    here = str(Path(__file__).resolve().parents[1])
+    results = []
+    for n in args.samples:
+        for m in args.mix:
+            impls = [("new", here)] + ([("today", args.today)] if args.today and n <= args.today_max else [])
+            for impl, root in impls:
+                cmd = [sys.executable, __file__, "--child", "--impl", impl, "--samples", str(n), "--mix", m]
+                cmd += ["--ranks", str(args.ranks), "--seed", str(args.seed)]
+                env = {**os.environ, "PYTHONPATH": root}
+                out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+                r = json.loads(out.strip().splitlines()[-1])
+                results.append(r)
+                print(
+                    f"{m:>9} {n:>8} {impl:>5}: cpu {r['cpu_s']:7.2f} s (wall {r['wall_s']:6.2f}) "
+                    f"{r['samples_per_cpu_s'] / 1e6:5.2f} M samples/cpu-s, peak RSS {r['peak_rss_mb']:6.0f} MB, "
+                    f"fill {r['fill']:.4f}, tokens step worst/median {r['tokens_step_worst']:.4f}/"
+                    f"{r['tokens_step_median']:.4f}, patches {r['patches_step_worst']:.4f}/"
+                    f"{r['patches_step_median']:.4f}",
+                    flush=True,
+                )
+    if args.out:
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in results))
 
 
 if __name__ == "__main__":

@@ -325,10 +325,9 @@ def ranked_plan_fn(n: int, rows_per_step: int, seed: int = 0):
             max_tokens=RANKED_MAX_TOKENS,
             max_patches=RANKED_MAX_PATCHES,
             buffer_size=16,
-            num_ranks=rows_per_step,
+            rows_per_step=rows_per_step,
             seed=seed,
             epoch=epoch,
-            drop_last=False,
         )
 
     return plan

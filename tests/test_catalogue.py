@@ -215,8 +215,8 @@ def run_micro_batch(
         processor=processor,
         config=EncodeConfig(**CFG, **encode),
     )
-    plan = PackPlan(
-        micro_batches=[[[0, 1, 2]]],
+    plan = PackPlan.from_slots(
+        [[[0, 1, 2]]],
         costs=np.ones((3, 2), dtype=np.int64),
         max_tokens=4096,
         max_patches=4096,
@@ -319,7 +319,9 @@ def test_all_bad_micro_batch_yields_an_empty_marker(catalogue, tiny_processor, c
     encoder = DatasetEncoder(
         [records], [str(root)], ["cat"], encode_record, processor=tiny_processor, config=EncodeConfig(**CFG)
     )
-    plan = PackPlan([[[0, 1]]], np.ones((2, 2), dtype=np.int64), 4096, 4096, entries=[(0, 0), (0, 1)])
+    plan = PackPlan.from_slots(
+        [[[0, 1]]], np.ones((2, 2), dtype=np.int64), 4096, 4096, entries=[(0, 0), (0, 1)]
+    )
     loader = PackedLoader(plan, 0, encoder, num_workers=0)
     (batch,) = list(loader)
     # ranks stay in lock-step: the trainer gets a marker, not a silently substituted sample
@@ -437,7 +439,7 @@ def test_loader_aborts_once_failures_pass_max_bad_fraction(catalogue, tiny_proce
     encoder = DatasetEncoder(
         [records], [str(root)], ["cat"], encode_record, processor=tiny_processor, config=EncodeConfig(**CFG)
     )
-    plan = PackPlan(
+    plan = PackPlan.from_slots(
         [[[0, 1], [2, 3], [4, 5]]],
         np.ones((6, 2), dtype=np.int64),
         4096,

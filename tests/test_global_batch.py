@@ -78,3 +78,41 @@ def test_the_global_batch_is_the_same_rows_on_every_world_size(sample_data: Path
 
     plain = build_train_data(data, enc, tiny_processor, grad_accum=2, rank=0, world_size=3, is_main=True)
     assert (plain.rows_per_step, plain.grad_accum) == (6, 2)  # without it: grad_accum rows per rank
+
+
+@pytest.mark.slow  # one training step of the tiny preset and one doctor scan, ~20 s
+def test_the_doctor_reports_the_steps_training_runs(sample_data: Path, tmp_path: Path) -> None:
+    """The doctor and training plan by one rule (``data.build.plan_training``): with a recipe's global batch in
+    samples, the doctor's steps per epoch, rows per step and micro-batches per rank are those of a real run's
+    ``effective.json`` and plan, on 1 and on 3 data-parallel ranks."""
+    import json
+
+    from videollama3_train.config import compose, compose_stage
+    from videollama3_train.offline import run_doctor
+    from videollama3_train.run import run_stage
+
+    overrides = [
+        "model=tiny", "data=file", f"data.path={sample_data / 'train.jsonl'}", f"data.root={sample_data}",
+        "trainer.global_batch_samples=12", "data.max_tokens=512", "encode.max_length=512",
+        "encode.max_visual_tokens=64", "data.num_workers=0", "data.cost_workers=0",
+    ]  # fmt: skip
+    run = tmp_path / "run"
+    results = run_stage(compose_stage("alignment", [*overrides, "trainer.max_steps=1"], run, None))
+    effective = json.loads((run / "effective.json").read_text())
+    plan = results["plan"]
+    for ranks in (1, 3):
+        argv = [*overrides, f"output_dir={tmp_path / f'doctor{ranks}'}", "doctor.stages=[alignment]",
+                "doctor.workers=0", f"doctor.num_ranks={ranks}"]  # fmt: skip
+        assert run_doctor(compose("doctor", argv), argv, progress=False) == 0
+        stage = json.loads((tmp_path / f"doctor{ranks}" / "report.json").read_text())["stages"]["alignment"]
+        assert (
+            stage["optimizer_steps_per_epoch"]
+            == effective["optimizer_steps_per_epoch"]
+            == plan["optimizer_steps"]
+        )
+        assert (
+            stage["rows_per_step"] == plan["rows_per_step"]
+            and stage["samples_packed"] == plan["samples_packed"]
+        )
+        assert stage["grad_accum"] == -(-plan["rows_per_step"] // ranks)
+    assert effective["grad_accum"] == plan["rows_per_step"]  # one rank runs every row of a step

@@ -30,9 +30,15 @@ def encode(dataset: int, record: int) -> dict:
     }
 
 
-def make_plan(seed: int = 0, num_ranks: int = 2):
+def make_plan(seed: int = 0, rows_per_step: int = 2):
     return pack(
-        COSTS, np.arange(N), max_tokens=256, max_patches=1, buffer_size=64, num_ranks=num_ranks, seed=seed
+        COSTS,
+        np.arange(N),
+        max_tokens=256,
+        max_patches=1,
+        buffer_size=64,
+        rows_per_step=rows_per_step,
+        seed=seed,
     )
 
 
@@ -47,6 +53,9 @@ def test_yields_the_plan_in_order_minus_bad_samples():
     assert len(batches) == len(loader) == plan.steps
     for batch, mb in zip(batches, plan.micro_batches[1], strict=True):
         assert ids_of(batch) == [i for i in mb if i not in BAD]
+        if not mb:  # the last step's padding row: an empty marker
+            assert is_empty(batch)
+            continue
         assert batch["input_ids"].shape == (1, sum(batch["sample_lengths"]))
     n_bad = sum(i in BAD for mb in plan.micro_batches[1] for i in mb)
     assert sum(loader.skipped.values()) == n_bad
@@ -99,7 +108,9 @@ def test_epochs_with_a_plan_per_epoch_and_resume_across():
     specs = [DatasetConfig(name="a", weight=0.5), DatasetConfig(name="b", weight=0.5)]
 
     def plan_fn(epoch: int):
-        return build_epoch_plan(specs, costs, seed=0, epoch=epoch, max_tokens=256, max_patches=1, num_ranks=2)
+        return build_epoch_plan(
+            specs, costs, seed=0, epoch=epoch, max_tokens=256, max_patches=1, rows_per_step=2
+        )
 
     loader = PackedLoader(plan_fn, 1, _two_tables)
     e0 = [b["meta"] for b in loader]
@@ -129,7 +140,9 @@ def test_each_epoch_is_planned_once():
 
     def plan_fn(epoch: int):
         built.append(epoch)
-        return build_epoch_plan(specs, costs, seed=0, epoch=epoch, max_tokens=256, max_patches=1, num_ranks=2)
+        return build_epoch_plan(
+            specs, costs, seed=0, epoch=epoch, max_tokens=256, max_patches=1, rows_per_step=2
+        )
 
     loader = PackedLoader(plan_fn, 0, _two_tables)
     assert isinstance(loader, Loader)
@@ -149,7 +162,7 @@ def _two_tables(dataset: int, record: int) -> dict:
 
 def test_all_failed_micro_batch_is_an_empty_marker():
     costs = np.array([[10, 0]] * 6)
-    plan = pack(costs, np.arange(6), max_tokens=20, max_patches=1, num_ranks=1)
+    plan = pack(costs, np.arange(6), max_tokens=20, max_patches=1, rows_per_step=1)
 
     def fail_first_bin(d: int, r: int) -> dict:
         if r in plan.micro_batches[0][0]:
@@ -170,7 +183,7 @@ def test_raise_policy_and_bad_state():
     with pytest.raises(ValueError, match="outside"):
         PackedLoader(plan, 2, encode)
     state = PackedLoader(plan, 0, encode).state_dict()
-    other_world = PackedLoader(make_plan(num_ranks=3), 0, encode)
+    other_world = PackedLoader(make_plan(rows_per_step=3), 0, encode)
     with pytest.raises(ValueError, match="exact resume"):
         other_world.load_state_dict(state)
 
@@ -196,9 +209,14 @@ def test_dataset_encoder_passes_location():
 def make_global_plan(rows_per_step: int = 3, seed: int = 0):
     """A global plan: ``rows_per_step`` packed rows per optimizer step, the rows short of a whole step kept."""
     return pack(
-        COSTS, np.arange(N), max_tokens=256, max_patches=1, buffer_size=64, num_ranks=rows_per_step, seed=seed,
-        drop_last=False,
-    )  # fmt: skip
+        COSTS,
+        np.arange(N),
+        max_tokens=256,
+        max_patches=1,
+        buffer_size=64,
+        rows_per_step=rows_per_step,
+        seed=seed,
+    )
 
 
 def _steps_of(loaders: list[PackedLoader], start: int = 0, epoch: int | None = None) -> list[list[int]]:
@@ -220,15 +238,15 @@ def _steps_of(loaders: list[PackedLoader], start: int = 0, epoch: int | None = N
     return steps
 
 
-def test_packing_without_drop_last_trains_every_sample_in_a_last_padded_step():
-    dropped = make_plan(num_ranks=3)
+def test_every_sample_is_trained_the_rows_short_of_a_step_in_a_last_padded_step():
     plan = make_global_plan(3)
-    assert dropped.leftover and not plan.leftover
+    assert len(plan.rows) % 3  # this plan has rows short of a whole step
     packed = sorted(i for slot in plan.micro_batches for mb in slot for i in mb)
     assert packed == list(range(N))  # every sample of the epoch is in a row
     last = [slot[-1] for slot in plan.micro_batches]
     assert [] in last and any(last), last  # the partial step comes last, padded with empty rows
-    assert plan.steps == dropped.steps + 1
+    assert all(all(slot[s] for slot in plan.micro_batches) for s in range(plan.steps - 1))
+    assert plan.steps == len(plan.rows) // 3 + 1
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -256,9 +274,15 @@ def test_resume_at_another_world_size_sees_every_sample_once(first, second):
 
     def plan_fn(epoch: int):
         return build_epoch_plan(
-            specs, [COSTS], seed=0, epoch=epoch, max_tokens=256, max_patches=1, buffer_size=64, num_ranks=3,
-            drop_last=False,
-        )  # fmt: skip
+            specs,
+            [COSTS],
+            seed=0,
+            epoch=epoch,
+            max_tokens=256,
+            max_patches=1,
+            buffer_size=64,
+            rows_per_step=3,
+        )
 
     reference = [PackedLoader(plan_fn, r, encode, world_size=1) for r in range(1)]
     ref_epochs = [_steps_of(reference, epoch=0), _steps_of(reference, epoch=1)]

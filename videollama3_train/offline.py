@@ -37,7 +37,10 @@ def run_doctor(cfg: DoctorConfig, overrides: Sequence[str], *, progress: bool = 
     stages = {}
     for s in cfg.doctor.stages:
         scfg = compose_stage(s, overrides, config_name="doctor")
-        stages[s] = StagePlan(scfg.encode, scfg.data, scfg.trainer.grad_accum)
+        t = scfg.trainer  # the packing rule and global batch training runs (data.build.plan_training)
+        stages[s] = StagePlan(
+            scfg.encode, scfg.data, t.grad_accum, t.global_batch_samples, t.sequence_parallel
+        )
     with log_file(out_dir / "doctor.log"):
         processor = build_stage_processor(build_tokenizer_for(cfg), cfg.encode)
         scan, series = scan_data(cfg.data, cfg.encode, processor, cfg.doctor, stages, progress=progress)

@@ -435,7 +435,8 @@ def _markdown(r: dict[str, Any]) -> str:
     lines += [
         "",
         f"Steps assume {next(iter(r['stages'].values()), {}).get('num_ranks', 1)} data-parallel rank(s) "
-        "(doctor.num_ranks) and each stage's trainer.grad_accum; with token compression on, tokens are upper bounds.",
+        "(doctor.num_ranks) and each stage's global batch, as training plans them; with token compression on, tokens "
+        "are upper bounds.",
         "",
         "## Plots",
         "",

@@ -3,12 +3,13 @@ at any world size.
 
 Design:
 
-* The epoch's plan is global and independent of the world size: a :class:`~.packing.PackPlan` built with
-  ``num_ranks = G`` (packed rows per optimizer step over all ranks: the global batch; ``data.build`` derives
-  ``G`` from ``trainer.global_batch_samples``, or from ``trainer.grad_accum x world size`` when that is unset)
-  lists, for each optimizer step ``s``, its ``G`` rows ``plan.micro_batches[v][s]`` (``v``: the row's *slot*).
+* The epoch's plan is global and independent of the world size: a :class:`~.packing.PackPlan` of ``G`` rows
+  per optimizer step (the global batch; :class:`~.packing.EpochPlanner` derives ``G`` from
+  ``trainer.global_batch_samples``, or from ``trainer.grad_accum x world size`` when that is unset) lists, for
+  each optimizer step ``s``, its ``G`` rows ``plan.row(s, v)`` (``v``: the row's *slot*).
   What a step trains on is fixed by the plan; only who computes which row depends on the world size ``W``:
-  rank ``r`` runs slots ``r, r + W, r + 2W, ...``, i.e. ``grad_accum = ceil(G / W)`` micro-batches per step.
+  rank ``r`` runs slots ``r, r + W, r + 2W, ...``, i.e. ``grad_accum = ceil(G / W)`` micro-batches per step
+  (``packing.grad_accum_for``).
   When ``W`` does not divide ``G`` the missing slots are empty rows, yielded as empty markers (the trainer runs
   a label-free placeholder for them, so every rank does the same number of forward/backward passes).
 * The cursor is global: ``state_dict()`` saves the epoch and the optimizer steps of it consumed (``step``: the
@@ -25,9 +26,9 @@ Design:
   dataset held by the (persistent) workers never changes and workers live as long as the loader.
 * Randomness inside ``encode_fn`` (if any) is seeded per row from ``(seed, epoch, step, slot)``, so a row's
   samples do not depend on which worker, which rank or how many ranks encoded it.
-* Leftover rows: ``data.build`` packs with ``drop_last=False``, so the rows that do not fill a whole step of
-  ``G`` become the epoch's last step (a smaller one, padded with empty rows): every packed sample of the epoch
-  is trained once and nothing is carried into the next epoch.
+* Leftover rows: the rows that do not fill a whole step of ``G`` become the epoch's last step (a smaller one,
+  padded with empty rows, ``packing.deal``): every packed sample of the epoch is trained once and nothing is
+  carried into the next epoch.
 * Bad data (``on_error="skip"``): a sample whose ``encode_fn`` raises ``DataError`` is dropped from its
   micro-batch, counted by reason, and the first error of each reason is logged with its message. A micro-batch
   whose samples all failed is yielded as an *empty marker* ``{"empty": True, "meta": [], "sample_lengths": [],
@@ -55,7 +56,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..contract import EMPTY_KEY, is_empty
 from .collate import collate_packed
 from .errors import DataError
-from .packing import PackPlan
+from .packing import EpochPlanner, PackPlan, grad_accum_for
 
 logger = logging.getLogger(__name__)
 
@@ -176,10 +177,10 @@ def _ignore_sigterm(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's work
 class PackedLoader:
     """Iterate rank ``rank``'s collated micro-batches of the epoch's global plan, one epoch per ``iter()``.
 
-    ``plan``: a :class:`PackPlan` (the same micro-batches every epoch) or ``plan(epoch) -> PackPlan`` (a fresh
-    mixture and packing per epoch; must be deterministic, it is called again after a resume). Either way the
-    plan is global: ``plan.num_ranks`` is ``G``, the packed rows of one optimizer step over all ranks, and must be
-    the same in every epoch (module docstring). ``world_size``: the ranks that share each step's rows (default
+    ``plan``: a :class:`PackPlan` (the same micro-batches every epoch), an :class:`EpochPlanner` (a fresh mixture
+    and packing per epoch, step counts without plans) or any ``plan(epoch) -> PackPlan`` (must be deterministic,
+    it is called again after a resume). Either way the plan is global: ``plan.rows_per_step`` is ``G``, the
+    packed rows of one optimizer step over all ranks, and must be the same in every epoch (module docstring). ``world_size``: the ranks that share each step's rows (default
     ``G``: one row per rank per step); rank ``rank`` gets :attr:`grad_accum` micro-batches per step.
     Follows ``contract.Loader``: ``micro_batches_per_epoch``, ``set_epoch``, ``state_dict`` /
     ``load_state_dict``, ``skipped``, ``token_budget``; and :meth:`reshard_state` for a checkpoint of another
@@ -191,7 +192,7 @@ class PackedLoader:
 
     def __init__(
         self,
-        plan: PackPlan | Callable[[int], PackPlan],
+        plan: PackPlan | EpochPlanner | Callable[[int], PackPlan],
         rank: int,
         encode_fn: EncodeFn,
         *,
@@ -224,7 +225,7 @@ class PackedLoader:
         self._plans: dict[int, PackPlan] = {}  # epoch -> plan, at most PLANS_KEPT (see plan())
         # epoch -> optimizer steps of the epoch, for every epoch planned so far (ints: kept for the whole run)
         self._steps: dict[int, int] = {}
-        self.rows_per_step = self.plan(0).num_ranks  # G: packed rows of one optimizer step, all ranks
+        self.rows_per_step = self.plan(0).rows_per_step  # G: packed rows of one optimizer step, all ranks
         self.world_size = int(world_size) if world_size is not None else self.rows_per_step
         if self.world_size < 1 or not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} is outside the world of {self.world_size} ranks")
@@ -248,7 +249,7 @@ class PackedLoader:
     @property
     def grad_accum(self) -> int:
         """Micro-batches this rank runs per optimizer step: ``ceil(G / world_size)`` (the trainer's grad_accum)."""
-        return -(-self.rows_per_step // self.world_size)
+        return grad_accum_for(self.rows_per_step, self.world_size)
 
     @property
     def padding_per_step(self) -> int:
@@ -260,10 +261,11 @@ class PackedLoader:
     def plan(self, epoch: int) -> PackPlan:
         """The global packing plan of ``epoch``, built once and kept while it may still be needed.
 
-        Packing an epoch of a large mixture takes seconds, and the plan is asked for by the trainer (counts of
-        every epoch, at start), by resume and by iteration. At most ``PLANS_KEPT`` plans are kept: past epochs
-        go first, then the furthest future one, so the trainer's look-ahead over all epochs does not evict the
-        epochs about to run. Step counts of every epoch seen are kept apart (``micro_batches_per_epoch``).
+        The plan is asked for by resume and by iteration (and, with a plain ``plan(epoch)`` callable, by the
+        trainer's step counts of every epoch; an :class:`EpochPlanner` counts without planning). At most
+        ``PLANS_KEPT`` plans are kept: past epochs go first, then the furthest future one, so a look-ahead over all
+        epochs does not evict the epochs about to run. Step counts of every epoch seen are kept apart
+        (``micro_batches_per_epoch``).
         """
         if isinstance(self._plan_arg, PackPlan):
             return self._plan_arg
@@ -271,9 +273,10 @@ class PackedLoader:
         if epoch in self._plans:
             return self._plans[epoch]
         plan = self._plan_arg(epoch)
-        if hasattr(self, "rows_per_step") and plan.num_ranks != self.rows_per_step:
+        if hasattr(self, "rows_per_step") and plan.rows_per_step != self.rows_per_step:
             raise ValueError(
-                f"the plan of epoch {epoch} has {plan.num_ranks} rows per step, epoch 0's has {self.rows_per_step}"
+                f"the plan of epoch {epoch} has {plan.rows_per_step} rows per step, epoch 0's has "
+                f"{self.rows_per_step}"
             )
         self._steps[epoch] = plan.steps
         self._plans[epoch] = plan
@@ -282,12 +285,11 @@ class PackedLoader:
             del self._plans[min(past) if past else max(self._plans)]
         return plan
 
-    def _rows(self, plan: PackPlan, step: int) -> list[list[int]]:
-        """This rank's rows of optimizer ``step`` in micro-step order (slots ``rank + j x world``); ``[]`` pads."""
+    def _rows(self, plan: PackPlan, step: int) -> list[np.ndarray]:
+        """This rank's rows of optimizer ``step`` in micro-step order (slots ``rank + j x world``); empty pads."""
         G, W = self.rows_per_step, self.world_size
-        return [
-            plan.micro_batches[v][step] if v < G else [] for v in range(self.rank, self.grad_accum * W, W)
-        ]
+        empty = np.empty(0, dtype=np.int64)
+        return [plan.row(step, v) if v < G else empty for v in range(self.rank, self.grad_accum * W, W)]
 
     # --- iteration
     # --------------------------------------------------------------------------------------------------------
@@ -318,9 +320,12 @@ class PackedLoader:
 
     def micro_batches_per_epoch(self, epoch: int) -> int:
         """Micro-batches of this rank in ``epoch``: the epoch's optimizer steps (plans differ a little from epoch
-        to epoch) times :attr:`grad_accum`; each epoch's plan is built once for it (see :meth:`plan`)."""
+        to epoch) times :attr:`grad_accum`. An :class:`EpochPlanner` counts an epoch's steps without building its
+        plan; with another ``plan(epoch)`` the plan is built (and kept, see :meth:`plan`)."""
         if isinstance(self._plan_arg, PackPlan):
             return self._plan_arg.steps * self.grad_accum
+        if int(epoch) not in self._steps and isinstance(self._plan_arg, EpochPlanner):
+            self._steps[int(epoch)] = self._plan_arg.steps(epoch)
         if int(epoch) not in self._steps:
             self.plan(epoch)
         return self._steps[int(epoch)] * self.grad_accum
@@ -336,12 +341,12 @@ class PackedLoader:
         n = plan.steps * self.grad_accum
         if self._position > n:
             raise ValueError(f"resume position {self._position} is past the epoch's {n} micro-batches")
-        entries = plan.entries
         tasks = []
         for s in range(plan.steps):
             for j, mb in enumerate(self._rows(plan, s)):
-                keys = [entries[i] if entries is not None else (0, i) for i in mb]
-                tasks.append(_Task(self._epoch, len(tasks), keys, (s, self.rank + j * self.world_size)))
+                tasks.append(
+                    _Task(self._epoch, len(tasks), plan.keys(mb), (s, self.rank + j * self.world_size))
+                )
         self._sampler.tasks = tasks
         self._sampler.start = self._position
         for item in self._loader:
@@ -381,8 +386,7 @@ class PackedLoader:
     # --------------------------------------------------------------------------------------------------------
     def samples_before(self, epoch: int, step: int) -> int:
         """Samples in the first ``step`` optimizer steps of ``epoch`` (all ranks): the global sample cursor."""
-        plan = self.plan(epoch)
-        return sum(len(rows[s]) for rows in plan.micro_batches for s in range(min(step, plan.steps)))
+        return self.plan(epoch).samples_before(step)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain dict for the checkpoint: the global cursor (epoch, optimizer steps of it consumed, rows per step,
@@ -470,7 +474,7 @@ class PackedLoader:
 
 
 def _grad_accum_of(state: dict[str, Any]) -> int:
-    return -(-int(state["rows_per_step"]) // int(state["world_size"]))
+    return grad_accum_for(int(state["rows_per_step"]), int(state["world_size"]))
 
 
 def _check_format(state: dict[str, Any]) -> None:

@@ -74,7 +74,13 @@ def mixture_counts(specs: Sequence[DatasetConfig], sizes: Sequence[int]) -> list
 def plan_mixture(
     specs: Sequence[DatasetConfig], sizes: Sequence[int], seed: int, epoch: int
 ) -> list[tuple[int, int]]:
-    """The epoch's samples as ``(dataset index, record index)``, shuffled; deterministic in ``(seed, epoch)``.
+    """The epoch's samples as a list of ``(dataset index, record index)``: :func:`mixture_table` as tuples."""
+    return [(int(d), int(r)) for d, r in mixture_table(specs, sizes, seed, epoch)]
+
+
+def mixture_table(specs: Sequence[DatasetConfig], sizes: Sequence[int], seed: int, epoch: int) -> np.ndarray:
+    """The epoch's samples, shape ``(N, 2)``: ``(dataset index, record index)`` per row, shuffled; deterministic
+    in ``(seed, epoch)``. An array, not a list of tuples: at a million samples the list alone is ~100 MB.
 
     Each dataset's count comes from :func:`mixture_counts`, so weights hold exactly up to rounding (one
     sample).
@@ -86,5 +92,4 @@ def plan_mixture(
         rec = _draw(_capped_records(spec, n, seed, d), count, rng)
         chunks.append(np.stack([np.full(len(rec), d, dtype=np.int64), rec], axis=1))
     table = np.concatenate(chunks) if chunks else np.empty((0, 2), dtype=np.int64)
-    table = table[rng.permutation(len(table))]
-    return [(int(d), int(r)) for d, r in table]
+    return table[rng.permutation(len(table))]

@@ -1,17 +1,25 @@
-"""The packer that turns an epoch of samples into balanced micro-batches.
+"""The packer: an epoch of samples -> packed rows -> optimizer steps of ``G`` rows. One rule for training and the
+doctor (:class:`EpochPlanner`).
 
-The pipeline for one epoch (``build_epoch_plan`` runs all of it):
+The pipeline for one epoch:
 
 1. the cost table (:mod:`.costs`): every record's ``(num_tokens, num_patches)``, measured once and cached; a
    failed record has cost ``-1`` and is reported, never silently lost and never decoded later.
-2. ``plan_mixture`` (:mod:`.mixture`) draws the epoch's sample list ``(dataset, record)`` from the datasets'
+2. ``mixture_table`` (:mod:`.mixture`) draws the epoch's samples ``(dataset, record)`` from the datasets'
    weights / repeats / caps.
-3. ``pack`` fills micro-batches under a token budget *and* a vision-patch budget (best-fit-decreasing inside a
-   shuffle buffer), then deals them to data-parallel ranks so that every rank has the same number of
-   micro-batches and about the same tokens and patches per step.
+3. :func:`bin_pack` fills rows under a token budget *and* a vision-patch budget: best-fit-decreasing inside
+   shuffle buffers of ``buffer_size`` samples, every buffer at once (numpy over buffers, see
+   :func:`_best_fit_decreasing`); rows left below ``close_fill`` are packed again with the next ones.
+4. :func:`deal` cuts the rows into optimizer steps of ``G`` rows (*slots*), rows of similar work side by side, so
+   that whichever ranks run a step's slots wait little on each other; the steps are shuffled.
+
+:class:`PackPlan` is always the GLOBAL plan of an epoch (step ``s``, slot ``v``), independent of the world size;
+``data.loader.PackedLoader`` deals each step's slots to the ranks. :class:`EpochPlanner` is the one place where
+``G`` (rows per optimizer step) and each epoch's plan and step count are decided; ``data.build`` (training) and
+``data.scan`` (the doctor) both use it, so the doctor reports the steps training runs.
 
 Unlike the official VideoLLaMA3 code, which concatenates whatever lands in one batch (docs/reference.md §4), this is
-bin packing: rows are ~98% full, and the straggler rank of a step carries at most a few percent more work.
+bin packing: rows are ~99.5% full, and the straggler rank of a step carries at most a few percent more work.
 """
 
 from __future__ import annotations
@@ -24,138 +32,397 @@ import numpy as np
 
 from .config import DatasetConfig
 from .costs import PATCHES, TOKENS
-from .mixture import plan_mixture
+from .mixture import mixture_table
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "EpochPlanner",
+    "PackPlan",
+    "Rows",
+    "bin_pack",
+    "build_epoch_plan",
+    "deal",
+    "fill_ratio",
+    "global_rows_per_step",
+    "grad_accum_for",
+    "max_over_mean",
+    "pack",
+    "per_rank",
+    "rank_balance",
+]
+
+# tolerance of the normalised budget checks (float64 sums of at most a few thousand terms in [0, 1]); rows are
+# checked again in integers after packing
+_TOL = 1e-12
+
 
 # ============================================================================================================
-# Packing
+# Rows: bin packing
 # ============================================================================================================
 
 
 @dataclass
+class Rows:
+    """Packed rows: row ``r`` holds the sample ids ``ids[offsets[r]:offsets[r + 1]]`` (largest first).
+
+    ``load[r]``: its ``(tokens, patches)``. ``oversized``: ids over a budget on their own (never packed,
+    reported); ``failed``: ids whose cost pre-pass failed (cost ``-1``). Every id of the input is in exactly one
+    of the three."""
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    load: np.ndarray
+    oversized: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    failed: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def row(self, r: int) -> np.ndarray:
+        return self.ids[self.offsets[r] : self.offsets[r + 1]]
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """Samples per row."""
+        return np.diff(self.offsets)
+
+    @classmethod
+    def from_lists(cls, rows: Sequence[Sequence[int]], costs: np.ndarray) -> Rows:
+        """Rows given as lists of ids (small, hand-made plans)."""
+        sizes = np.array([len(r) for r in rows], dtype=np.int64)
+        ids = np.array([i for r in rows for i in r], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        return cls(ids, offsets, _row_sums(np.asarray(costs, dtype=np.int64)[ids], offsets))
+
+
+def _row_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Per-row sums of ``values`` (ids order) for rows given by ``offsets`` (empty rows sum to 0)."""
+    out = np.zeros((len(offsets) - 1, *values.shape[1:]), dtype=values.dtype)
+    nonempty = np.diff(offsets) > 0
+    if len(values):
+        out[nonempty] = np.add.reduceat(values, offsets[:-1][nonempty], axis=0)
+    return out
+
+
+def _best_fit_decreasing(size: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Best-fit-decreasing in every buffer at once. ``size`` ``(B, L, 2)``: normalised (tokens, patches) of each
+    buffer's samples sorted by decreasing size (``valid`` False on padding). Returns each sample's bin within its
+    buffer ``(B, L)`` (-1 on padding) and the bins per buffer ``(B,)``.
+
+    The rule is the classic one, per buffer: each sample, largest first, goes into the open bin it leaves with the
+    least normalised slack (tokens + patches), else a new bin. The loop runs over the position in the buffer and
+    handles all buffers in each numpy call: ~2048 Python iterations for any epoch size instead of one per sample
+    (the per-sample loop ran at ~20k samples/s; this one's cost is numpy's, over buffers x open bins).
+    """
+    nbuf, length, _ = size.shape
+    cap = 64
+    room_t = np.full((nbuf, cap), -1.0)  # -1: not a bin yet (fits nothing)
+    room_p = np.full((nbuf, cap), -1.0)
+    nbins = np.zeros(nbuf, dtype=np.int64)
+    where = np.full((nbuf, length), -1, dtype=np.int64)
+    buffers = np.arange(nbuf)
+    for k in range(length):
+        t, p, live = size[:, k, TOKENS], size[:, k, PATCHES], valid[:, k]
+        used = int(nbins.max())
+        if used >= cap:
+            room_t = np.concatenate([room_t, np.full((nbuf, cap), -1.0)], axis=1)
+            room_p = np.concatenate([room_p, np.full((nbuf, cap), -1.0)], axis=1)
+            cap *= 2
+        if used:
+            rt, rp = room_t[:, :used], room_p[:, :used]
+            fits = (rt >= (t - _TOL)[:, None]) & (rp >= (p - _TOL)[:, None])
+            # least slack after placing = least room before it (the item's size is the same for every bin)
+            best = np.argmin(np.where(fits, rt + rp, np.inf), axis=1)
+            fresh = ~fits[buffers, best]
+        else:
+            best, fresh = np.zeros(nbuf, dtype=np.int64), np.ones(nbuf, dtype=bool)
+        b = np.where(fresh, nbins, best)[live]
+        sel, fresh = buffers[live], fresh[live]
+        room_t[sel, b] = np.where(fresh, 1.0, room_t[sel, b]) - t[live]
+        room_p[sel, b] = np.where(fresh, 1.0, room_p[sel, b]) - p[live]
+        nbins[sel] += fresh
+        where[sel, k] = b
+    return where, nbins
+
+
+def _pack_buffers(ids: np.ndarray, size: np.ndarray, buffer_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bins of ``ids`` (normalised sizes ``size``, ``(n, 2)``) packed ``buffer_size`` at a time, in order.
+    Returns ``(members, offsets)``: the ids grouped by bin (largest first inside a bin), bins in buffer order."""
+    n = len(ids)
+    nbuf = -(-n // buffer_size)
+    pad = nbuf * buffer_size - n
+    valid = np.concatenate([np.ones(n, dtype=bool), np.zeros(pad, dtype=bool)]).reshape(nbuf, buffer_size)
+    s = np.concatenate([size, np.zeros((pad, 2))]).reshape(nbuf, buffer_size, 2)
+    # by combined size, then patches, decreasing; padding last
+    key = np.where(valid, s.sum(axis=2), -1.0)
+    order = np.lexsort((-s[:, :, PATCHES], -key), axis=-1)
+    s = np.take_along_axis(s, order[:, :, None], axis=1)
+    valid = np.take_along_axis(valid, order, axis=1)
+    where, nbins = _best_fit_decreasing(s, valid)
+    first = np.concatenate([[0], np.cumsum(nbins)[:-1]])
+    pos = np.flatnonzero(valid.ravel())
+    buf = pos // buffer_size
+    gbin = first[buf] + where.ravel()[pos]  # global bin of every sample, in (buffer, decreasing size) order
+    grouped = np.argsort(gbin, kind="stable")
+    members = ids[buf * buffer_size + order.ravel()[pos]][grouped]
+    offsets = np.searchsorted(gbin[grouped], np.arange(int(nbins.sum()) + 1)).astype(np.int64)
+    return members, offsets
+
+
+def _select_rows(members: np.ndarray, offsets: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows ``keep`` (bool per row) of ``(members, offsets)``."""
+    sizes = np.diff(offsets)
+    return members[np.repeat(keep, sizes)], np.concatenate([[0], np.cumsum(sizes[keep])]).astype(np.int64)
+
+
+def bin_pack(
+    costs: np.ndarray,
+    order: Sequence[int] | np.ndarray,
+    *,
+    max_tokens: int,
+    max_patches: int,
+    buffer_size: int = 2048,
+    close_fill: float = 0.97,
+) -> Rows:
+    """Pack the samples ``order`` (ids into ``costs``, ``(N, 2)`` = tokens, patches) into rows under both budgets.
+
+    ``order`` is consumed ``buffer_size`` ids at a time (the shuffle buffer: a larger buffer packs tighter but
+    mixes less; pass ``order`` shuffled, ``mixture_table`` does); inside a buffer, best-fit-decreasing. Rows below
+    ``close_fill`` of both budgets are packed again, with the other buffers' such rows, in a second round (and so
+    on until one buffer holds them all), so that only the last round leaves half-empty rows. Items over a budget on
+    their own go to ``oversized``; items with a negative cost to ``failed``.
+    """
+    if max_tokens <= 0 or max_patches <= 0:
+        raise ValueError(f"budgets must be positive, got max_tokens={max_tokens}, max_patches={max_patches}")
+    if buffer_size < 1:
+        raise ValueError("buffer_size must be >= 1")
+    costs = np.asarray(costs, dtype=np.int64)
+    order = np.asarray(order, dtype=np.int64)
+    if costs.ndim != 2 or costs.shape[1] != 2:
+        raise ValueError(f"costs must have shape (N, 2), got {costs.shape}")
+    c = costs[order]
+    failed_mask = (c < 0).any(axis=1)
+    over_mask = ~failed_mask & ((c[:, TOKENS] > max_tokens) | (c[:, PATCHES] > max_patches))
+    if over_mask.any():
+        logger.warning(
+            "%d samples exceed the budget of %d tokens / %d patches on their own and are not packed",
+            int(over_mask.sum()),
+            max_tokens,
+            max_patches,
+        )
+    todo = order[~failed_mask & ~over_mask]
+    budget = np.array([max_tokens, max_patches], dtype=np.float64)
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    while len(todo):
+        members, offsets = _pack_buffers(todo, costs[todo] / budget, buffer_size)
+        if len(todo) <= buffer_size:  # the last round: every row stays
+            parts.append((members, offsets))
+            break
+        full = (_row_sums(costs[members], offsets) / budget >= close_fill).any(axis=1)
+        parts.append(_select_rows(members, offsets, full))
+        rest, _ = _select_rows(members, offsets, ~full)
+        if len(rest) == len(
+            todo
+        ):  # nothing closed (cannot happen with close_fill <= 1): keep them as they are
+            parts.append(_select_rows(members, offsets, ~full))
+            break
+        todo = rest
+    ids = np.concatenate([m for m, _ in parts]) if parts else np.empty(0, dtype=np.int64)
+    sizes = np.concatenate([np.diff(o) for _, o in parts]) if parts else np.empty(0, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    out = Rows(ids, offsets, _row_sums(costs[ids], offsets))
+    out.oversized, out.failed = order[over_mask], order[failed_mask]
+    bad = (out.load[:, TOKENS] > max_tokens) | (out.load[:, PATCHES] > max_patches)
+    if bad.any():  # the float checks above are exact to 1e-12; this guards the integer budgets themselves
+        raise AssertionError(f"packed rows over budget: {out.load[bad][:3].tolist()}")
+    return out
+
+
+# ============================================================================================================
+# Steps: dealing rows to the slots of optimizer steps
+# ============================================================================================================
+
+
+def deal(
+    rows: Rows,
+    rows_per_step: int,
+    *,
+    work: np.ndarray | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+) -> np.ndarray:
+    """The epoch's steps, ``(S, G)``: the row of each step's slot (``-1``: an empty padding row).
+
+    Rows are sorted by ``work`` (each row's predicted work; None: by patches, then tokens — token fill is nearly
+    uniform after packing while patches vary a lot between rows, text against video) and cut into steps of
+    ``G = rows_per_step`` consecutive rows, so a step's rows are alike and whichever ranks run them wait little
+    on each other; inside a step the heaviest row takes slot 0 on even steps and the last slot on odd ones, so a
+    slot's total over the epoch stays level too. The steps are shuffled (seeded by ``seed, epoch``). The
+    ``R mod G`` lightest rows, too few for a whole step, form the epoch's last step, padded with empty rows, so
+    every packed sample is trained.
+    """
+    if rows_per_step < 1:
+        raise ValueError(f"rows_per_step must be >= 1, got {rows_per_step}")
+    n, g = len(rows), rows_per_step
+    if work is None:
+        by_work = np.lexsort((-rows.load[:, TOKENS], -rows.load[:, PATCHES]))
+    else:
+        by_work = np.argsort(-np.asarray(work, dtype=np.float64), kind="stable")
+    whole = (n // g) * g
+    steps = by_work[:whole].reshape(-1, g)
+    steps[1::2] = steps[1::2, ::-1]
+    steps = steps[np.random.default_rng([seed, epoch, 0xBA1]).permutation(len(steps))]
+    if whole < n:
+        tail = np.full((1, g), -1, dtype=np.int64)
+        # in packing order: the same partial step on any world size
+        tail[0, : n - whole] = np.sort(by_work[whole:])
+        steps = np.concatenate([steps, tail])
+    return steps.astype(np.int64)
+
+
+@dataclass
 class PackPlan:
-    """One epoch's micro-batches for every data-parallel rank.
+    """One epoch's GLOBAL plan: optimizer step ``s`` trains the ``G`` rows ``steps[s]`` (slots ``0..G-1``; row
+    ``-1`` is an empty padding row, only in the last step). Who runs which slot depends on the world size and is
+    the loader's business (``data.loader``), so the plan, and what each step trains on, do not.
 
-    ``micro_batches[rank][i]``: sample ids of rank ``rank``'s ``i``-th micro-batch; every rank has the same
-    count, and step ``i`` of every rank carries similar work. A sample id indexes ``entries`` (``(dataset,
-    record)``) when the plan came from a mixture, else it is the record index itself. ``oversized``: ids over
-    a budget on their own (never packed, reported). ``failed``: ids whose cost pre-pass failed. ``leftover``:
-    ids of the micro-batches that did not fill a whole step of ``num_ranks * grad_accum`` (the least-filled
-    ones); they are not trained this epoch. With ``pack(drop_last=False)`` there is no leftover: those rows
-    form the epoch's last step instead, padded with empty rows (``[]``, no sample).
-
-    The trainer reads a plan built with ``num_ranks = G`` (packed rows per optimizer step, over all ranks) and
-    ``grad_accum = 1`` as the GLOBAL plan of the epoch: column ``i`` is optimizer step ``i``, its ``G`` rows
-    are split over however many ranks run it (``data.loader.PackedLoader``), so the plan, and what each step
-    trains on, do not depend on the world size.
+    A sample id indexes ``entries`` (``(dataset, record)``, shape ``(N, 2)``) when the plan came from a mixture,
+    else it is the record index itself. ``rows.oversized`` / ``rows.failed``: the samples not packed (reported).
     """
 
-    micro_batches: list[list[list[int]]]
+    rows: Rows
+    steps_rows: np.ndarray
     costs: np.ndarray
     max_tokens: int
     max_patches: int
-    entries: list[tuple[int, int]] | None = None
-    oversized: list[int] = field(default_factory=list)
-    failed: list[int] = field(default_factory=list)
-    leftover: list[int] = field(default_factory=list)
+    entries: np.ndarray | None = None
     seed: int = 0
     epoch: int = 0
 
+    @classmethod
+    def from_slots(
+        cls,
+        slots: Sequence[Sequence[Sequence[int]]],
+        costs: np.ndarray,
+        max_tokens: int,
+        max_patches: int,
+        entries: Sequence[tuple[int, int]] | None = None,
+    ) -> PackPlan:
+        """A hand-made plan: ``slots[v][s]`` = the sample ids of slot ``v`` of step ``s`` (``[]``: padding)."""
+        flat = [mb for slot in slots for mb in slot]
+        rows = Rows.from_lists([mb for mb in flat if mb], costs)
+        index = np.cumsum([bool(mb) for mb in flat]) - 1
+        table = np.where([bool(mb) for mb in flat], index, -1).reshape(len(slots), -1).T
+        ent = None if entries is None else np.asarray(entries, dtype=np.int64).reshape(-1, 2)
+        return cls(rows, np.ascontiguousarray(table, dtype=np.int64), costs, max_tokens, max_patches, ent)
+
     @property
-    def num_ranks(self) -> int:
-        return len(self.micro_batches)
+    def rows_per_step(self) -> int:
+        """``G``: slots (packed rows) of every optimizer step."""
+        return int(self.steps_rows.shape[1])
 
     @property
     def steps(self) -> int:
-        """Micro-batches per rank."""
-        return len(self.micro_batches[0]) if self.micro_batches else 0
+        """Optimizer steps of the epoch."""
+        return int(self.steps_rows.shape[0])
+
+    @property
+    def oversized(self) -> np.ndarray:
+        return self.rows.oversized
+
+    @property
+    def failed(self) -> np.ndarray:
+        return self.rows.failed
+
+    def row(self, step: int, slot: int) -> np.ndarray:
+        """Sample ids of ``slot`` of ``step`` (empty for a padding row)."""
+        r = int(self.steps_rows[step, slot])
+        return self.rows.row(r) if r >= 0 else self.rows.ids[:0]
+
+    def keys(self, ids: np.ndarray) -> list[tuple[int, int]]:
+        """``(dataset, record)`` of sample ids."""
+        if self.entries is None:
+            return [(0, int(i)) for i in ids]
+        return [(int(d), int(r)) for d, r in self.entries[ids]]
+
+    @property
+    def micro_batches(self) -> list[list[list[int]]]:
+        """``[slot][step] -> sample ids`` as lists: a view for small plans (tests, reports)."""
+        return [[self.row(s, v).tolist() for s in range(self.steps)] for v in range(self.rows_per_step)]
+
+    def samples_before(self, step: int) -> int:
+        """Samples in the first ``step`` optimizer steps (all slots): the global sample cursor."""
+        r = self.steps_rows[: max(0, min(step, self.steps))]
+        return int(self.rows.sizes[r[r >= 0]].sum())
 
     def fill_ratio(self) -> float:
-        rows = [mb for rank in self.micro_batches for mb in rank if mb]  # padding rows are not packed rows
-        return fill_ratio(self.costs, rows, self.max_tokens)
+        return fill_ratio(self.rows, self.max_tokens)
 
-    def balance(self) -> dict[str, float]:
-        return rank_balance(self.costs, self.micro_batches)
+    def slot_loads(self) -> np.ndarray:
+        """``(S, G, 2)``: tokens and patches of every slot of every step (0 for padding)."""
+        load = np.zeros((*self.steps_rows.shape, 2), dtype=np.int64)
+        real = self.steps_rows >= 0
+        load[real] = self.rows.load[self.steps_rows[real]]
+        return load
+
+    def balance(self, world_size: int | None = None) -> dict[str, float]:
+        """:func:`rank_balance` of the ranks of ``world_size`` (default: one rank per slot); the padded last step
+        is left out (its empty slots are idle by construction, :attr:`padding` in ``data.loader``)."""
+        load = self.slot_loads()
+        whole = load[: self.steps - 1] if self.steps > 1 and (self.steps_rows[-1] < 0).any() else load
+        return rank_balance(per_rank(whole, world_size or self.rows_per_step))
 
     def stats(self) -> dict[str, float]:
         """Numbers worth logging once per epoch."""
-        packed = sum(len(mb) for rank in self.micro_batches for mb in rank)
         return {
             "micro_batches_per_rank": self.steps,
-            "samples_packed": packed,
-            "samples_oversized": len(self.oversized),
-            "samples_failed": len(self.failed),
-            "samples_leftover": len(self.leftover),
+            "samples_packed": int(len(self.rows.ids)),
+            "samples_oversized": int(len(self.oversized)),
+            "samples_failed": int(len(self.failed)),
             "fill_ratio": self.fill_ratio(),
             **{f"balance_{k}": v for k, v in self.balance().items()},
         }
 
 
-def fill_ratio(costs: np.ndarray, micro_batches: Sequence[Sequence[int]], max_tokens: int) -> float:
-    """Real tokens / (micro-batches * token budget): 1.0 means no padding-equivalent waste."""
-    if not micro_batches:
-        return 0.0
-    used = sum(int(costs[list(mb), TOKENS].sum()) for mb in micro_batches)
-    return used / (len(micro_batches) * max_tokens)
+def per_rank(slot_load: np.ndarray, world_size: int) -> np.ndarray:
+    """``(S, W, ...)``: the load of each rank per step, from ``(S, G, ...)`` per slot, rank ``r`` running slots
+    ``r, r + W, ...`` (``data.loader``'s rule)."""
+    s, g = slot_load.shape[:2]
+    ga = grad_accum_for(g, world_size)
+    padded = np.zeros((s, ga * world_size, *slot_load.shape[2:]), dtype=slot_load.dtype)
+    padded[:, :g] = slot_load
+    return padded.reshape(s, ga, world_size, *slot_load.shape[2:]).sum(axis=1)
 
 
-def rank_balance(costs: np.ndarray, micro_batches: Sequence[Sequence[Sequence[int]]]) -> dict[str, float]:
-    """max/mean over ranks (1.0 = perfect) of tokens and patches.
+def fill_ratio(rows: Rows, max_tokens: int) -> float:
+    """Real tokens / (rows * token budget): 1.0 means no padding-equivalent waste."""
+    return float(rows.load[:, TOKENS].sum()) / (len(rows) * max_tokens) if len(rows) else 0.0
 
-    ``*_epoch``: totals over the epoch per rank. ``*_step``: per step ``i`` (the micro-batch every rank runs
-    at the same time, what a synchronous step waits on), averaged over steps; ``*_step_worst`` the worst step.
-    """
-    ranks = len(micro_batches)
-    steps = min((len(r) for r in micro_batches), default=0)
-    if ranks == 0 or steps == 0:
+
+def rank_balance(load: np.ndarray) -> dict[str, float]:
+    """max/mean over ranks (1.0 = perfect) of tokens and patches (the last axis of ``load``, ``(S, W, 2)``, or of
+    any other per-rank quantities ``(S, W, K)`` with their own names: use :func:`max_over_mean`).
+
+    ``*_epoch``: totals over the epoch per rank. ``*_step``: per step (what a synchronous step waits on), the mean
+    over steps; ``*_step_worst`` the worst step; ``*_step_median`` the median step."""
+    if load.size == 0:
         return {}
-    load = np.zeros((ranks, steps, 2), dtype=np.float64)
-    for r, rank in enumerate(micro_batches):
-        for s in range(steps):
-            load[r, s] = costs[list(rank[s])].sum(axis=0)
     out = {}
     for col, name in ((TOKENS, "tokens"), (PATCHES, "patches")):
-        total = load[:, :, col].sum(axis=1)
-        out[f"{name}_epoch"] = _max_over_mean(total)
-        per_step = np.array([_max_over_mean(load[:, s, col]) for s in range(steps)])
+        out[f"{name}_epoch"] = float(max_over_mean(load[:, :, col].sum(axis=0)))
+        per_step = max_over_mean(load[:, :, col], axis=1)
         out[f"{name}_step"] = float(per_step.mean())
+        out[f"{name}_step_median"] = float(np.median(per_step))
         out[f"{name}_step_worst"] = float(per_step.max())
     return out
 
 
-def _max_over_mean(x: np.ndarray) -> float:
-    mean = float(x.mean())
-    return float(x.max()) / mean if mean > 0 else 1.0
-
-
-def _best_fit_decreasing(
-    ids: np.ndarray, costs: np.ndarray, max_tokens: int, max_patches: int
-) -> list[tuple[list[int], int, int]]:
-    """Bins ``(ids, tokens, patches)`` for ``ids`` (all fit alone): largest first, each into the open bin it
-    leaves with the least normalised slack, else a new bin."""
-    t = costs[ids, TOKENS].astype(np.float64) / max_tokens
-    p = costs[ids, PATCHES].astype(np.float64) / max_patches
-    order = np.lexsort((-p, -(t + p)))  # by combined size, then patches, decreasing
-    room_t = np.empty(len(ids))
-    room_p = np.empty(len(ids))
-    members: list[list[int]] = []
-    for k in order:
-        nb = len(members)
-        if nb:
-            fits = (room_t[:nb] >= t[k] - 1e-12) & (room_p[:nb] >= p[k] - 1e-12)
-            if fits.any():
-                slack = np.where(fits, (room_t[:nb] - t[k]) + (room_p[:nb] - p[k]), np.inf)
-                b = int(np.argmin(slack))
-                room_t[b] -= t[k]
-                room_p[b] -= p[k]
-                members[b].append(int(ids[k]))
-                continue
-        room_t[nb] = 1.0 - t[k]
-        room_p[nb] = 1.0 - p[k]
-        members.append([int(ids[k])])
-    return [(m, int(costs[m, TOKENS].sum()), int(costs[m, PATCHES].sum())) for m in members]
+def max_over_mean(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """max / mean along ``axis`` (1.0 where the mean is 0)."""
+    x = np.asarray(x, dtype=np.float64)
+    mean = x.mean(axis=axis)
+    return np.where(mean > 0, x.max(axis=axis) / np.where(mean > 0, mean, 1.0), 1.0)
 
 
 def pack(
@@ -165,130 +432,64 @@ def pack(
     max_tokens: int,
     max_patches: int,
     buffer_size: int = 2048,
-    num_ranks: int = 1,
-    grad_accum: int = 1,
+    rows_per_step: int = 1,
     seed: int = 0,
     epoch: int = 0,
     close_fill: float = 0.97,
-    entries: list[tuple[int, int]] | None = None,
-    drop_last: bool = True,
+    entries: np.ndarray | Sequence[tuple[int, int]] | None = None,
 ) -> PackPlan:
-    """Pack the samples ``order`` (ids into ``costs`` (N, 2) = tokens, patches) into balanced micro-batches.
-
-    Packing: ``order`` is consumed ``buffer_size`` ids at a time (the shuffle buffer: a larger buffer packs
-    tighter but mixes less); inside the buffer, best-fit-decreasing under both budgets. Bins below
-    ``close_fill`` of both budgets are reopened into the next buffer, so that only the last buffer leaves
-    half-empty rows. Items over a budget on their own go to ``oversized``; items with a negative cost to
-    ``failed``. The order of ``order`` is kept at buffer granularity: pass it shuffled (``plan_mixture``
-    does).
-
-    Distribution: bins are sorted by patches, then tokens, and cut into groups of ``num_ranks`` consecutive
-    bins, so each step puts similar bins side by side; inside a group the bin with the most work
-    (tokens/max_tokens + patches/max_patches) goes to the rank with the least work so far (LPT), so epoch
-    totals stay level too. The step order is then shuffled (seeded by ``seed, epoch``). When the bin count is
-    not a multiple of ``num_ranks * grad_accum``, the bins with the fewest tokens are left out and their ids
-    listed in ``leftover`` (counted, never silent); with ``drop_last=False`` they make a last, partial step
-    instead (after the shuffled ones), padded with empty rows, so every packed sample is trained.
-    """
-    if max_tokens <= 0 or max_patches <= 0:
-        raise ValueError(f"budgets must be positive, got max_tokens={max_tokens}, max_patches={max_patches}")
-    if num_ranks < 1 or grad_accum < 1 or buffer_size < 1:
-        raise ValueError("num_ranks, grad_accum and buffer_size must be >= 1")
-    costs = np.asarray(costs, dtype=np.int64)
-    order = np.asarray(order, dtype=np.int64)
-    if costs.ndim != 2 or costs.shape[1] != 2:
-        raise ValueError(f"costs must have shape (N, 2), got {costs.shape}")
-
-    c = costs[order]
-    failed_mask = (c < 0).any(axis=1)
-    over_mask = ~failed_mask & ((c[:, TOKENS] > max_tokens) | (c[:, PATCHES] > max_patches))
-    failed = order[failed_mask].tolist()
-    oversized = order[over_mask].tolist()
-    if oversized:
-        logger.warning(
-            "%d samples exceed the budget of %d tokens / %d patches on their own and are not packed",
-            len(oversized),
-            max_tokens,
-            max_patches,
-        )
-    good = order[~failed_mask & ~over_mask]
-
-    # --- best-fit-decreasing inside a shuffle buffer
-    # --------------------------------------------------------------------------------------------------------
-    bins: list[tuple[list[int], int, int]] = []
-    carry = np.empty(0, dtype=np.int64)
-    for start in range(0, len(good), buffer_size):
-        chunk = np.concatenate([carry, good[start : start + buffer_size]])
-        last = start + buffer_size >= len(good)
-        packed = _best_fit_decreasing(chunk, costs, max_tokens, max_patches)
-        if last:
-            bins.extend(packed)
-            carry = np.empty(0, dtype=np.int64)
-            continue
-        reopen = []
-        for b in packed:
-            full = b[1] >= close_fill * max_tokens or b[2] >= close_fill * max_patches
-            if full:
-                bins.append(b)
-            else:
-                reopen.extend(b[0])
-        carry = np.asarray(reopen, dtype=np.int64)
-    if len(carry):
-        bins.extend(_best_fit_decreasing(carry, costs, max_tokens, max_patches))
-
-    # --- deal bins to ranks
-    # --------------------------------------------------------------------------------------------------------
-    bin_tokens = np.array([t for _, t, _ in bins], dtype=np.int64)
-    bin_patches = np.array([p for _, _, p in bins], dtype=np.int64)
-    work = bin_tokens / max_tokens + bin_patches / max_patches
-    # The rows that do not make a whole step are the least filled ones (the tail of the last buffer).
-    by_fill = np.argsort(-bin_tokens, kind="stable")
-    group = num_ranks * grad_accum
-    keep = (len(bins) // group) * group
-    tail = by_fill[keep:]  # too few rows for a whole step
-    leftover = [i for b in tail for i in bins[b][0]] if drop_last else []
-    # Token fill is nearly uniform after packing while patches vary a lot between bins (text vs video), so
-    # bins side by side in a step are matched on patches first, then tokens.
-    kept = by_fill[:keep]
-    kept = kept[np.lexsort((-bin_tokens[kept], -bin_patches[kept]))]
-
-    rank_load = np.zeros(num_ranks)
-
-    def deal(order: np.ndarray) -> list[list[list[int]]]:
-        """``steps[s][rank] -> ids`` for bins ``order`` (-1: an empty padding row), ``num_ranks`` per step."""
-        out = []
-        for s in range(len(order) // num_ranks):
-            step_bins = order[s * num_ranks : (s + 1) * num_ranks]
-            step_work = np.array([work[b] if b >= 0 else 0.0 for b in step_bins])
-            step_bins = step_bins[np.argsort(-step_work, kind="stable")]
-            assignment: list[list[int]] = [[] for _ in range(num_ranks)]
-            for r, b in zip(np.argsort(rank_load, kind="stable"), step_bins, strict=True):
-                if b >= 0:
-                    assignment[r] = bins[b][0]
-                    rank_load[r] += work[b]
-            out.append(assignment)
-        return out
-
-    steps = deal(kept)
-    rng = np.random.default_rng([seed, epoch, 0xBA1])
-    steps = [steps[i] for i in rng.permutation(len(steps))]
-    if not drop_last and len(tail):
-        padded = np.full(group, -1, dtype=np.int64)
-        padded[: len(tail)] = np.sort(tail)  # packing order: the partial step is the same on every rank count
-        steps += deal(padded)
-    micro_batches = [[steps[s][r] for s in range(len(steps))] for r in range(num_ranks)]
-    return PackPlan(
-        micro_batches=micro_batches,
-        costs=costs,
+    """:func:`bin_pack` then :func:`deal`: the global plan of ``G = rows_per_step`` rows per optimizer step."""
+    rows = bin_pack(
+        costs,
+        order,
         max_tokens=max_tokens,
         max_patches=max_patches,
-        entries=entries,
-        oversized=oversized,
-        failed=failed,
-        leftover=leftover,
-        seed=seed,
-        epoch=epoch,
+        buffer_size=buffer_size,
+        close_fill=close_fill,
     )
+    ent = None if entries is None else np.asarray(entries, dtype=np.int64).reshape(-1, 2)
+    steps = deal(rows, rows_per_step, seed=seed, epoch=epoch)
+    return PackPlan(rows, steps, np.asarray(costs, dtype=np.int64), max_tokens, max_patches, ent, seed, epoch)
+
+
+# ============================================================================================================
+# The one packing rule: rows per step and the plan of every epoch
+# ============================================================================================================
+
+
+def global_rows_per_step(
+    global_batch_samples: int | None, grad_accum: int, world_size: int, samples_per_row: float
+) -> int:
+    """``G``, the packed rows of one optimizer step over all ranks.
+
+    With ``global_batch_samples`` (the recipe's batch in samples) it is ``round(global_batch_samples /
+    samples_per_row)`` (at least 1), ``samples_per_row`` being epoch 0's mean: the same on every world size, so a
+    recipe trains on the same steps on 1, 8 or 64 GPUs and a run can resume at another world size. Without it,
+    ``grad_accum x world_size`` (``trainer.grad_accum`` rows per rank, as before: the global batch then scales
+    with the world size)."""
+    if global_batch_samples is None:
+        return grad_accum * world_size
+    if global_batch_samples < 1:
+        raise ValueError(f"trainer.global_batch_samples must be >= 1 or None, got {global_batch_samples}")
+    if not samples_per_row > 0:
+        raise ValueError("no packed row in epoch 0: cannot turn trainer.global_batch_samples into rows")
+    return max(1, round(global_batch_samples / samples_per_row))
+
+
+def grad_accum_for(rows_per_step: int, world_size: int) -> int:
+    """Micro-batches each rank runs per optimizer step: ``ceil(G / world_size)`` (slots ``r, r + W, ...``). The
+    one place gradient accumulation is decided; the loader and the trainer read it from here."""
+    return -(-int(rows_per_step) // int(world_size))
+
+
+def epoch_samples(specs: Sequence[DatasetConfig], costs: Sequence[np.ndarray], seed: int, epoch: int):
+    """``(entries, table)``: the epoch's mixture ``(N, 2)`` (dataset, record) and its cost table ``(N, 2)``."""
+    entries = mixture_table(specs, [len(c) for c in costs], seed, epoch)
+    table = np.empty((len(entries), 2), dtype=np.int64)
+    for d, c in enumerate(costs):
+        rows = entries[:, 0] == d
+        table[rows] = np.asarray(c, dtype=np.int64)[entries[rows, 1]]
+    return entries, table
 
 
 def build_epoch_plan(
@@ -300,29 +501,92 @@ def build_epoch_plan(
     max_tokens: int,
     max_patches: int,
     buffer_size: int = 2048,
-    num_ranks: int = 1,
-    grad_accum: int = 1,
-    drop_last: bool = True,
+    rows_per_step: int = 1,
 ) -> PackPlan:
     """Mixture + packing for one epoch. ``costs[d]``: the cost table (N_d, 2) of dataset ``d``. Sample ids of
-    the plan index ``plan.entries`` -> ``(dataset, record)``. ``drop_last``: see :func:`pack`."""
-    sizes = [len(c) for c in costs]
-    entries = plan_mixture(specs, sizes, seed, epoch)
-    ent = np.asarray(entries, dtype=np.int64).reshape(-1, 2)
-    table = np.empty((len(entries), 2), dtype=np.int64)
-    for d, c in enumerate(costs):
-        rows = ent[:, 0] == d
-        table[rows] = np.asarray(c, dtype=np.int64)[ent[rows, 1]]
+    the plan index ``plan.entries`` -> ``(dataset, record)``."""
+    entries, table = epoch_samples(specs, costs, seed, epoch)
     return pack(
         table,
         np.arange(len(entries)),
         max_tokens=max_tokens,
         max_patches=max_patches,
         buffer_size=buffer_size,
-        num_ranks=num_ranks,
-        grad_accum=grad_accum,
+        rows_per_step=rows_per_step,
         seed=seed,
         epoch=epoch,
         entries=entries,
-        drop_last=drop_last,
     )
+
+
+class EpochPlanner:
+    """The one packing rule, for training (``data.build``) and the doctor (``data.scan``) alike: ``G`` rows per
+    optimizer step and every epoch's plan, from the datasets' cost tables and the budgets.
+
+    ``G`` (:attr:`rows_per_step`) comes from epoch 0's rows (:func:`global_rows_per_step`), which are packed once
+    and kept: epoch 0 is packed once. Epoch ``e``'s step count (:meth:`steps`) is ``ceil(rows_e / G)``, ``rows_e``
+    its number of packed rows, known by bin packing alone (no dealing, nothing kept), so the schedule of every
+    epoch is exact without holding their plans. ``world_size`` (data-parallel ranks, or sequence-parallel groups)
+    only decides :attr:`grad_accum`; the plans do not depend on it.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[DatasetConfig],
+        costs: Sequence[np.ndarray],
+        *,
+        seed: int,
+        max_tokens: int,
+        max_patches: int,
+        buffer_size: int = 2048,
+        global_batch_samples: int | None = None,
+        grad_accum: int = 1,
+        world_size: int = 1,
+    ):
+        self.specs, self.costs = list(specs), [np.asarray(c, dtype=np.int64) for c in costs]
+        self.seed, self.max_tokens, self.max_patches, self.buffer_size = (
+            seed,
+            max_tokens,
+            max_patches,
+            buffer_size,
+        )
+        self.world_size = world_size
+        self._rows0 = self._pack(0)
+        rows = self._rows0[2]
+        self.samples_per_row = len(rows.ids) / len(rows) if len(rows) else 0.0
+        self.rows_per_step = global_rows_per_step(
+            global_batch_samples, grad_accum, world_size, self.samples_per_row
+        )
+        self._steps: dict[int, int] = {0: -(-len(rows) // self.rows_per_step)}
+
+    @property
+    def grad_accum(self) -> int:
+        return grad_accum_for(self.rows_per_step, self.world_size)
+
+    def _pack(self, epoch: int) -> tuple[np.ndarray, np.ndarray, Rows]:
+        entries, table = epoch_samples(self.specs, self.costs, self.seed, epoch)
+        rows = bin_pack(
+            table,
+            np.arange(len(entries)),
+            max_tokens=self.max_tokens,
+            max_patches=self.max_patches,
+            buffer_size=self.buffer_size,
+        )
+        return entries, table, rows
+
+    def steps(self, epoch: int) -> int:
+        """Optimizer steps of ``epoch`` (bin packing only; cached as an int)."""
+        epoch = int(epoch)
+        if epoch not in self._steps:
+            self._steps[epoch] = -(-len(self._pack(epoch)[2]) // self.rows_per_step)
+        return self._steps[epoch]
+
+    def plan(self, epoch: int) -> PackPlan:
+        """The global plan of ``epoch`` (epoch 0's rows are the ones packed at construction)."""
+        epoch = int(epoch)
+        entries, table, rows = self._rows0 if epoch == 0 else self._pack(epoch)
+        steps = deal(rows, self.rows_per_step, seed=self.seed, epoch=epoch)
+        self._steps[epoch] = len(steps)
+        return PackPlan(rows, steps, table, self.max_tokens, self.max_patches, entries, self.seed, epoch)
+
+    __call__ = plan

@@ -3,13 +3,14 @@
 For every record of every dataset, in parallel: the schema and placeholders (``normalize_record``), every media file
 opened (an image fully decoded, a video probed and its first sampled frame decoded) and the record's cost
 (``estimate_cost``) under the encode settings of each stage; then per stage the packing estimate (micro-batches and
-optimizer steps per epoch, fill ratio) from ``packing.build_epoch_plan`` on the cost table.
+optimizer steps per epoch, fill ratio) from the packing rule training runs (``data.build.plan_training``) on the cost
+table.
 
 What it cannot see: a video damaged after its first sampled frame (only that frame is decoded, as a full decode of
 every video would take as long as an epoch); frames dropped by token compression (costs are upper bounds then).
 
 Like the rest of ``data/`` it imports neither the model nor the trainer: the processor is passed in, and each stage
-is described by its encode settings, its data budgets and its gradient accumulation (:class:`StagePlan`).
+is described by its encode settings, its data budgets and its global batch (:class:`StagePlan`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,9 @@ class StagePlan:
 
     encode: EncodeConfig
     data: DataConfig
-    grad_accum: int  # micro-batches per rank per optimizer step
+    grad_accum: int  # trainer.grad_accum: rows per rank per step when global_batch_samples is None
+    global_batch_samples: int | None = None  # trainer.global_batch_samples: the recipe's global batch
+    sequence_parallel: int = 1  # trainer.sequence_parallel: ranks sharing each row (budgets x N, ranks / N)
 
 
 # ================================================================================================================
@@ -227,11 +230,9 @@ def scan_data(
     series: the values behind the histograms (``reports.write_report`` draws them).
     """
     from .costs import cost_config_hash
-    from .packing import build_epoch_plan
     from .pool import parallel_map
 
     threshold = opts.max_failure_rate if opts.max_failure_rate is not None else data.max_bad_fraction
-
     # One cost column per distinct cost-relevant encode config: stages 1-3 share one, stage 4 merges images.
     keys: list[str] = []
     cost_configs = []
@@ -243,24 +244,7 @@ def scan_data(
             cost_configs.append(plan.encode)
         stage_col[s] = keys.index(k)
 
-    # ---- read the annotation files --------------------------------------------------------------------------------
-    names, sources, roots, paths, specs, file_errors = [], [], [], [], [], {}
-    for name, dset in data.resolved_datasets().items():
-        path, root = Path(dset.path), dset.root
-        try:
-            if not Path(root).is_dir():
-                raise DataError("missing_file", "media root is not a directory", dataset=name, path=root)
-            src = read_annotations(path)
-        except DataError as e:
-            file_errors[name] = e.locate(dataset=name)
-            continue
-        names.append(name)
-        sources.append(src)
-        roots.append(root)
-        paths.append(str(path))
-        specs.append(dset)
-
-    # ---- check every record ------------------------------------------------------------------------------------
+    names, sources, roots, paths, specs, file_errors = _read_sources(data)
     job = _Job(sources, roots, names, paths, processor, encode, cost_configs, opts.decode, specs)
     sizes = [len(s) for s in sources]
     spans = [
@@ -280,137 +264,180 @@ def scan_data(
         )
     finally:
         _JOB.clear()  # the inline run filled it in this process
-    results = [r for rows in chunks for r in rows]
+    tally = _Tally(opts.examples, names, paths, roots, sizes, len(keys))
+    for r in (r for rows in chunks for r in rows):
+        tally.add(r)
+    tally.add_file_errors(file_errors, data)
+    estimates = {
+        s: _stage_estimate(plan, [c[:, stage_col[s], :] for c in tally.costs], specs, opts.num_ranks)
+        for s, plan in stages.items()
+    }
+    return tally.report(threshold, estimates), tally.series()
 
-    # ---- tally ------------------------------------------------------------------------------------------------
-    costs = [np.full((n, len(keys), 2), -1, dtype=np.int64) for n in sizes]
-    reasons: dict[str, dict[str, Any]] = {}
-    per_dataset: dict[str, dict[str, Any]] = {}
-    tokens, visual, durations = [], [], []
-    res_image: list[tuple[int, int]] = []
-    res_video: list[tuple[int, int]] = []
 
-    def add_failure(reason: str, dataset: str, index: int | None, file: str | None, message: str) -> None:
-        entry = reasons.setdefault(reason, {"count": 0, "examples": []})
+def _read_sources(data: DataConfig):
+    """The annotation files of ``data``'s datasets; a file that cannot be read is a failure of its dataset."""
+    names, sources, roots, paths, specs, file_errors = [], [], [], [], [], {}
+    for name, dset in data.resolved_datasets().items():
+        path, root = Path(dset.path), dset.root
+        try:
+            if not Path(root).is_dir():
+                raise DataError("missing_file", "media root is not a directory", dataset=name, path=root)
+            src = read_annotations(path)
+        except DataError as e:
+            file_errors[name] = e.locate(dataset=name)
+            continue
+        names.append(name)
+        sources.append(src)
+        roots.append(root)
+        paths.append(str(path))
+        specs.append(dset)
+    return names, sources, roots, paths, specs, file_errors
+
+
+class _Tally:
+    """The scan's results per dataset and per failure reason, and the statistics behind the histograms."""
+
+    def __init__(self, examples: int, names, paths, roots, sizes, columns: int):
+        self.examples, self.names = examples, names
+        self.costs = [np.full((n, columns, 2), -1, dtype=np.int64) for n in sizes]
+        self.reasons: dict[str, dict[str, Any]] = {}
+        self.per_dataset: dict[str, dict[str, Any]] = {
+            name: {"path": paths[d], "root": roots[d], "records": sizes[d], "failed": 0, "reasons": {}}
+            for d, name in enumerate(names)
+        }
+        self.tokens: list[int] = []
+        self.visual: list[int] = []
+        self.durations: list[float] = []
+        self.res_image: list[tuple[int, int]] = []
+        self.res_video: list[tuple[int, int]] = []
+        self.file_errors = 0
+
+    def failure(self, reason: str, dataset: str, index: int | None, file: str | None, message: str) -> None:
+        entry = self.reasons.setdefault(reason, {"count": 0, "examples": []})
         entry["count"] += 1
-        if len(entry["examples"]) < opts.examples:
+        if len(entry["examples"]) < self.examples:
             entry["examples"].append({"dataset": dataset, "record": index, "file": file, "message": message})
 
-    for d, name in enumerate(names):
-        per_dataset[name] = {
-            "path": paths[d],
-            "root": roots[d],
-            "records": sizes[d],
-            "failed": 0,
-            "reasons": {},
-        }
-    for r in results:
-        name = names[r["d"]]
+    def add(self, r: dict[str, Any]) -> None:
+        name = self.names[r["d"]]
         for kind, w, h, dur in r["media"]:
-            (res_image if kind == "image" else res_video).append((w, h))
+            (self.res_image if kind == "image" else self.res_video).append((w, h))
             if kind == "video" and dur is not None:
-                durations.append(dur)
+                self.durations.append(dur)
         if "error" in r:
             reason, message, file = r["error"]
-            add_failure(reason, name, r["i"], file, message)
-            entry = per_dataset[name]
+            self.failure(reason, name, r["i"], file, message)
+            entry = self.per_dataset[name]
             entry["failed"] += 1
             entry["reasons"][reason] = entry["reasons"].get(reason, 0) + 1
-            continue
-        costs[r["d"]][r["i"]] = np.asarray(r["costs"], dtype=np.int64)
-        tokens.append(r["tokens"])
-        visual.append(r["visual_tokens"])
-    for name, e in file_errors.items():
-        add_failure(e.reason, name, None, e.path, str(e))
-        d = data.dataset_dict()[name]
-        per_dataset[name] = {
-            "path": d.path,
-            "root": d.root,
-            "records": 0,
-            "failed": 0,
-            "reasons": {e.reason: 1},
-            "file_error": str(e),
-        }
-    for entry in per_dataset.values():
-        n = entry["records"]
-        entry["failure_rate"] = 1.0 if "file_error" in entry else (entry["failed"] / n if n else 0.0)
+            return
+        self.costs[r["d"]][r["i"]] = np.asarray(r["costs"], dtype=np.int64)
+        self.tokens.append(r["tokens"])
+        self.visual.append(r["visual_tokens"])
 
-    # ---- packing estimate per stage -----------------------------------------------------------------------------
-    estimates: dict[str, Any] = {}
-    for s, plan in stages.items():
-        table = [c[:, stage_col[s], :] for c in costs]
-        entry: dict[str, Any] = {
-            "encode": {
-                k: getattr(plan.encode, k)
-                for k in ("image_merge_size", "video_merge_size", "use_token_compression")
+    def add_file_errors(self, file_errors: dict[str, DataError], data: DataConfig) -> None:
+        self.file_errors = len(file_errors)
+        for name, e in file_errors.items():
+            self.failure(e.reason, name, None, e.path, str(e))
+            d = data.dataset_dict()[name]
+            self.per_dataset[name] = {
+                "path": d.path,
+                "root": d.root,
+                "records": 0,
+                "failed": 0,
+                "reasons": {e.reason: 1},
+                "file_error": str(e),
+            }
+        for entry in self.per_dataset.values():
+            n = entry["records"]
+            entry["failure_rate"] = 1.0 if "file_error" in entry else (entry["failed"] / n if n else 0.0)
+
+    def report(self, threshold: float, estimates: dict[str, Any]) -> dict[str, Any]:
+        total = sum(e["records"] for e in self.per_dataset.values())
+        failed = sum(e["failed"] for e in self.per_dataset.values())
+        over = {n: e["failure_rate"] for n, e in self.per_dataset.items() if e["failure_rate"] > threshold}
+        return {
+            "threshold": threshold,
+            "passed": not over,
+            "verdict": _verdict(over, threshold),
+            "totals": {
+                "datasets": len(self.per_dataset),
+                "records": total,
+                "ok": total - failed,
+                "failed": failed + self.file_errors,
+                "failure_rate": failed / total if total else (1.0 if self.file_errors else 0.0),
+                "images": len(self.res_image),
+                "videos": len(self.res_video),
+                "video_seconds": float(sum(self.durations)),
             },
-            "max_tokens": plan.data.max_tokens,
-            "max_patches": plan.data.max_patches,
-            "grad_accum": plan.grad_accum,
-            "num_ranks": opts.num_ranks,
-            "tokens_total": int(sum(int(t[t[:, 0] >= 0, 0].sum()) for t in table)),
-            "patches_total": int(sum(int(t[t[:, 1] >= 0, 1].sum()) for t in table)),
+            "datasets": self.per_dataset,
+            "reasons": dict(sorted(self.reasons.items(), key=lambda kv: -kv[1]["count"])),
+            "stats": {
+                "tokens_per_sample": _summary(self.tokens),
+                "visual_tokens_per_sample": _summary(self.visual),
+                "video_seconds": _summary(self.durations),
+                "image_pixels": _summary([w * h for w, h in self.res_image]),
+                "video_pixels": _summary([w * h for w, h in self.res_video]),
+            },
+            "stages": estimates,
         }
-        if specs and sum(sizes):
-            epoch = build_epoch_plan(
-                specs,
-                table,
-                seed=plan.data.seed,
-                epoch=0,
-                max_tokens=plan.data.max_tokens,
-                max_patches=plan.data.max_patches,
-                buffer_size=plan.data.buffer_size,
-                num_ranks=opts.num_ranks,
-                grad_accum=plan.grad_accum,
-            )
-            st = epoch.stats()
-            entry.update(
-                micro_batches_per_rank=epoch.steps,
-                optimizer_steps_per_epoch=epoch.steps // plan.grad_accum,
-                fill_ratio=st["fill_ratio"],
-                samples_packed=st["samples_packed"],
-                samples_failed=st["samples_failed"],
-                samples_oversized=st["samples_oversized"],
-                samples_leftover=st["samples_leftover"],
-            )
-        estimates[s] = entry
 
-    total = sum(sizes)
-    failed = sum(e["failed"] for e in per_dataset.values())
-    over = {n: e["failure_rate"] for n, e in per_dataset.items() if e["failure_rate"] > threshold}
-    report = {
-        "threshold": threshold,
-        "passed": not over,
-        "verdict": _verdict(over, threshold),
-        "totals": {
-            "datasets": len(per_dataset),
-            "records": total,
-            "ok": total - failed,
-            "failed": failed + len(file_errors),
-            "failure_rate": failed / total if total else (1.0 if file_errors else 0.0),
-            "images": len(res_image),
-            "videos": len(res_video),
-            "video_seconds": float(sum(durations)),
+    def series(self) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens,
+            "visual": self.visual,
+            "durations": self.durations,
+            "res_image": self.res_image,
+            "res_video": self.res_video,
+        }
+
+
+def _stage_estimate(plan: StagePlan, table: list[np.ndarray], specs, num_ranks: int) -> dict[str, Any]:
+    """One stage's packing as training will run it on ``num_ranks`` data-parallel ranks: the same rule
+    (``data.build.plan_training``), the same budgets per sequence-parallel group, the same ``G``."""
+    from .build import plan_training
+
+    sp = plan.sequence_parallel
+    data = plan.data if sp == 1 else replace(plan.data, max_tokens=plan.data.max_tokens * sp,
+                                             max_patches=plan.data.max_patches * sp)  # fmt: skip
+    groups = max(1, num_ranks // sp)
+    entry: dict[str, Any] = {
+        "encode": {
+            k: getattr(plan.encode, k)
+            for k in ("image_merge_size", "video_merge_size", "use_token_compression")
         },
-        "datasets": per_dataset,
-        "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1]["count"])),
-        "stats": {
-            "tokens_per_sample": _summary(tokens),
-            "visual_tokens_per_sample": _summary(visual),
-            "video_seconds": _summary(durations),
-            "image_pixels": _summary([w * h for w, h in res_image]),
-            "video_pixels": _summary([w * h for w, h in res_video]),
-        },
-        "stages": estimates,
+        "max_tokens": data.max_tokens,
+        "max_patches": data.max_patches,
+        "num_ranks": num_ranks,
+        "sequence_parallel": sp,
+        "global_batch_samples": plan.global_batch_samples,
+        "tokens_total": int(sum(int(t[t[:, 0] >= 0, 0].sum()) for t in table)),
+        "patches_total": int(sum(int(t[t[:, 1] >= 0, 1].sum()) for t in table)),
     }
-    series = {
-        "tokens": tokens,
-        "visual": visual,
-        "durations": durations,
-        "res_image": res_image,
-        "res_video": res_video,
-    }
-    return report, series
+    if not specs or not sum(len(t) for t in table):
+        return entry
+    planner = plan_training(
+        data,
+        specs,
+        table,
+        global_batch_samples=plan.global_batch_samples,
+        grad_accum=plan.grad_accum,
+        world_size=groups,
+    )
+    st = planner.plan(0).stats()
+    entry.update(
+        rows_per_step=planner.rows_per_step,
+        grad_accum=planner.grad_accum,
+        micro_batches_per_rank=planner.steps(0) * planner.grad_accum,
+        samples_per_row=planner.samples_per_row,
+        optimizer_steps_per_epoch=planner.steps(0),
+        fill_ratio=st["fill_ratio"],
+        samples_packed=st["samples_packed"],
+        samples_failed=st["samples_failed"],
+        samples_oversized=st["samples_oversized"],
+    )
+    return entry
 
 
 def _verdict(over: dict[str, float], threshold: float) -> str:

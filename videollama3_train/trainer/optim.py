@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -29,20 +30,49 @@ def resolve_grad_accum(cfg: TrainConfig, loader: Loader) -> TrainConfig:
     return dataclasses.replace(cfg, grad_accum=int(ga))
 
 
-def plan_steps(cfg: TrainConfig, loader: Loader) -> tuple[int, list[int]]:
+class EpochSteps(Sequence):
+    """Optimizer steps of each epoch, asked of the loader when first needed (``loader.micro_batches_per_epoch(e) //
+    grad_accum``) and then kept: a run capped by ``trainer.max_steps`` never counts the epochs it does not reach."""
+
+    def __init__(self, loader: Loader, epochs: int, grad_accum: int):
+        self.loader, self.epochs, self.grad_accum = loader, epochs, grad_accum
+        self._counts: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return self.epochs
+
+    def __getitem__(self, epoch):
+        if isinstance(epoch, slice):
+            return [self[e] for e in range(*epoch.indices(self.epochs))]
+        if not -self.epochs <= epoch < self.epochs:
+            raise IndexError(epoch)
+        epoch %= self.epochs
+        if epoch not in self._counts:
+            steps = self.loader.micro_batches_per_epoch(epoch) // self.grad_accum
+            if steps < 1:
+                raise ValueError(
+                    f"epoch {epoch} of the loader yields fewer micro-batches than grad_accum={self.grad_accum}: not "
+                    "one optimizer step fits"
+                )
+            self._counts[epoch] = steps
+        return self._counts[epoch]
+
+
+def plan_steps(cfg: TrainConfig, loader: Loader) -> tuple[int, EpochSteps]:
     """``(total_steps, optimizer steps per epoch)``. The loader says how many micro-batches each epoch has (packing
     plans differ a little per epoch). A ``PackedLoader``'s count is a whole number of steps (the rows short of a
     whole step make a last, smaller step, padded with empty rows); with another loader, micro-batches left at an
     epoch end (fewer than grad_accum) are dropped. ``cfg.max_steps`` beyond the planned epochs repeats the last
     epoch's length. Both are counted in optimizer steps, which do not depend on the world size when the global
     batch does not (``trainer.global_batch_samples``): the schedule of a run resumed at another world size goes
-    on at the same step."""
-    per_epoch = [loader.micro_batches_per_epoch(e) // cfg.grad_accum for e in range(cfg.epochs)]
-    if min(per_epoch) < 1:
-        raise ValueError(
-            f"an epoch of the loader yields fewer micro-batches than grad_accum={cfg.grad_accum}: not one "
-            f"optimizer step fits (steps per epoch: {per_epoch})"
-        )
+    on at the same step.
+
+    The per-epoch counts are lazy (:class:`EpochSteps`): with ``cfg.max_steps`` set only epoch 0 is counted here;
+    without it the total is their exact sum, every epoch counted once (a ``PackedLoader`` over an
+    ``EpochPlanner`` counts an epoch by bin packing alone and keeps no plan for it).
+    """
+    per_epoch = EpochSteps(loader, cfg.epochs, cfg.grad_accum)
+    per_epoch[0]  # noqa: B018 - fail here, before the model, when not one step fits
     total = cfg.max_steps if cfg.max_steps > 0 else sum(per_epoch)
     return total, per_epoch
 
@@ -72,4 +102,11 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return out
 
 
-__all__ = ["build_optimizer", "build_scheduler", "group_lrs", "plan_steps", "resolve_grad_accum"]
+__all__ = [
+    "EpochSteps",
+    "build_optimizer",
+    "build_scheduler",
+    "group_lrs",
+    "plan_steps",
+    "resolve_grad_accum",
+]
