@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import DatasetConfig
+from .cost_model import SampleCostModel
 from .costs import PATCHES, TOKENS
 from .mixture import mixture_table
 
@@ -50,6 +51,7 @@ __all__ = [
     "pack",
     "per_rank",
     "rank_balance",
+    "row_flops",
 ]
 
 # tolerance of the normalised budget checks (float64 sums of at most a few thousand terms in [0, 1]); rows are
@@ -185,7 +187,7 @@ def bin_pack(
     buffer_size: int = 2048,
     close_fill: float = 0.97,
 ) -> Rows:
-    """Pack the samples ``order`` (ids into ``costs``, ``(N, 2)`` = tokens, patches) into rows under both budgets.
+    """Pack the samples ``order`` (ids into ``costs``, ``(N, 2+)``: tokens, patches) into rows under both budgets.
 
     ``order`` is consumed ``buffer_size`` ids at a time (the shuffle buffer: a larger buffer packs tighter but
     mixes less; pass ``order`` shuffled, ``mixture_table`` does); inside a buffer, best-fit-decreasing. Rows below
@@ -199,8 +201,11 @@ def bin_pack(
         raise ValueError("buffer_size must be >= 1")
     costs = np.asarray(costs, dtype=np.int64)
     order = np.asarray(order, dtype=np.int64)
-    if costs.ndim != 2 or costs.shape[1] != 2:
-        raise ValueError(f"costs must have shape (N, 2), got {costs.shape}")
+    if costs.ndim != 2 or costs.shape[1] < 2:
+        raise ValueError(
+            f"costs must have shape (N, 2) (tokens, patches; more columns are ignored), got {costs.shape}"
+        )
+    costs = costs[:, :2]
     c = costs[order]
     failed_mask = (c < 0).any(axis=1)
     over_mask = ~failed_mask & ((c[:, TOKENS] > max_tokens) | (c[:, PATCHES] > max_patches))
@@ -299,6 +304,7 @@ class PackPlan:
     entries: np.ndarray | None = None
     seed: int = 0
     epoch: int = 0
+    work: np.ndarray | None = None  # (R,) each row's predicted training FLOPs, when a cost model planned it
 
     @classmethod
     def from_slots(
@@ -370,6 +376,9 @@ class PackPlan:
         """:func:`rank_balance` of the ranks of ``world_size`` (default: one rank per slot); the padded last step
         is left out (its empty slots are idle by construction, :attr:`padding` in ``data.loader``)."""
         load = self.slot_loads()
+        if self.work is not None:  # predicted compute as a third column
+            work = np.where(self.steps_rows >= 0, self.work[np.maximum(self.steps_rows, 0)], 0.0)
+            load = np.concatenate([load.astype(np.float64), work[..., None]], axis=2)
         whole = load[: self.steps - 1] if self.steps > 1 and (self.steps_rows[-1] < 0).any() else load
         return rank_balance(per_rank(whole, world_size or self.rows_per_step))
 
@@ -401,15 +410,15 @@ def fill_ratio(rows: Rows, max_tokens: int) -> float:
 
 
 def rank_balance(load: np.ndarray) -> dict[str, float]:
-    """max/mean over ranks (1.0 = perfect) of tokens and patches (the last axis of ``load``, ``(S, W, 2)``, or of
-    any other per-rank quantities ``(S, W, K)`` with their own names: use :func:`max_over_mean`).
+    """max/mean over ranks (1.0 = perfect) of tokens, patches and, when given, predicted compute (the last axis of
+    ``load``, ``(S, W, 2 or 3)``).
 
     ``*_epoch``: totals over the epoch per rank. ``*_step``: per step (what a synchronous step waits on), the mean
     over steps; ``*_step_worst`` the worst step; ``*_step_median`` the median step."""
     if load.size == 0:
         return {}
     out = {}
-    for col, name in ((TOKENS, "tokens"), (PATCHES, "patches")):
+    for col, name in ((TOKENS, "tokens"), (PATCHES, "patches"), (2, "compute"))[: load.shape[2]]:
         out[f"{name}_epoch"] = float(max_over_mean(load[:, :, col].sum(axis=0)))
         per_step = max_over_mean(load[:, :, col], axis=1)
         out[f"{name}_step"] = float(per_step.mean())
@@ -483,9 +492,10 @@ def grad_accum_for(rows_per_step: int, world_size: int) -> int:
 
 
 def epoch_samples(specs: Sequence[DatasetConfig], costs: Sequence[np.ndarray], seed: int, epoch: int):
-    """``(entries, table)``: the epoch's mixture ``(N, 2)`` (dataset, record) and its cost table ``(N, 2)``."""
+    """``(entries, table)``: the epoch's mixture ``(N, 2)`` (dataset, record) and its cost table (every column of
+    the datasets' tables: tokens, patches, and what a cost model reads)."""
     entries = mixture_table(specs, [len(c) for c in costs], seed, epoch)
-    table = np.empty((len(entries), 2), dtype=np.int64)
+    table = np.empty((len(entries), np.asarray(costs[0]).shape[1] if len(costs) else 2), dtype=np.int64)
     for d, c in enumerate(costs):
         rows = entries[:, 0] == d
         table[rows] = np.asarray(c, dtype=np.int64)[entries[rows, 1]]
@@ -519,6 +529,16 @@ def build_epoch_plan(
     )
 
 
+def row_flops(model: SampleCostModel, table: np.ndarray, rows: Rows) -> np.ndarray:
+    """``(R,)`` predicted training FLOPs of each row: the sum of its samples' (``table`` columns 2 and 3, when
+    present, are each sample's visual LLM tokens and tower ``sum P_f^2``)."""
+    extra = {}
+    if table.shape[1] >= 4:
+        extra = {"visual_tokens": table[:, 2], "patches_sq": table[:, 3]}
+    per_sample = model.sample_flops(table[:, :2], **extra)
+    return _row_sums(per_sample[rows.ids], rows.offsets)
+
+
 class EpochPlanner:
     """The one packing rule, for training (``data.build``) and the doctor (``data.scan``) alike: ``G`` rows per
     optimizer step and every epoch's plan, from the datasets' cost tables and the budgets.
@@ -527,7 +547,8 @@ class EpochPlanner:
     and kept: epoch 0 is packed once. Epoch ``e``'s step count (:meth:`steps`) is ``ceil(rows_e / G)``, ``rows_e``
     its number of packed rows, known by bin packing alone (no dealing, nothing kept), so the schedule of every
     epoch is exact without holding their plans. ``world_size`` (data-parallel ranks, or sequence-parallel groups)
-    only decides :attr:`grad_accum`; the plans do not depend on it.
+    only decides :attr:`grad_accum`; the plans do not depend on it. With a ``cost_model`` the rows of a step are
+    matched on predicted training FLOPs (:mod:`.cost_model`) instead of patches and tokens.
     """
 
     def __init__(
@@ -542,8 +563,10 @@ class EpochPlanner:
         global_batch_samples: int | None = None,
         grad_accum: int = 1,
         world_size: int = 1,
+        cost_model: SampleCostModel | None = None,
     ):
         self.specs, self.costs = list(specs), [np.asarray(c, dtype=np.int64) for c in costs]
+        self.cost_model = cost_model
         self.seed, self.max_tokens, self.max_patches, self.buffer_size = (
             seed,
             max_tokens,
@@ -585,8 +608,11 @@ class EpochPlanner:
         """The global plan of ``epoch`` (epoch 0's rows are the ones packed at construction)."""
         epoch = int(epoch)
         entries, table, rows = self._rows0 if epoch == 0 else self._pack(epoch)
-        steps = deal(rows, self.rows_per_step, seed=self.seed, epoch=epoch)
+        work = None if self.cost_model is None else row_flops(self.cost_model, table, rows)
+        steps = deal(rows, self.rows_per_step, work=work, seed=self.seed, epoch=epoch)
         self._steps[epoch] = len(steps)
-        return PackPlan(rows, steps, table, self.max_tokens, self.max_patches, entries, self.seed, epoch)
+        return PackPlan(
+            rows, steps, table, self.max_tokens, self.max_patches, entries, self.seed, epoch, work
+        )
 
     __call__ = plan

@@ -32,7 +32,6 @@ import math
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ import torch
 from torch import Tensor
 
 from videollama3_train.contract import IGNORE_INDEX, merged_token_counts
+from videollama3_train.data.cost_model import FlopsShape, training_flops
 from videollama3_train.model.api import flops_dimensions
 
 log = logging.getLogger(__name__)
@@ -52,29 +52,6 @@ H100_BF16_PEAK = (
 # ---------------------------------------------------------------------------------------------------------------
 # Shapes and batch statistics
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FlopsShape:
-    """The dimensions docs/reference.md §6 uses (names kept as there).
-
-    LLM: hidden ``d``, query heads ``nq``, KV heads ``nkv``, head dim ``hd``, MLP intermediate ``ff``, layers
-    ``Ll``, vocabulary ``V``. Vision tower: hidden ``dv``, MLP intermediate ``ffv``, layers ``Lv``, patch side
-    ``patch`` in pixels (14 for every VideoLLaMA3 checkpoint; docs/reference.md §6 writes the constant 14).
-    """
-
-    d: int
-    nq: int
-    nkv: int
-    hd: int
-    ff: int
-    Ll: int
-    V: int
-    dv: int
-    ffv: int
-    Lv: int
-    patch: int = 14
-    channels: int = 3
 
 
 def shape_from_config(config: Any) -> FlopsShape:
@@ -168,27 +145,22 @@ def flops_per_step(
     tower costs its forward only (``kv = 2``). The projector always trains (``6``). Returns ``F_llm``, ``F_head``,
     ``F_attn``, ``F_proj``, ``F_vit`` and ``total``, in FLOPs (computed with Python ints, returned as floats).
     """
-    s = shape
-    kl = 6 if llm_trains else 4
-    kv = 6 if vision_trains else 2
     lengths = batch_stats["sample_lengths"]
     patches = batch_stats["segment_patches"]
-
-    w_layer = s.d * s.nq * s.hd + 2 * s.d * s.nkv * s.hd + s.nq * s.hd * s.d + 3 * s.d * s.ff
-    f_llm = kl * s.Ll * w_layer * batch_stats["N_tokens"]
-    f_head = kl * s.d * s.V * batch_stats["N_logit_tokens"]
-    f_attn = kl * s.Ll * s.nq * s.hd * sum(n * n for n in lengths)
-    f_proj = 6 * (s.dv * s.d + s.d * s.d) * batch_stats["N_visual_llm_tokens"]
-    # The patch-embedding conv is a (channels * patch^2) x dv matmul per patch; docs/reference.md §6 writes 3*14*14*dv.
-    w_vit = s.Lv * (4 * s.dv * s.dv + 2 * s.dv * s.ffv) + s.channels * s.patch * s.patch * s.dv
-    f_vit = kv * w_vit * sum(patches) + 2 * kv * s.Lv * s.dv * sum(p * p for p in patches)
-
+    # the formula itself lives with the packer's cost model (one formula for MFU and for dealing rows)
     terms = {
-        "F_llm": float(f_llm),
-        "F_head": float(f_head),
-        "F_attn": float(f_attn),
-        "F_proj": float(f_proj),
-        "F_vit": float(f_vit),
+        k: float(v)
+        for k, v in training_flops(
+            shape,
+            tokens=int(batch_stats["N_tokens"]),
+            logit_tokens=int(batch_stats["N_logit_tokens"]),
+            tokens_sq=sum(int(n) * int(n) for n in lengths),
+            visual_llm_tokens=int(batch_stats["N_visual_llm_tokens"]),
+            patches=sum(int(p) for p in patches),
+            patches_sq=sum(int(p) * int(p) for p in patches),
+            llm_trains=llm_trains,
+            vision_trains=vision_trains,
+        ).items()
     }
     terms["total"] = math.fsum(terms.values())
     return terms

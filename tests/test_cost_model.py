@@ -1,0 +1,72 @@
+"""The cost model: one FLOPs formula for the MFU metric and for the packer, and rows dealt by predicted compute."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from videollama3_train.data.config import DatasetConfig
+from videollama3_train.data.cost_model import FlopsShape, SampleCostModel, training_flops
+from videollama3_train.data.packing import EpochPlanner, row_flops
+
+SHAPE_2B = FlopsShape(d=1536, nq=12, nkv=2, hd=128, ff=8960, Ll=28, V=151936, dv=1152, ffv=4304, Lv=27)
+
+
+def test_the_metric_and_the_packer_count_the_same_flops():
+    """A row of samples: the packer's per-sample prediction, summed, is the metric's count of the row."""
+    from videollama3_train.trainer.metrics import flops_per_step
+
+    # (tokens, patches, visual LLM tokens, tower segments): text, one merge-1 image, a 4-frame merge-2 video
+    samples = [(300, 0, 0, []), (900, 640, 640, [640]), (2000, 4 * 1200, 1200, [1200] * 4)]
+    table = np.array([[t, p, v, sum(x * x for x in seg)] for t, p, v, seg in samples])
+    model = SampleCostModel(SHAPE_2B, llm_trains=True, vision_trains=False)
+    predicted = model.sample_flops(table[:, :2], visual_tokens=table[:, 2], patches_sq=table[:, 3])
+    stats = {
+        "N_tokens": sum(t for t, *_ in samples),
+        "N_logit_tokens": sum(
+            t - v for t, _, v, _ in samples
+        ),  # the model's estimate: text tokens carry logits
+        "sample_lengths": [t for t, *_ in samples],
+        "N_visual_llm_tokens": sum(v for _, _, v, _ in samples),
+        "segment_patches": [x for *_, seg in samples for x in seg],
+    }
+    metric = flops_per_step(SHAPE_2B, stats, llm_trains=True, vision_trains=False)["total"]
+    assert predicted.sum() == pytest.approx(metric, rel=1e-12)
+    # by hand, the causal attention term of the video sample alone: kl * Ll * nq * hd * s^2
+    assert training_flops(
+        SHAPE_2B, tokens=0, logit_tokens=0, tokens_sq=2000**2, visual_llm_tokens=0, patches=0, patches_sq=0,
+        llm_trains=True, vision_trains=True,
+    )["F_attn"] == 6 * 28 * 12 * 128 * 2000**2  # fmt: skip
+
+
+def test_one_long_sample_costs_more_than_many_short_ones_with_the_same_tokens():
+    """At the 2B shape one 16k-token sample costs ~1.4x sixteen 1k-token samples (the attention term)."""
+    model = SampleCostModel(SHAPE_2B)
+    one = model.sample_flops(np.array([[16384, 0]])).sum()
+    many = model.sample_flops(np.array([[1024, 0]] * 16)).sum()
+    assert 1.3 < one / many < 1.5
+
+
+def adversarial_mix(n: int, seed: int = 0) -> list[np.ndarray]:
+    """Rows of the same tokens and patches and very different compute: long text samples (one per row, attention
+    heavy) beside rows of many short ones."""
+    rng = np.random.default_rng(seed)
+    long = np.stack([rng.integers(15000, 16001, n // 4), np.zeros(n // 4, dtype=np.int64)], 1)
+    short = np.stack([rng.integers(200, 1200, n), np.zeros(n, dtype=np.int64)], 1)
+    return [long, short]
+
+
+def test_dealing_by_predicted_compute_levels_an_adversarial_mix():
+    costs = adversarial_mix(4000)
+    specs = [DatasetConfig(name="long"), DatasetConfig(name="short")]
+    kw = dict(seed=0, max_tokens=16384, max_patches=4096, grad_accum=1, world_size=8)
+    plain = EpochPlanner(specs, costs, **kw).plan(0)
+    model = SampleCostModel(SHAPE_2B)
+    level = EpochPlanner(specs, costs, cost_model=model, **kw).plan(0)
+    plain.work = row_flops(model, plain.costs, plain.rows)  # the same yardstick for both plans
+    before, after = plain.balance(), level.balance()
+    assert before["compute_step"] > 1.015 and after["compute_step"] < 1.005, (before, after)
+    assert after["compute_step_median"] <= 1.01 and after["compute_step_worst"] < before["compute_step_worst"]
+    # the rows are the same (dealing only moves them), the budgets hold, tokens stay as level
+    assert sorted(map(tuple, level.rows.load.tolist())) == sorted(map(tuple, plain.rows.load.tolist()))
+    assert (level.rows.load[:, 0] <= 16384).all() and after["tokens_step"] <= before["tokens_step"] + 0.01
