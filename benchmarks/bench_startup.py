@@ -121,6 +121,8 @@ def child_cost(ann: str, out: str, workers: int, table: str) -> dict:
 
 
 def child_plan(ann: str, table: str) -> dict:
+    import inspect
+
     import numpy as np
 
     from videollama3_train.data.config import DataConfig
@@ -129,6 +131,9 @@ def child_plan(ann: str, table: str) -> dict:
     dcfg = DataConfig(path=ann, root=str(Path(ann).parent))
     specs = list(dcfg.resolved_datasets().values())
     costs = [np.load(table)]
+    # one row per step; the packer's keyword for it changed with the vectorised packer (rows_per_step)
+    new = "rows_per_step" in inspect.signature(build_epoch_plan).parameters
+    grouping = {"rows_per_step": 1} if new else {"num_ranks": 1, "grad_accum": 1, "drop_last": False}
     t = time.perf_counter()
     plan = build_epoch_plan(
         specs,
@@ -138,9 +143,7 @@ def child_plan(ann: str, table: str) -> dict:
         max_tokens=dcfg.max_tokens,
         max_patches=dcfg.max_patches,
         buffer_size=dcfg.buffer_size,
-        num_ranks=1,
-        grad_accum=1,
-        drop_last=False,
+        **grouping,
     )
     seconds = time.perf_counter() - t
     return {"seconds": seconds, "samples_per_s": len(costs[0]) / seconds, "steps": int(plan.steps)}
