@@ -40,18 +40,39 @@ def synthetic_costs(n: int, *, media_share: float, median_tokens: int, seed: int
 
 
 def longvideo_costs(n: int, seed: int) -> list[np.ndarray]:
-    """The long-video mix, three datasets: 30% videos of 4k-16k tokens (merge 2: 4 patches per visual token, 90%
-    of the tokens visual), 50% images (300-2500 tokens, merge 1, 85% visual), 20% text (100-3000 tokens)."""
+    """The long-video mix, three datasets, columns (tokens, patches, visual LLM tokens, tower sum P_f^2): 30% videos
+    of 4k-16k tokens (90% of them visual, merge 2: 4 patches per visual token, up to 180 frames of >= 64 visual
+    tokens), 50% images (300-2500 tokens, 85% visual, merge 1, one segment), 20% text (100-3000 tokens)."""
     rng = np.random.default_rng(seed)
     nv, ni = int(0.3 * n), int(0.5 * n)
     vt = rng.integers(4000, 16001, nv)
+    vv = (0.9 * vt).astype(np.int64)
+    frames = np.clip(vv // 64, 8, 180)
     it = rng.integers(300, 2501, ni)
+    iv = (0.85 * it).astype(np.int64)
     tt = rng.integers(100, 3001, n - nv - ni)
+    zero = np.zeros_like(tt)
     return [
-        np.stack([vt, (0.9 * vt).astype(np.int64) * 4], 1),
-        np.stack([it, (0.85 * it).astype(np.int64)], 1),
-        np.stack([tt, np.zeros_like(tt)], 1),
+        np.stack([vt, 4 * vv, vv, frames * (4 * vv // frames) ** 2], 1),
+        np.stack([it, iv, iv, iv * iv], 1),
+        np.stack([tt, zero, zero, zero], 1),
     ]
+
+
+# the 2B preset's dimensions (model/presets.py), as plain numbers
+SHAPE_2B = dict(d=1536, nq=12, nkv=2, hd=128, ff=8960, Ll=28, V=151936, dv=1152, ffv=4304, Lv=27)
+
+
+def cost_model_module():
+    """This checkout's data/cost_model.py (numpy only), loaded by path: --today's tree may not have one."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "videollama3_train" / "data" / "cost_model.py"
+    spec = importlib.util.spec_from_file_location("cost_model_here", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def mix(name: str, n: int, seed: int) -> tuple[list[np.ndarray], list[float], int, int]:
@@ -77,15 +98,31 @@ def child(args: argparse.Namespace) -> dict:
     from videollama3_train.data import packing
     from videollama3_train.data.config import DatasetConfig
 
-    costs, weights, max_tokens, max_patches = mix(args.mix, args.samples, args.seed)
+    full, weights, max_tokens, max_patches = mix(args.mix, args.samples, args.seed)
+    cm = cost_model_module()
+    model = cm.SampleCostModel(cm.FlopsShape(**SHAPE_2B))
+    extra = (
+        (lambda t: {"visual_tokens": t[:, 2], "patches_sq": t[:, 3]})
+        if full[0].shape[1] >= 4
+        else (lambda t: {})
+    )
+    flops = [model.sample_flops(t[:, :2], **extra(t)) for t in full]
     specs = [DatasetConfig(name=f"d{i}", weight=w) for i, w in enumerate(weights)]
     new = "rows_per_step" in inspect.signature(packing.build_epoch_plan).parameters
-    grouping = {"rows_per_step": args.rows} if new else {"num_ranks": args.rows, "drop_last": False}
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0, c0 = time.perf_counter(), time.process_time()
-    plan = packing.build_epoch_plan(
-        specs, costs, seed=args.seed, epoch=0, max_tokens=max_tokens, max_patches=max_patches, **grouping
-    )
+    if args.impl == "new-compute":  # rows dealt by predicted compute (the cost model sees every column)
+        planner = packing.EpochPlanner(
+            specs, full, seed=args.seed, max_tokens=max_tokens, max_patches=max_patches,
+            grad_accum=args.rows, world_size=1, cost_model=model,
+        )  # fmt: skip
+        plan = planner.plan(0)
+    else:
+        grouping = {"rows_per_step": args.rows} if new else {"num_ranks": args.rows, "drop_last": False}
+        costs = [t[:, :2] for t in full]
+        plan = packing.build_epoch_plan(
+            specs, costs, seed=args.seed, epoch=0, max_tokens=max_tokens, max_patches=max_patches, **grouping
+        )
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if new:
@@ -106,11 +143,16 @@ def child(args: argparse.Namespace) -> dict:
         )
         ids = np.array([i for r in rows for i in r])
         offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
-    load = np.add.reduceat(plan.costs[ids], offsets[:-1], axis=0)
+    ent = np.asarray(plan.entries, dtype=np.int64).reshape(-1, 2)
+    per_sample = np.empty(len(ent))
+    for d, f in enumerate(flops):
+        per_sample[ent[:, 0] == d] = f[ent[ent[:, 0] == d, 1]]
+    load = np.add.reduceat(plan.costs[ids][:, :2].astype(np.float64), offsets[:-1], axis=0)
+    load = np.concatenate([load, np.add.reduceat(per_sample[ids], offsets[:-1])[:, None]], axis=1)
     slots = np.where(steps_rows[..., None] >= 0, load[np.maximum(steps_rows, 0)], 0)
     if (steps_rows[-1] < 0).any():
         slots = slots[:-1]
-    ranks = slots.reshape(len(slots), -1, args.ranks, 2).sum(axis=1) if args.rows % args.ranks == 0 else slots
+    ranks = slots.reshape(len(slots), -1, args.ranks, 3).sum(axis=1)
     mean = ranks.mean(axis=1)
     per_step = np.where(mean > 0, ranks.max(axis=1) / np.maximum(mean, 1e-9), 1.0)
     return {
@@ -131,6 +173,9 @@ def child(args: argparse.Namespace) -> dict:
         "tokens_step_median": float(np.median(per_step[:, 0])),
         "patches_step_worst": float(per_step[:, 1].max()),
         "patches_step_median": float(np.median(per_step[:, 1])),
+        "compute_step_worst": float(per_step[:, 2].max()),
+        "compute_step_median": float(np.median(per_step[:, 2])),
+        "compute_step_mean": float(per_step[:, 2].mean()),
     }
 
 
@@ -138,7 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, nargs="+", default=[10_000, 100_000], help="epoch sizes")
     ap.add_argument("--mix", choices=MIXES, nargs="+", default=list(MIXES))
-    ap.add_argument("--ranks", type=int, default=8, help="data-parallel ranks (rows per step = ranks)")
+    ap.add_argument(
+        "--ranks", type=int, nargs="+", default=[8], help="data-parallel ranks (rows per step = ranks)"
+    )
     ap.add_argument("--today", help="a checkout of the packer to compare with (its root goes on PYTHONPATH)")
     ap.add_argument(
         "--today-max", type=int, default=1_000_000, help="largest epoch given to --today's packer"
@@ -149,27 +196,30 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--impl", default="new", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        args.samples, args.mix, args.rows = args.samples[0], args.mix[0], args.ranks
+        args.samples, args.mix, args.ranks = args.samples[0], args.mix[0], args.ranks[0]
+        args.rows = args.ranks
         print(json.dumps(child(args)))
         return
     here = str(Path(__file__).resolve().parents[1])
     results = []
-    for n in args.samples:
-        for m in args.mix:
-            impls = [("new", here)] + ([("today", args.today)] if args.today and n <= args.today_max else [])
+    for n, m, ranks in ((n, m, k) for n in args.samples for m in args.mix for k in args.ranks):
+        if True:
+            impls = [("new", here), ("new-compute", here)]
+            impls += [("today", args.today)] if args.today and n <= args.today_max else []
             for impl, root in impls:
                 cmd = [sys.executable, __file__, "--child", "--impl", impl, "--samples", str(n), "--mix", m]
-                cmd += ["--ranks", str(args.ranks), "--seed", str(args.seed)]
+                cmd += ["--ranks", str(ranks), "--seed", str(args.seed)]
                 env = {**os.environ, "PYTHONPATH": root}
                 out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
                 r = json.loads(out.strip().splitlines()[-1])
                 results.append(r)
                 print(
-                    f"{m:>9} {n:>8} {impl:>5}: cpu {r['cpu_s']:7.2f} s (wall {r['wall_s']:6.2f}) "
+                    f"{m:>9} {n:>8} {ranks:>3} ranks {impl:>11}: cpu {r['cpu_s']:7.2f} s (wall {r['wall_s']:6.2f}) "
                     f"{r['samples_per_cpu_s'] / 1e6:5.2f} M samples/cpu-s, peak RSS {r['peak_rss_mb']:6.0f} MB, "
                     f"fill {r['fill']:.4f}, tokens step worst/median {r['tokens_step_worst']:.4f}/"
                     f"{r['tokens_step_median']:.4f}, patches {r['patches_step_worst']:.4f}/"
-                    f"{r['patches_step_median']:.4f}",
+                    f"{r['patches_step_median']:.4f}, compute {r['compute_step_worst']:.4f}/"
+                    f"{r['compute_step_median']:.4f}",
                     flush=True,
                 )
     if args.out:

@@ -70,3 +70,17 @@ def test_dealing_by_predicted_compute_levels_an_adversarial_mix():
     # the rows are the same (dealing only moves them), the budgets hold, tokens stay as level
     assert sorted(map(tuple, level.rows.load.tolist())) == sorted(map(tuple, plain.rows.load.tolist()))
     assert (level.rows.load[:, 0] <= 16384).all() and after["tokens_step"] <= before["tokens_step"] + 0.01
+
+
+def test_the_partial_step_takes_the_rows_at_a_gap_in_compute():
+    """13 heavy rows and 13 light ones, 4 per step: contiguous steps would put a heavy row beside three light ones
+    (max/mean 1.6); the 2 rows of the partial step are taken at the gap instead, so every whole step is level."""
+    from videollama3_train.data.packing import Rows, deal
+
+    work = np.array([10.0] * 13 + [5.0] * 13)
+    rows = Rows.from_lists([[i] for i in range(26)], np.ones((26, 2), dtype=np.int64))
+    steps = deal(rows, 4, work=work, seed=0)
+    whole = steps[(steps >= 0).all(axis=1)]
+    assert len(whole) == 6 and (steps < 0).sum() == 2  # 6 whole steps, one partial step of 2 rows
+    assert all(len(set(work[s])) == 1 for s in whole), work[whole]
+    assert sorted(np.concatenate(steps)[np.concatenate(steps) >= 0]) == list(range(26))  # every row once

@@ -264,26 +264,63 @@ def deal(
     ``G = rows_per_step`` consecutive rows, so a step's rows are alike and whichever ranks run them wait little
     on each other; inside a step the heaviest row takes slot 0 on even steps and the last slot on odd ones, so a
     slot's total over the epoch stays level too. The steps are shuffled (seeded by ``seed, epoch``). The
-    ``R mod G`` lightest rows, too few for a whole step, form the epoch's last step, padded with empty rows, so
-    every packed sample is trained.
+    ``R mod G`` rows too few for a whole step form the epoch's last step, padded with empty rows, so every packed
+    sample is trained: the lightest ones, or, with ``work``, the run of consecutive rows whose removal leaves the
+    most level worst step (:func:`_leftover_start`: a mix of text-and-image rows and video rows has a gap in
+    predicted compute, and the step straddling it is the worst one).
     """
     if rows_per_step < 1:
         raise ValueError(f"rows_per_step must be >= 1, got {rows_per_step}")
     n, g = len(rows), rows_per_step
     if work is None:
         by_work = np.lexsort((-rows.load[:, TOKENS], -rows.load[:, PATCHES]))
+        start, light = (n // g) * g, 0
     else:
-        by_work = np.argsort(-np.asarray(work, dtype=np.float64), kind="stable")
-    whole = (n // g) * g
-    steps = by_work[:whole].reshape(-1, g)
+        w = np.asarray(work, dtype=np.float64)
+        by_work = np.argsort(-w, kind="stable")
+        # the lightest ``light`` rows (a half-empty row of the last packing round) and a run at a gap
+        best = min(
+            (
+                _leftover_start(w[by_work[: n - light]], g, n % g - light) + (light,)
+                for light in range(min(n % g, 8) + 1)
+            ),
+        )
+        start, light = best[1], best[2]
+    left = np.concatenate([by_work[start : start + n % g - light], by_work[n - light :]])
+    by_work = np.concatenate([by_work[:start], by_work[start + n % g - light : n - light]])
+    steps = by_work.reshape(-1, g)
     steps[1::2] = steps[1::2, ::-1]
     steps = steps[np.random.default_rng([seed, epoch, 0xBA1]).permutation(len(steps))]
-    if whole < n:
+    if len(left):
         tail = np.full((1, g), -1, dtype=np.int64)
-        # in packing order: the same partial step on any world size
-        tail[0, : n - whole] = np.sort(by_work[whole:])
+        tail[0, : len(left)] = np.sort(left)  # in packing order: the same partial step on any world size
         steps = np.concatenate([steps, tail])
     return steps.astype(np.int64)
+
+
+def _leftover_start(sorted_work: np.ndarray, g: int, left: int) -> tuple[float, int]:
+    """``(worst step, start)``: where a run of ``left`` rows of the partial step starts in ``sorted_work``
+    (decreasing, ``len - left`` a multiple of ``G``): a multiple of ``G`` chosen so that the worst max/mean of the
+    whole steps around it is least (ties: the lightest rows), and that worst max/mean."""
+    n = len(sorted_work)
+    whole = (n - left) // g
+    if whole == 0:
+        return 1.0, 0
+
+    def ratios(w: np.ndarray) -> np.ndarray:
+        groups = w[: (len(w) // g) * g].reshape(-1, g)
+        mean = groups.mean(axis=1)
+        return np.where(mean > 0, groups.max(axis=1) / np.where(mean > 0, mean, 1.0), 1.0)
+
+    before = ratios(sorted_work)  # steps aligned at 0: step k is rows [k g, (k + 1) g)
+    after = ratios(sorted_work[left:])  # aligned after a leftover run at the start: rows [left + k g, ...)
+    worst_before = np.concatenate(
+        [[1.0], np.maximum.accumulate(before[:whole])]
+    )  # [k]: worst of steps 0..k-1
+    worst_after = np.concatenate([np.maximum.accumulate(after[:whole][::-1])[::-1], [1.0]])  # [k]: steps k..
+    cost = np.maximum(worst_before, worst_after)
+    best = np.flatnonzero(cost <= cost.min())[-1]  # the least worst step; the lightest rows on a tie
+    return float(cost[best]), int(best) * g
 
 
 @dataclass
