@@ -644,7 +644,11 @@ class EpochPlanner:
     def plan(self, epoch: int) -> PackPlan:
         """The global plan of ``epoch`` (epoch 0's rows are the ones packed at construction)."""
         epoch = int(epoch)
-        entries, table, rows = self._rows0 if epoch == 0 else self._pack(epoch)
+        # epoch 0's rows are handed over once (the loader keeps the plan); asked again, it is packed again
+        packed, self._rows0 = (
+            (self._rows0, None) if epoch == 0 and self._rows0 is not None else (None, self._rows0)
+        )
+        entries, table, rows = packed or self._pack(epoch)
         work = None if self.cost_model is None else row_flops(self.cost_model, table, rows)
         steps = deal(rows, self.rows_per_step, work=work, seed=self.seed, epoch=epoch)
         self._steps[epoch] = len(steps)
