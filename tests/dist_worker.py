@@ -509,6 +509,11 @@ def main(argv: list[str] | None = None) -> int:
     group) for several runs. Every run starts by printing ``RUN <i> START`` (:func:`run_logs` splits a log); a run
     with ``--expect-error TEXT`` must fail with an exception whose message contains TEXT, and the next run goes on.
     """
+    return run_in_turn(argv, run)
+
+
+def run_in_turn(argv: list[str] | None, run_one) -> int:
+    """``run_one(args, shut_down=...)`` for each run of ``argv`` (separated by ``+++``), see :func:`main`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     runs: list[list[str]] = [[]]
     for a in argv:
@@ -528,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(runs) > 1 and any(a in run_argv for a in ("--stall-in", "--stall-in-save", "--pause-at")):
             raise SystemExit("stalls and pauses are for a launch of one run (a test kills or signals it)")
         try:
-            run(run_argv, shut_down=last)
+            run_one(run_argv, shut_down=last)
         except SystemExit:  # --stop-after: the run stopped with a checkpoint (exit 0), as after a SIGTERM
             if last:
                 raise

@@ -25,6 +25,7 @@ from dist_worker import (  # noqa: E402
     _shut_down,
     grad_check_batches,
     ranked_loader,
+    run_in_turn,
     textonly_batches,
     tiny_setup,
     train_batches,
@@ -41,6 +42,11 @@ def probe_input() -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Several runs (arguments separated by ``+++``) in turn in one launch, as tests/dist_worker.py does."""
+    return run_in_turn(argv, run)
+
+
+def run(argv: list[str], *, shut_down: bool = True) -> int:
     from videollama3_train.trainer import TrainConfig, fit
     from videollama3_train.trainer.backend import whole_model
 
@@ -128,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                 export_hf(model, build_processor(tok), Path(args.out) / "export")
         state.wait_for_everyone()
     print("WORKER DONE", flush=True)
-    _shut_down()
+    if shut_down:
+        _shut_down()
     return 0
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_worker import grad_check_batches, textonly_batches, tiny_setup
+from dist_worker import RUN_SEPARATOR, grad_check_batches, run_logs, textonly_batches, tiny_setup
 from helpers import torchrun
 from test_fit import _adam_first_update, _reference_grads
 
@@ -47,9 +47,47 @@ def _assert_update(out: Path, before, update, what: str) -> None:
         torch.testing.assert_close(after[k] - before[k], u, atol=1e-5, rtol=1e-4, msg=f"{what}: {k}")
 
 
-@pytest.mark.parametrize("shard_size", [0, 1])
+SHARD_SIZES = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """The 2-process runs of this file one after the other in one launch (a launch costs more than these runs of
+    the tiny model): name -> its part of the log; each run writes into ``root / name``."""
+    root = tmp_path_factory.mktemp("fsdp2")
+    runs = {
+        **{
+            f"grads_{n}": [
+                "--plan",
+                "grads",
+                "--grad-accum",
+                "2",
+                "--max-grad-norm",
+                "0.5",
+                "--shard-size",
+                str(n),
+            ]
+            for n in SHARD_SIZES
+        },
+        "textonly": ["--plan", "textonly", "--grad-accum", "2"],
+        "frozen": ["--plan", "grads", "--grad-accum", "2", "--frozen-llm", "--lr", "1e-3", "--eps", "1e-8"],
+        "export": ["--plan", "repeat", "--steps", "2", "--lr", "1e-3", "--eps", "1e-8", "--export"],
+    }
+    argv: list[str] = []
+    for name, args in runs.items():
+        argv += [RUN_SEPARATOR] if argv else []
+        argv += ["--out", str(root / name), *args]
+    log = torchrun(2, [str(REPO / "tests" / "fsdp2_worker.py"), *argv], timeout=800)
+    parts = run_logs(log)
+    assert len(parts) == len(runs), log[-6000:]
+    for name, part in zip(runs, parts):
+        assert "WORKER DONE" in part, (name, log[-6000:])
+    return root, dict(zip(runs, parts))
+
+
+@pytest.mark.parametrize("shard_size", SHARD_SIZES)
 def test_gradients_equal_the_one_process_reference_with_accumulation_and_clipping(
-    tmp_path: Path, shard_size: int
+    launched, shard_size: int
 ) -> None:
     """2 processes x grad_accum 2, clipping at a norm small enough to bite: the update equals the clipped
     one-process update, and the logged grad norm equals the reference's norm before clipping. ``shard_size`` 0
@@ -58,40 +96,29 @@ def test_gradients_equal_the_one_process_reference_with_accumulation_and_clippin
     before = {k: v.clone() for k, v in model.state_dict().items()}
     grads, norm = _clipped(_reference_grads(copy.deepcopy(model), grad_check_batches(tok)), max_norm=0.5)
     assert norm > 0.5 * 2  # clipping bites
-    _run(
-        tmp_path,
-        "--plan",
-        "grads",
-        "--grad-accum",
-        "2",
-        "--max-grad-norm",
-        "0.5",
-        "--shard-size",
-        str(shard_size),
-    )
-    _assert_update(tmp_path, before, {k: _adam_first_update(g, 1e4, 1e4) for k, g in grads.items()}, "fsdp2")
-    row = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][0]
+    out = launched[0] / f"grads_{shard_size}"
+    _assert_update(out, before, {k: _adam_first_update(g, 1e4, 1e4) for k, g in grads.items()}, "fsdp2")
+    row = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][0]
     assert row["grad_norm"] == pytest.approx(norm, rel=1e-4)
 
 
-def test_a_text_only_rank_finishes_and_matches_the_reference(tmp_path: Path) -> None:
+def test_a_text_only_rank_finishes_and_matches_the_reference(launched) -> None:
     """Rank 1 sees only text: the vision tower still runs on it every micro-batch, so the all-gathers of the
     sharded tower match rank 0's (bounded by the subprocess timeout) and the update equals the reference."""
     model, tok = tiny_setup()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches = textonly_batches(tok, 0, 2) + textonly_batches(tok, 1, 2)
     grads = _reference_grads(copy.deepcopy(model), batches)
-    log = _run(tmp_path, "--plan", "textonly", "--grad-accum", "2", timeout=240)
-    assert "SHARDED" in log
+    root, logs = launched
+    assert "SHARDED" in logs["textonly"]
     update = {k: _adam_first_update(g, 1e4, 1e4) for k, g in grads.items()}
     assert any(k.startswith("model.vision_model.") for k in update)
-    _assert_update(tmp_path, before, update, "fsdp2 text-only rank")
+    _assert_update(root / "textonly", before, update, "fsdp2 text-only rank")
 
 
-def test_frozen_llm_stays_frozen(tmp_path: Path) -> None:
-    _run(tmp_path, "--plan", "grads", "--grad-accum", "2", "--frozen-llm", "--lr", "1e-3", "--eps", "1e-8")
+def test_frozen_llm_stays_frozen(launched) -> None:
     model, _ = tiny_setup()
-    after = torch.load(tmp_path / "params_after.pt", weights_only=True)
+    after = torch.load(launched[0] / "frozen" / "params_after.pt", weights_only=True)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, after[k])}
     assert any(k.startswith("model.vision_model.") for k in changed)
     assert not any(k.startswith("model.language_model.") for k in changed), sorted(changed)[:5]
@@ -117,11 +144,11 @@ def test_resume_at_another_world_size_reshards(tmp_path: Path, first: int, secon
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
 
 
-def test_export_loads_with_auto_classes_and_gives_the_trained_logits(tmp_path: Path) -> None:
+def test_export_loads_with_auto_classes_and_gives_the_trained_logits(launched) -> None:
     from fsdp2_worker import probe_input
     from transformers import AutoModelForImageTextToText
 
-    _run(tmp_path, "--plan", "repeat", "--steps", "2", "--lr", "1e-3", "--eps", "1e-8", "--export")
+    tmp_path = launched[0] / "export"
     trained_logits = torch.load(tmp_path / "logits.pt", weights_only=True)
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", local_files_only=True).eval()
     with torch.no_grad():
