@@ -384,12 +384,20 @@ def _train(
         return res
 
     with main_only("held-out evaluation before training") as main:  # the others wait outside collectives
-        if main and cfg.eval.before and heldout and not resuming:
-            res = evaluate("before", build_model(cfg.model, tokenizer) if defer else model)  # whole: rank 0
+        before = main and cfg.eval.before and heldout and not resuming
+        # a sharded build is still on meta: rank 0 evaluates a whole copy of its own, freed after this block
+        first = (
+            build_model(cfg.model, tokenizer)
+            if defer and (before or (main and benchmarks is not None))
+            else model
+        )
+        if before:
+            res = evaluate("before", first)
             results["heldout_before"] = res
             writer.summary({**_heldout_summary(res, "before"), "baseline_accuracy": res["baseline"]})
         if main and benchmarks is not None:
-            benchmarks.at_start(model.to(accelerator.device), writer, results, out_dir, resuming)
+            benchmarks.at_start(first.to(accelerator.device), writer, results, out_dir, resuming)
+        del first
 
     # ZeRO-3 and FSDP2 keep each parameter partitioned over the ranks: generation needs them whole, so no
     # evaluation inside the loop (rank 0 alone would wait for the others' shards).
