@@ -4,7 +4,7 @@ The processor is the one each stage exports (``run.build_stage_processor``, save
 ``save_pretrained`` / ``AutoProcessor.from_pretrained``), called as the model's documentation calls it:
 ``apply_chat_template(conversation, fps=<the stage's fps>, tokenize=True, return_dict=True)`` with images and videos
 given as file paths, so it decodes (torchcodec), samples, resizes and prunes by itself. For every stage's own
-encode settings (``configs/stage/*.yaml``, alone and with the ``tiny`` preset's overrides) the two must give the
+encode settings as `train` composes them (`config.compose`: every stage incl. `finetune`, with the 2B preset and with the `tiny` one) the two must give the
 same ``input_ids``, grids, merge sizes and compression mask, and ``pixel_values`` within 1e-5.
 
 Deliberate differences (the processor cannot do these) are tested as such in ``test_*_deviation``: a sample whose
@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from mediagen import encoder_supports, make_video
 from PIL import Image
 
@@ -34,26 +33,23 @@ from videollama3_train.data.encode import plan_record, processor_settings
 from videollama3_train.model.tokenizer import build_processor, build_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("encoder_adaptation", "alignment", "multitask_sft", "video_finetune")
+STAGES = ("encoder_adaptation", "alignment", "multitask_sft", "video_finetune", "finetune")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # stage configs and their exported processors
 # ---------------------------------------------------------------------------------------------------------------
-def _encode_keys(path: Path) -> dict:
-    return dict((yaml.safe_load(path.read_text()) or {}).get("encode") or {})
-
-
 def stage_config(name: str) -> EncodeConfig:
-    """``<stage>`` or ``<stage>+tiny``: the encode keys of the stage recipe (and of the tiny model preset)."""
+    """``<stage>`` (the 2B preset) or ``<stage>+<model preset>``: the encode settings ``train`` composes (Hydra,
+    ``config.compose``) for that stage and model, as a run gets them; composing builds no model."""
+    from videollama3_train.config import compose
+
     stage, _, preset = name.partition("+")
-    keys = _encode_keys(ROOT / "configs" / "stage" / f"{stage}.yaml")
-    if preset:
-        keys.update(_encode_keys(ROOT / "configs" / "model" / f"{preset}.yaml"))
-    return EncodeConfig(**keys)
+    overrides = [f"stage={stage}", f"model={preset or 'videollama3_2b'}", "output_dir=/nonexistent/parity"]
+    return compose("train", overrides).encode
 
 
-CONFIGS = [*STAGES, *(f"{s}+tiny" for s in STAGES)]
+CONFIGS = [*STAGES, *(f"{s}+tiny" for s in STAGES)]  # every stage x {2B, tiny}
 
 
 @pytest.fixture(scope="module")
