@@ -65,6 +65,7 @@ def measure(module, batch) -> tuple[int, float]:
 
 
 def main() -> int:
+    from videollama3_train.contract import ParallelDims
     from videollama3_train.model.core import ModelConfig, build_model
     from videollama3_train.model.tokenizer import build_tiny_tokenizer
     from videollama3_train.trainer.sequence_parallel import SequenceParallelLoss, build_sp_group
@@ -81,7 +82,7 @@ def main() -> int:
     plain = LossModule(
         build_model(ModelConfig(preset="tiny", attn_implementation="sdpa", seed=0), tok).float(), 4096
     )
-    sp_module = SequenceParallelLoss(model, 4096, build_sp_group(world))
+    sp_module = SequenceParallelLoss(model, 4096, build_sp_group(ParallelDims(world, rank, sp_size=world)))
     rows = []
     for n in args.tokens:
         batch = video_row(tok, n)

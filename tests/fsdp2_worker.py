@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(argv: list[str], *, shut_down: bool = True) -> int:
-    from videollama3_train.trainer import TrainConfig, fit
-    from videollama3_train.trainer.backend import whole_model
+    from videollama3_train.trainer import TrainConfig, build_backend, fit
 
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -103,14 +102,14 @@ def run(argv: list[str], *, shut_down: bool = True) -> int:
     def on_step(row):
         print(f"STEP {row['step']} loss {row['loss']!r} grad_norm {row['grad_norm']!r}", flush=True)
 
-    fit(model, loader, cfg, out_dir=args.out, on_step=on_step if rank == 0 else None)
+    backend = build_backend(cfg)
+    fit(model, loader, cfg, out_dir=args.out, backend=backend, on_step=on_step if rank == 0 else None)
 
     from torch.distributed.tensor import DTensor
 
     params = dict(model.named_parameters())
-    if (
-        world > 1
-    ):  # every parameter is a DTensor over the mesh (HSDP: replicated across groups), none stayed whole
+    # every parameter is a DTensor over the mesh (HSDP: replicated across groups), none stayed whole
+    if world > 1:
         whole = [n for n, t in params.items() if not isinstance(t, DTensor)]
         assert not whole, f"parameters left unsharded: {whole[:5]}"
         print(f"SHARDED {len(params)} parameters", flush=True)
@@ -118,7 +117,7 @@ def run(argv: list[str], *, shut_down: bool = True) -> int:
     from accelerate import PartialState
 
     state = PartialState()
-    with whole_model(model, None) as whole:
+    with backend.whole_model(model) as whole:
         if rank == 0:
             model = whole
             full = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

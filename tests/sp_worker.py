@@ -41,6 +41,7 @@ def row(tok):
 
 
 def main() -> int:
+    from videollama3_train.contract import ParallelDims
     from videollama3_train.data.collate import collate_packed
     from videollama3_train.model.core import ModelConfig, build_model
     from videollama3_train.model.tokenizer import build_tiny_tokenizer
@@ -73,7 +74,7 @@ def main() -> int:
     ref_loss.backward()
     ref_grads = {n: q.grad.clone() for n, q in ref.named_parameters() if q.grad is not None}
 
-    sp = build_sp_group(world)
+    sp = build_sp_group(ParallelDims(world, rank, sp_size=world))
     module = SequenceParallelLoss(model, 7, sp)
     loss, ps = module(batch)
     loss.backward()

@@ -199,7 +199,7 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_everywhere_then_aborts(backen
 def test_a_deepspeed_config_without_gradient_norm_is_refused(tmp_path: Path) -> None:
     """DeepSpeed returns no gradient norm with compute_grad_norm off: every step would read as non-finite while the
     engine kept updating. Refused when the config is built."""
-    from videollama3_train.trainer.backend import deepspeed_config
+    from videollama3_train.trainer.deepspeed import deepspeed_config
 
     ds = json.loads((REPO / "configs" / "deepspeed" / "zero2.json").read_text())
     ds["zero_optimization"]["compute_grad_norm"] = False

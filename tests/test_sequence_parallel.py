@@ -46,7 +46,7 @@ def test_pad_row_adds_an_isolated_unlabelled_segment() -> None:
     assert out["input_ids"].shape == (1, 8)
     assert out["labels"][0, -1] == -100 and out["position_ids"][0, -1] == 0  # a segment of its own
     assert pad_row(batch, 7) is batch
-    sp = SPGroup(size=4, rank=2, group=None, dp_rank=0, dp_size=1)
+    sp = SPGroup(size=4, rank=2, group=None)
     assert slice_bounds(8, sp) == (4, 6)
 
 

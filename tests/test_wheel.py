@@ -109,8 +109,9 @@ def test_installed_package_finds_its_own_configs(installed: Path, tmp_path: Path
     # the default of trainer.deepspeed_config_dir is the installed copy (checked before anything is built)
     code = (
         "from videollama3_train.config import compose; from videollama3_train.rundir import check_weights;"
+        "from videollama3_train.trainer.deepspeed import config_path;"
         "cfg = compose('train', ['output_dir=o', 'trainer.backend=zero2']); check_weights(cfg);"
-        "print(cfg.trainer.deepspeed_config_dir)"
+        "print(config_path(cfg.trainer).parent)"
     )
     out = _run([str(installed / "python"), "-c", code], cwd=tmp_path, env=env).stdout.strip().splitlines()[-1]
     assert Path(out) == deepspeed

@@ -234,9 +234,8 @@ class ExportConfig:
 class ReportConfig:
     """``summary.md`` and ``loss.png`` over stage run directories (``configs/report.yaml``)."""
 
-    root: str = (
-        "???"  # folder holding one run directory per stage; summary.md, loss.png and report.log go here
-    )
+    # folder holding one run directory per stage; summary.md, loss.png and report.log go here
+    root: str = "???"
     # run directories under root, in order; None = the four stage names (launch/run_stages.sh), else the
     # pipeline's <n>_<stage> folders, whichever exist
     stages: list[str] | None = None

@@ -10,6 +10,7 @@ Reference: the forward signature of transformers' ``VideoLlama3ForConditionalGen
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 # Label value that carries no loss (the convention of PyTorch's cross-entropy and of transformers).
@@ -56,6 +57,54 @@ def forward_kwargs(batch: Mapping[str, Any]) -> dict[str, Any]:
 def is_empty(batch: Mapping[str, Any]) -> bool:
     """True for the marker of a micro-batch whose samples all failed to encode."""
     return bool(batch.get(EMPTY_KEY, False))
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """How a run's ranks divide the work, decided once (by the stage runner, from the launcher's world and
+    ``trainer.sequence_parallel``) and handed to the data build and to the loop.
+
+    The world is cut into consecutive sequence-parallel groups of ``sp_size`` ranks: ranks
+    ``[sp_group * sp_size, (sp_group + 1) * sp_size)`` share each packed row (Ulysses: each runs ``1 / sp_size`` of
+    its tokens and of its frames). The groups are the data-parallel replicas: the loader deals rows to
+    ``dp_size`` of them, and group ``dp_rank`` gets its own rows, ``sp_size`` times the per-rank token and patch
+    budgets. ``sp_size = 1``: plain data parallel, every rank its own replica.
+    """
+
+    world_size: int = 1
+    rank: int = 0  # of this process in the world
+    sp_size: int = 1  # ranks sharing each row (trainer.sequence_parallel)
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in a world of {self.world_size} processes")
+        if self.sp_size < 1 or self.world_size % self.sp_size:
+            raise ValueError(
+                f"trainer.sequence_parallel={self.sp_size} must divide the number of processes ({self.world_size})"
+            )
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas: the sequence-parallel groups of the world."""
+        return self.world_size // self.sp_size
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's replica (its group's index): the rank its loader deals rows to."""
+        return self.rank // self.sp_size
+
+    @property
+    def sp_rank(self) -> int:
+        """This rank's place within its sequence-parallel group."""
+        return self.rank % self.sp_size
+
+    @property
+    def sp_enabled(self) -> bool:
+        return self.sp_size > 1
+
+    def sp_groups(self) -> list[list[int]]:
+        """The ranks of every sequence-parallel group, in group order."""
+        return [list(range(s, s + self.sp_size)) for s in range(0, self.world_size, self.sp_size)]
 
 
 @runtime_checkable

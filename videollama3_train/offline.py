@@ -1,4 +1,5 @@
-"""The commands that do not train: the data doctor's scan and report, and the export of a training checkpoint."""
+"""The commands that do not train: the data doctor's scan and report, and the export of a training checkpoint
+(whose layout its writer, ``trainer/checkpoint.py``, reads for it)."""
 
 from __future__ import annotations
 
@@ -88,10 +89,10 @@ def _doctor_artifact(cfg: DoctorConfig, out_dir: Path, report: dict) -> None:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """``path`` when it is a complete checkpoint, else the newest complete checkpoint of the run directory."""
-    from .trainer.checkpoint import find_latest_checkpoint
+    from .trainer.checkpoint import find_latest_checkpoint, is_checkpoint
 
     p = Path(path)
-    if (p / "COMPLETE").is_file():
+    if is_checkpoint(p):
         return p
     if not p.is_dir():
         raise UserError(f"checkpoint={path}: no such directory{relative_hint(p)}")
@@ -116,10 +117,11 @@ def export_checkpoint(cfg: ExportConfig) -> Path:
     from transformers import AutoProcessor, VideoLlama3Config, VideoLlama3ForConditionalGeneration
 
     from .model.export import export_hf
+    from .trainer.checkpoint import MODEL_CONFIG, PROCESSOR, model_weights, native_state_dict
 
     ckpt = resolve_checkpoint(cfg.checkpoint)
-    weights = ckpt / "model.safetensors"
-    if not weights.is_file():
+    weights = model_weights(ckpt)
+    if weights is None:
         raise UserError(
             f"{ckpt} holds no model.safetensors (a DeepSpeed ZeRO / FSDP2 checkpoint keeps sharded states): export "
             "the stage's final export/ directory instead, or consolidate with DeepSpeed's zero_to_fp32 first"
@@ -130,14 +132,9 @@ def export_checkpoint(cfg: ExportConfig) -> Path:
             f"output={cfg.output} would replace the checkpoint it reads: choose another directory"
         )
     with log_file(ckpt.parent.parent / "export.log"):
-        config = VideoLlama3Config.from_pretrained(ckpt / "model_config")
+        config = VideoLlama3Config.from_pretrained(ckpt / MODEL_CONFIG)
         model = VideoLlama3ForConditionalGeneration(config)
-        state = load_file(str(weights))
-        # the trainer wraps the model once (``LossModule.model``): strip that prefix
-        state = {
-            k[len("model.") :] if k.startswith("model.model.") or k == "model.lm_head.weight" else k: v
-            for k, v in state.items()
-        }
+        state = native_state_dict(load_file(str(weights)))
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
         if missing or unexpected:
@@ -146,7 +143,7 @@ def export_checkpoint(cfg: ExportConfig) -> Path:
             )
         if config.tie_word_embeddings:
             model.tie_weights()
-        processor = AutoProcessor.from_pretrained(ckpt / "processor", local_files_only=True)
+        processor = AutoProcessor.from_pretrained(ckpt / PROCESSOR, local_files_only=True)
         path = export_hf(
             model, processor, cfg.output, max_shard_size=cfg.max_shard_size, dtype=getattr(torch, cfg.dtype)
         )

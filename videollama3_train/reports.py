@@ -1,4 +1,8 @@
-"""What a run leaves for people to read: the doctor's data report and the pipeline's training summary.
+"""What a run leaves for people to read: the console story of a stage, the doctor's data report and the pipeline's
+training summary.
+
+* :func:`stage_story` -- what a stage is about to do (model, devices, data, global batch, schedule), printed and kept
+  in ``train.log``; :func:`heldout_story` -- one held-out evaluation; :func:`done_story` -- where the results went.
 
 * :func:`write_report` -- the doctor's ``report.json``, ``report.md`` (with what to do about each failure reason,
   :data:`REASONS`) and PNG histograms, from the report dict of ``data.scan.scan_data``.
@@ -24,6 +28,77 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+# ================================================================================================================
+# The console story of one stage
+# ================================================================================================================
+
+
+def stage_story(
+    cfg, *, device: str, data, dims, heldout: int, schedule: tuple[int, list[int]], resuming: bool
+) -> str:
+    """The lines a stage prints before it trains: ``cfg`` the stage's ``RunConfig``, ``device`` its
+    ``rundir.device_line``, ``data`` the ``DataBundle`` built for it, ``dims`` its ``ParallelDims``, ``heldout``
+    the held-out records, ``schedule`` ``(total optimizer steps, steps per epoch)``."""
+    say, out_dir, t = f"[{cfg.stage}]", Path(cfg.output_dir), cfg.trainer
+    st, rows, n = data.plan_stats, data.rows_per_step, dims.sp_size
+    total_steps, steps_per_epoch = schedule
+    records = {name: len(r) for name, r in zip(data.names, data.records)}
+    unusable = sum(sum(v.values()) for v in data.failures.values())
+    weights = cfg.model.init_from or (
+        f"assembled from {cfg.model.vision_from} + {cfg.model.llm_from}"
+        if cfg.model.init_kind == "assemble"
+        else "random weights"
+    )
+    replicas = "rank(s)" if n == 1 else f"sequence-parallel group(s) of {n} ranks"
+    cap = f", capped by trainer.max_steps={t.max_steps}" if t.max_steps > 0 else ""
+    lines = [
+        f"model {cfg.model.preset} ({weights}) -> output_dir {out_dir.resolve()}",
+        device,
+        f"data: {sum(records.values())} records ({', '.join(f'{k} {v}' for k, v in records.items())}), "
+        f"{unusable} unusable; epoch 0 packs {int(st.get('samples_packed', 0))} samples into "
+        f"{int(st.get('optimizer_steps', 0)) * rows} rows"
+        + (f"; held-out {heldout} records" if heldout else ""),
+        f"global batch: {rows} packed rows per optimizer step (~{rows * st.get('samples_per_row', 0):.1f} samples, "
+        f"<= {rows * cfg.data.max_tokens * n} tokens) = {dims.dp_size} {replicas} x grad_accum {data.grad_accum}",
+        f"schedule: {total_steps} optimizer steps ({t.epochs} epochs of {steps_per_epoch[0]}{cap}), {t.lr_schedule} "
+        f"lr with {t.warmup_ratio:.0%} warmup; "
+        + ("resuming from the newest checkpoint" if resuming else "starting at step 0"),
+    ]
+    return "\n".join(f"{say} {line}" for line in lines)
+
+
+def heldout_story(stage: str, tag: str, res: Mapping[str, Any]) -> str:
+    """One held-out evaluation (``evaluate.evaluate_heldout``'s result) for the console: accuracy against the
+    majority baseline, per task, and the logged generations."""
+    lines = [
+        f"[{stage}] held-out {tag}: accuracy {res['accuracy']:.3f} (baseline {res['baseline'] or 0:.3f}: each task's "
+        f"most frequent training answer) on {res['n']} records ({res['bad_records']} unreadable), loss "
+        f"{res['loss']:.3f}"
+    ]
+    for task, acc in sorted(res["accuracy_per_task"].items()):
+        base = res["baseline_per_task"].get(task)
+        lines.append(
+            f"    {task:<16} accuracy {acc:.3f}  baseline {0 if base is None else base:.3f}  "
+            f"n={res['n_per_task'][task]}"
+        )
+    for g in res["generations"]:
+        lines.append(
+            f"    [{g['task']}] generated {g['generated']!r}  reference {g['reference']!r}  "
+            f"{'correct' if g['correct'] else 'wrong'}"
+        )
+    return "\n".join(lines)
+
+
+def done_story(cfg, step: int | None, results: Mapping[str, Any], log_path: Path | None) -> str:
+    """The last line of a finished stage: where its export, results, metrics and log are."""
+    out_dir = Path(cfg.output_dir)
+    return (
+        f"[{cfg.stage}] done at step {step}: export {results['export']} ({cfg.model.dtype} weights, loads with "
+        f"AutoModelForImageTextToText); results {out_dir / 'results.json'}; metrics {out_dir / 'metrics.jsonl'}"
+        + (f"; log {log_path}" if log_path else "")
+    )
+
 
 # ================================================================================================================
 # The pipeline's training summary

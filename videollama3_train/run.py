@@ -16,24 +16,24 @@ import dataclasses
 import json
 import logging
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .config import PipelineConfig, RunConfig, compose_stage
 from .console import UserError, log_file
+from .contract import ParallelDims
 from .rundir import (
+    RunRecord,
     check_data_paths,
     check_run_dir,
     check_weights,
+    confirm_schedule,
     data_fingerprint,
     device_line,
-    model_record,
     read_run_record,
     reschedule_error,
     schedule_change,
-    write_run_record,
 )
 
 log = logging.getLogger("videollama3_train")
@@ -158,6 +158,12 @@ def run_stage(cfg: RunConfig, *, announce: bool = True) -> dict[str, Any]:
 
     accelerator = build_accelerator(cfg.trainer)
     is_main = accelerator.is_main_process
+    try:  # how the ranks divide the work, decided once for the data and the loop
+        dims = ParallelDims(
+            accelerator.num_processes, accelerator.process_index, cfg.trainer.sequence_parallel
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from e
     set_cpu_threads(accelerator.num_processes, cfg.data.num_workers, on_cpu=accelerator.device.type == "cpu")
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -165,7 +171,7 @@ def run_stage(cfg: RunConfig, *, announce: bool = True) -> dict[str, Any]:
 
     # a collective that fails because a rank was lost says which one (trainer/liveness.py)
     with log_file(out_dir / "train.log", enabled=is_main) as log_path, guard(f"stage {cfg.stage}"):
-        return _train(cfg, accelerator, record, data_fp, log_path, resuming=has_checkpoints)
+        return _train(cfg, accelerator, dims, record, data_fp, log_path, resuming=has_checkpoints)
 
 
 def is_complete(out_dir: Path, record: dict[str, Any] | None) -> bool:
@@ -201,271 +207,110 @@ def _report_complete(cfg: RunConfig, record: dict[str, Any]) -> dict[str, Any]:
 def _train(
     cfg: RunConfig,
     accelerator,
+    dims: ParallelDims,
     record: dict[str, Any] | None,
     data_fp: dict[str, Any],
     log_path: Path | None,
     *,
     resuming: bool,
 ) -> dict[str, Any]:
-    from .dashboard import log_heldout
-    from .data.annotations import record_at
-    from .data.build import build_train_data, load_heldout
-    from .evaluate import evaluate_heldout, majority_answers
+    from .evaluator import build_evaluator
     from .model.core import build_model
     from .model.export import export_hf
     from .model.lora import apply_lora
-    from .trainer import fit
-    from .trainer.backend import whole_model
+    from .reports import done_story, stage_story
+    from .trainer import build_backend, fit
     from .trainer.liveness import main_only
-    from .trainer.metrics import MetricsWriter
     from .trainer.optim import plan_steps
     from .trainer.sharded_init import place, wants_meta
 
-    out_dir = Path(cfg.output_dir)
-    is_main = accelerator.is_main_process
-    say = f"[{cfg.stage}]"
+    out_dir, is_main = Path(cfg.output_dir), accelerator.is_main_process
     tokenizer = build_tokenizer_for(cfg)
     processor = build_stage_processor(tokenizer, cfg.encode)
     # The data first: annotations read, every record costed and packed -- bad data stops the run before a model
     # (minutes to load at full size) is built.
-    try:
-        # a sequence-parallel group of N ranks shares its rows: the loader deals rows to groups, N times longer
-        n = cfg.trainer.sequence_parallel
-        if accelerator.num_processes % n:
-            raise UserError(
-                f"trainer.sequence_parallel={n} must divide the number of processes ({accelerator.num_processes})"
-            )
-        data_cfg = (
-            cfg.data
-            if n == 1
-            else dataclasses.replace(
-                cfg.data, max_tokens=cfg.data.max_tokens * n, max_patches=cfg.data.max_patches * n
-            )
-        )
-        data = build_train_data(
-            data_cfg,
-            cfg.encode,
-            processor,
-            grad_accum=cfg.trainer.grad_accum,
-            rank=accelerator.process_index // n,
-            world_size=accelerator.num_processes // n,
-            is_main=is_main,
-            global_batch_samples=cfg.trainer.global_batch_samples,
-            run_dir=str(out_dir),
-        )
-    except RuntimeError as e:  # too many unusable records, or no optimizer step in the plan
-        raise UserError(str(e)) from e
-    heldout, heldout_bad = load_heldout(cfg.data, cfg.encode, processor) if is_main else ([], 0)
-    benchmarks = _benchmarks(cfg, processor) if is_main else None  # read and encoded once
+    data = build_stage_data(cfg, processor, dims, is_main=is_main)
     trainer_cfg = dataclasses.replace(cfg.trainer, grad_accum=data.grad_accum)
     _check_global_batch(out_dir, data.rows_per_step, accelerator.num_processes, resuming=resuming)
+    backend = build_backend(trainer_cfg, accelerator)
     total_steps, steps_per_epoch = plan_steps(trainer_cfg, data.loader)
-    change = schedule_change(record, cfg, total_steps)
-    if change is not None and resuming:
-        if not cfg.reschedule:
-            raise reschedule_error(cfg, change, record or {})
-        if is_main:
-            log.warning("reschedule=true: %s; the lr schedule is rebuilt for %d steps", change, total_steps)
-    now = time.strftime("%Y-%m-%dT%H:%M:%S")
-    run_record = {
-        "stage": cfg.stage,
-        "model": model_record(cfg),
-        "data": data_fp,
-        "schedule": {
-            "max_steps": cfg.trainer.max_steps,
-            "epochs": cfg.trainer.epochs,
-            "total_steps": total_steps,
-        },
-        "status": "running",
-        "step": (record or {}).get("step"),
-        "created": (record or {}).get("created", now),
-        "updated": now,
-    }
-    results: dict[str, Any] = {"stage": cfg.stage, "plan": data.plan_stats, "bad_records": data.failures}
+    confirm_schedule(cfg, record, total_steps, resuming=resuming, is_main=is_main)
+    run_record = RunRecord(cfg, record, data_fp, enabled=is_main)
     effective = effective_settings(cfg, accelerator.num_processes, data.plan_stats, data.grad_accum)
-    if is_main:
-        write_run_record(out_dir, run_record)
-        _write_json(out_dir / "resolved_config.json", dataclasses.asdict(cfg))
-        _write_json(out_dir / "effective.json", effective)
-        st = data.plan_stats
-        records = {n: len(r) for n, r in zip(data.names, data.records)}
-        unusable = sum(sum(v.values()) for v in data.failures.values())
-        weights = cfg.model.init_from or (
-            f"assembled from {cfg.model.vision_from} + {cfg.model.llm_from}"
-            if cfg.model.init_kind == "assemble"
-            else "random weights"
-        )
-        story = (
-            f"{say} model {cfg.model.preset} ({weights}) -> output_dir {out_dir.resolve()}\n"
-            f"{say} {device_line(accelerator, cfg)}\n"
-            f"{say} data: {sum(records.values())} records ({', '.join(f'{n} {k}' for n, k in records.items())}), "
-            f"{unusable} unusable; epoch 0 packs {int(st.get('samples_packed', 0))} samples into "
-            f"{int(st.get('optimizer_steps', 0)) * data.rows_per_step} rows"
-            + (f"; held-out {len(heldout)} records" if heldout else "")
-            + "\n"
-            f"{say} global batch: {data.rows_per_step} packed rows per optimizer step "
-            f"(~{data.rows_per_step * st.get('samples_per_row', 0):.1f} samples, <= "
-            f"{data.rows_per_step * cfg.data.max_tokens * n} tokens) = {accelerator.num_processes // n} "
-            + ("rank(s)" if n == 1 else f"sequence-parallel group(s) of {n} ranks")
-            + " x grad_accum "
-            f"{data.grad_accum}\n"
-            f"{say} schedule: {total_steps} optimizer steps ({cfg.trainer.epochs} epochs of {steps_per_epoch[0]}"
-            + (f", capped by trainer.max_steps={cfg.trainer.max_steps}" if cfg.trainer.max_steps > 0 else "")
-            + f"), {cfg.trainer.lr_schedule} lr with {cfg.trainer.warmup_ratio:.0%} warmup; "
-            + ("resuming from the newest checkpoint" if resuming else "starting at step 0")
-        )
-        print(story, flush=True)
-        if log_path is not None:  # the run's log keeps the story too (the console is not kept)
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(story + "\n")
-
-    defer = (
-        wants_meta(cfg.trainer, accelerator) and not cfg.lora.enabled
-    )  # FSDP2/ZeRO-3: no whole copy per rank
-    model = place(build_model(cfg.model, tokenizer, defer_weights=defer), cfg.trainer, accelerator)
-    if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora)
-
-    writer = MetricsWriter(
-        out_dir,
-        project=cfg.logger.project,
-        run_name=cfg.logger.run_name or f"{cfg.stage}-{out_dir.name}",
-        wandb_mode=cfg.logger.wandb,
-        config={**dataclasses.asdict(cfg), "effective": effective},
-        enabled=is_main,
-        group=cfg.logger.group,
-        job_type=cfg.stage,
-    )
-
-    # The level held-out accuracy must beat: each task's most frequent training answer (one pass over the
-    # training records, on rank 0, only when there is a held-out set).
-    baseline_answers = None
-    if heldout:
-        baseline_answers = majority_answers(record_at(ds, i) for ds in data.records for i in range(len(ds)))
-
-    def evaluate(tag: str, m=model, step: int = 0) -> dict[str, Any] | None:
-        if not heldout:
-            return None
-        m.to(accelerator.device)
-        res = evaluate_heldout(
-            m,
-            heldout,
-            tokenizer=tokenizer,
-            device=accelerator.device,
-            max_new_tokens=cfg.eval.max_new_tokens,
-            num_generations=cfg.eval.log_generations,
-            baseline_answers=baseline_answers,
-            bad_records=heldout_bad,
-        )
-        print(
-            f"[{cfg.stage}] held-out {tag}: accuracy {res['accuracy']:.3f} (baseline {res['baseline'] or 0:.3f}: "
-            f"each task's most frequent training answer) on {res['n']} records ({res['bad_records']} unreadable), "
-            f"loss {res['loss']:.3f}",
-            flush=True,
-        )
-        for task, acc in sorted(res["accuracy_per_task"].items()):
-            base = res["baseline_per_task"].get(task)
-            print(
-                f"    {task:<16} accuracy {acc:.3f}  baseline {0 if base is None else base:.3f}  "
-                f"n={res['n_per_task'][task]}",
-                flush=True,
-            )
-        if res["unfinished"]:
-            log.warning(
-                "%d held-out generations did not end their turn within eval.max_new_tokens", res["unfinished"]
-            )
-        for g in res["generations"]:
-            print(
-                f"    [{g['task']}] generated {g['generated']!r}  reference {g['reference']!r}  "
-                f"{'correct' if g['correct'] else 'wrong'}",
-                flush=True,
-            )
-        log_heldout(writer, res, cfg.data, step)
-        return res
-
-    with main_only("held-out evaluation before training") as main:  # the others wait outside collectives
-        before = main and cfg.eval.before and heldout and not resuming
-        # a sharded build is still on meta: rank 0 evaluates a whole copy of its own, freed after this block
-        first = (
-            build_model(cfg.model, tokenizer)
-            if defer and (before or (main and benchmarks is not None))
-            else model
-        )
-        if before:
-            res = evaluate("before", first)
-            results["heldout_before"] = res
-            writer.summary({**_heldout_summary(res, "before"), "baseline_accuracy": res["baseline"]})
-        if main and benchmarks is not None:
-            benchmarks.at_start(first.to(accelerator.device), writer, results, out_dir, resuming)
-        del first
-
-    # ZeRO-3 and FSDP2 keep each parameter partitioned over the ranks: generation needs them whole, so no
-    # evaluation inside the loop (rank 0 alone would wait for the others' shards).
-    sharded = cfg.trainer.backend in ("zero3", "fsdp2") and accelerator.num_processes > 1
-    eval_every = cfg.eval.every
-    if eval_every > 0 and sharded:
-        if is_main:
-            log.warning(
-                "eval.every is ignored under trainer.backend=%s (parameters are sharded); held-out runs at the end",
-                cfg.trainer.backend,
-            )
-        eval_every = 0
-
-    def eval_fn(m, step):  # noqa: ARG001 - fit passes the (possibly wrapped) model
-        with main_only(f"held-out evaluation at step {step}") as main:
-            r = evaluate(f"step {step}", step=step) if main and heldout else None
-            if main and benchmarks is not None:
-                benchmarks.at_step(m, writer, step)
-        if r is None:
-            return {}
-        return {  # logged as eval/<name>
-            "heldout_loss": r["loss"],
-            "heldout_accuracy": r["accuracy"],
-            "heldout_baseline": r["baseline"],
-            **{f"heldout_accuracy/{k}": v for k, v in r["accuracy_per_modality"].items()},
-        }
-
+    writer = _build_writer(cfg, effective, enabled=is_main)
+    results: dict[str, Any] = {"stage": cfg.stage, "plan": data.plan_stats, "bad_records": data.failures}
     try:
+        evaluator = build_evaluator(cfg, data, processor, tokenizer=tokenizer, backend=backend, writer=writer)
+        if is_main:  # the run directory's record and config, then the console story
+            run_record.running(total_steps)
+            _write_json(out_dir / "resolved_config.json", dataclasses.asdict(cfg))
+            _write_json(out_dir / "effective.json", effective)
+            story = stage_story(
+                cfg,
+                device=device_line(accelerator, cfg),
+                data=data,
+                dims=dims,
+                heldout=len(evaluator.heldout),
+                schedule=(total_steps, steps_per_epoch),
+                resuming=resuming,
+            )
+            _tell(story, log_path)
+        defer = (
+            wants_meta(cfg.trainer, accelerator) and not cfg.lora.enabled
+        )  # sharded: no whole copy per rank
+        model = place(build_model(cfg.model, tokenizer, defer_weights=defer), cfg.trainer, accelerator)
+        if cfg.lora.enabled:
+            model = apply_lora(model, cfg.lora)
+        whole_before = (lambda: build_model(cfg.model, tokenizer)) if defer else None  # rank 0's whole copy
+        evaluator.before(model, results, resuming=resuming, whole=whole_before)
         final = fit(
             model,
             data.loader,
             cfg.trainer,
             out_dir=out_dir,
             accelerator=accelerator,
+            backend=backend,
+            parallel=dims,
             processor=processor,
-            eval_fn=eval_fn if eval_every > 0 else None,
-            eval_every=eval_every,
+            evaluator=evaluator,
             writer=writer,
         )
         results["final"] = final
         if final.get("interrupted"):
             return results
         accelerator.wait_for_everyone()
-        # every rank enters (ZeRO-3 / FSDP2 gather the weights); rank 0 alone exports and evaluates (main_only)
-        with whole_model(model, accelerator) as whole, main_only("export, evaluation") as main:
-            if main:
-                results["export"] = str(export_hf(whole, processor, out_dir / "export"))
-                # no row: resumed at the last step, export only
-                step = final.get("step", _latest_step(out_dir))
-                writer.summary({"export": results["export"]})
-                res = evaluate("after", whole, step=step or 0)
-                if res is not None:
-                    results["heldout_after"] = res
-                    writer.summary(_heldout_summary(res, "after"))
-                if benchmarks is not None:
-                    benchmarks.at_end(whole, writer, results, step or 0)
-                _write_json(out_dir / "results.json", results)
-                run_record.update(status="complete", step=step, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-                write_run_record(out_dir, run_record)
-                print(
-                    f"{say} done at step {step}: export {results['export']} ({cfg.model.dtype} weights, "
-                    f"loads with AutoModelForImageTextToText); results {out_dir / 'results.json'}; metrics "
-                    f"{out_dir / 'metrics.jsonl'}" + (f"; log {log_path}" if log_path else ""),
-                    flush=True,
-                )
+        step = final.get("step", _latest_step(out_dir))  # no row: resumed at the last step, export only
+        with backend.whole_model(model) as whole:  # every rank enters: a sharding backend gathers the weights
+            with main_only("export") as main:  # rank 0 alone; the others wait outside any collective
+                if main:
+                    results["export"] = str(export_hf(whole, processor, out_dir / "export"))
+                    writer.summary({"export": results["export"]})
+            evaluator.after(whole, results, step or 0)
+            with main_only("results") as main:
+                if main:
+                    _write_json(out_dir / "results.json", results)
+                    run_record.complete(step)
+                    print(done_story(cfg, step, results, log_path), flush=True)
     finally:
         writer.finish()  # the process group stays: the next stage of a pipeline reuses it
     return results
+
+
+def _build_writer(cfg: RunConfig, effective: dict[str, Any], *, enabled: bool):
+    """The stage's metrics writer (``metrics.jsonl``, W&B with the config and the effective settings)."""
+    from .trainer.metrics import MetricsWriter
+
+    out_dir = Path(cfg.output_dir)
+    return MetricsWriter(
+        out_dir,
+        project=cfg.logger.project,
+        run_name=cfg.logger.run_name or f"{cfg.stage}-{out_dir.name}",
+        wandb_mode=cfg.logger.wandb,
+        config={**dataclasses.asdict(cfg), "effective": effective},
+        enabled=enabled,
+        group=cfg.logger.group,
+        job_type=cfg.stage,
+    )
 
 
 def _check_global_batch(out_dir: Path, rows_per_step: int, world_size: int, *, resuming: bool) -> None:
@@ -477,14 +322,39 @@ def _check_global_batch(out_dir: Path, rows_per_step: int, world_size: int, *, r
         raise UserError(why)
 
 
-def _benchmarks(cfg: RunConfig, processor) -> Any:
-    """eval.benchmarks read and encoded with the stage's settings (None without any); a bad file is a user error."""
-    from .benchmark import BenchmarkError, BenchmarkSuite
+def build_stage_data(cfg: RunConfig, processor, dims: ParallelDims, *, is_main: bool):
+    """This rank's training data (``data.build.build_train_data``) for the ranks as ``dims`` divides them: a
+    sequence-parallel group of N ranks shares its rows, so the loader deals rows to the groups, each N times the
+    per-rank budgets. Data that cannot train as a whole (too many unusable records, no optimizer step) is the
+    user's to fix: a one-line :class:`UserError`."""
+    from .data.build import build_train_data
+    from .data.errors import UnusableDataError
 
+    n = dims.sp_size
+    data_cfg = dataclasses.replace(
+        cfg.data, max_tokens=cfg.data.max_tokens * n, max_patches=cfg.data.max_patches * n
+    )
     try:
-        return BenchmarkSuite.build(cfg.eval, processor, cfg.encode)
-    except BenchmarkError as e:
-        raise UserError(f"eval.benchmarks: {e}") from e
+        return build_train_data(
+            data_cfg,
+            cfg.encode,
+            processor,
+            grad_accum=cfg.trainer.grad_accum,
+            rank=dims.dp_rank,
+            world_size=dims.dp_size,
+            is_main=is_main,
+            global_batch_samples=cfg.trainer.global_batch_samples,
+        )
+    except UnusableDataError as e:
+        raise UserError(str(e)) from e
+
+
+def _tell(story: str, log_path: Path | None) -> None:
+    """Print ``story``; the run's log keeps it too (the console is not kept)."""
+    print(story, flush=True)
+    if log_path is not None:
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(story + "\n")
 
 
 def _latest_step(out_dir: Path) -> int | None:
@@ -492,14 +362,6 @@ def _latest_step(out_dir: Path) -> int | None:
 
     latest = find_latest_checkpoint(out_dir)
     return int(latest.name.split("-")[1]) if latest is not None else None
-
-
-def _heldout_summary(res: dict[str, Any], tag: str) -> dict[str, float]:
-    """What W&B's run summary keeps of one held-out evaluation: accuracy, loss, per modality and per task."""
-    out = {f"accuracy_{tag}": res["accuracy"], f"heldout_loss_{tag}": res["loss"]}
-    out.update({f"accuracy_{tag}/modality/{k}": v for k, v in res["accuracy_per_modality"].items()})
-    out.update({f"accuracy_{tag}/task/{k}": v for k, v in res["accuracy_per_task"].items()})
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

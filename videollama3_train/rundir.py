@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,8 @@ log = logging.getLogger("videollama3_train")
 # Checks before anything is built: paths, weights, the run directory
 # ----------------------------------------------------------------------------------------------------------------
 
-RUN_FILE = (
-    "run.json"  # a run directory's record: its stage, model, data and schedule, and whether it finished
-)
+# a run directory's record: its stage, model, data and schedule, and whether it finished
+RUN_FILE = "run.json"
 
 
 def check_data_paths(data) -> None:
@@ -106,18 +106,17 @@ def check_weights(cfg: RunConfig) -> None:
             f"lr_scale={cfg.trainer.lr_scale:g}, lr_max={cfg.trainer.lr_max} and {cfg.trainer.epochs} epochs are for "
             f"random tiny weights.\nAdd model={fits[0] if fits else 'videollama3_2b'} (the preset of these weights)"
         )
-    if cfg.trainer.backend.startswith("zero"):
-        from .paths import DEEPSPEED_CONFIG_DIR
+    check_backend(cfg)
 
-        # None: the package's own zero*.json (a checkout's configs/ or an installed wheel's copy)
-        if cfg.trainer.deepspeed_config_dir is None:
-            cfg.trainer.deepspeed_config_dir = str(DEEPSPEED_CONFIG_DIR)
-        folder = Path(cfg.trainer.deepspeed_config_dir)
-        if not (folder / f"{cfg.trainer.backend}.json").is_file():
-            raise UserError(
-                f"trainer.backend={cfg.trainer.backend} needs {folder / (cfg.trainer.backend + '.json')}, which "
-                "does not exist: set trainer.deepspeed_config_dir to a folder of zero1/2/3.json"
-            )
+
+def check_backend(cfg: RunConfig) -> None:
+    """The backend's own checks on the config (a DeepSpeed backend's ZeRO JSON exists), as a :class:`UserError`."""
+    from .trainer.backend import check_backend_config
+
+    try:
+        check_backend_config(cfg.trainer)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e)) from e
 
 
 def _file_digest(path: Path, chunk: int = 1 << 24) -> str:
@@ -251,6 +250,20 @@ def schedule_change(record: dict[str, Any] | None, cfg: RunConfig, total_steps: 
     return "; ".join(changed) or None
 
 
+def confirm_schedule(
+    cfg: RunConfig, record: dict[str, Any] | None, total_steps: int, *, resuming: bool, is_main: bool
+) -> None:
+    """A resumed run whose schedule length changed to ``total_steps`` goes on only with ``reschedule=true`` (then
+    the lr schedule is rebuilt for the new length, and a warning says so)."""
+    change = schedule_change(record, cfg, total_steps)
+    if change is None or not resuming:
+        return
+    if not cfg.reschedule:
+        raise reschedule_error(cfg, change, record or {})
+    if is_main:
+        log.warning("reschedule=true: %s; the lr schedule is rebuilt for %d steps", change, total_steps)
+
+
 def reschedule_error(cfg: RunConfig, change: str, record: dict[str, Any]) -> UserError:
     where = (
         f"finished at step {record.get('step')}" if record.get("status") == "complete" else "has checkpoints"
@@ -268,11 +281,56 @@ def write_run_record(out_dir: Path, record: dict[str, Any]) -> None:
     os.replace(tmp, out_dir / RUN_FILE)
 
 
+class RunRecord:
+    """The life of a run directory's ``run.json``: ``running`` when training starts (its stage, model, data and
+    schedule; the creation time of an earlier record kept), ``complete`` with the last step once the export and
+    the results are written. Rank 0 writes it (``enabled``)."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        previous: dict[str, Any] | None,
+        data_fp: dict[str, Any],
+        *,
+        enabled: bool = True,
+    ):
+        self.out_dir, self.enabled = Path(cfg.output_dir), enabled
+        now = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.record = {
+            "stage": cfg.stage,
+            "model": model_record(cfg),
+            "data": data_fp,
+            "schedule": {
+                "max_steps": cfg.trainer.max_steps,
+                "epochs": cfg.trainer.epochs,
+                "total_steps": None,
+            },
+            "status": "running",
+            "step": (previous or {}).get("step"),
+            "created": (previous or {}).get("created", now),
+            "updated": now,
+        }
+
+    def running(self, total_steps: int) -> None:
+        """Record the run as started with a schedule of ``total_steps`` optimizer steps."""
+        self.record["schedule"]["total_steps"] = total_steps
+        self._write()
+
+    def complete(self, step: int | None) -> None:
+        """Record the run as finished at ``step`` (its export and results are written)."""
+        self.record.update(status="complete", step=step, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        self._write()
+
+    def _write(self) -> None:
+        if self.enabled:
+            write_run_record(self.out_dir, self.record)
+
+
 def device_line(accelerator, cfg: RunConfig) -> str:
     import torch
     import torch.distributed as dist
 
-    from .trainer.backend import resolve_precision
+    from .trainer.config import resolve_precision
 
     device = accelerator.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DataConfig, EncodeConfig
+from .errors import UnusableDataError
 from .packing import EpochPlanner, global_rows_per_step
 
 log = logging.getLogger("videollama3_train")
@@ -95,7 +96,7 @@ def _check_failures(dcfg: DataConfig, name: str, table, n: int, *, is_main: bool
         )
     frac = len(table.failures) / max(n, 1)
     if frac > dcfg.max_bad_fraction:
-        raise RuntimeError(
+        raise UnusableDataError(
             f"dataset {name!r}: {frac:.1%} of records are unusable ({reasons}), above "
             f"data.max_bad_fraction={dcfg.max_bad_fraction}; run `python -m videollama3_train.doctor` for a "
             f"full report, or raise data.max_bad_fraction"
@@ -187,7 +188,7 @@ def _epoch0_stats(dcfg: DataConfig, loader, records: int, *, is_main: bool) -> d
             dcfg.max_patches,
         )
     if plan0.steps == 0:
-        raise RuntimeError(
+        raise UnusableDataError(
             f"the packing plan has no optimizer step: {records} records, {rows} packed rows per step; use more data"
         )
     stats = plan0.stats()

@@ -44,9 +44,8 @@ class EncodeConfig:
     # with pruning on a token can flip between kept and dropped (1 in 1,008 measured), changing input_ids.
     # False (default): exactly the processor's pixels
     decode_scale: bool = False
-    frame_cache_dir: str | None = (
-        None  # directory written by `prepare`; read instead of decoding when present
-    )
+    # directory written by `prepare`; read instead of decoding when present
+    frame_cache_dir: str | None = None
     # follow symlinks inside a media root (copied from data.follow_symlinks at start, which is the key to set)
     follow_symlinks: bool = True
     # --- text -----------------------------------------------------------------------------------------------
@@ -81,9 +80,8 @@ class DatasetConfig:
 
     name: str = ""  # label in logs and reports; filled from the key of data.datasets (leave it unset in YAML)
     path: str = "???"  # annotation file: JSON list or JSONL, official or chat-messages schema
-    root: str | None = (
-        None  # media root the record paths are relative to; None = the annotation file's folder
-    )
+    # media root the record paths are relative to; None = the annotation file's folder
+    root: str | None = None
     weight: float | None = None  # share of the epoch's samples (0 < weight <= 1); excludes `repeat`
     repeat: int | None = None  # whole copies of the dataset per epoch (>= 1); None with no weight = once
     max_samples: int | None = None  # records used at most (>= 1): a seeded subset, the same every epoch

@@ -297,9 +297,8 @@ def _plan(
     ``count_only`` (the cost pass): the text is counted (:func:`~.text.count_tokens`), not tokenised, so the
     plan's ``ids`` / ``flags`` are empty unless the "truncate" policy needs them; its ``cost`` is the same."""
     if isinstance(record, dict) and set(record) == {RECORD_COLUMN} and isinstance(record[RECORD_COLUMN], str):
-        record = json.loads(
-            record[RECORD_COLUMN]
-        )  # a row of load_annotations' dataset, as the loader hands it
+        # a row of load_annotations' dataset, as the loader hands it
+        record = json.loads(record[RECORD_COLUMN])
     rec = normalize_record(record)
     messages = rec["messages"]
     if config.system_prompt and messages[0]["role"] != "system":

@@ -1,4 +1,5 @@
-"""One exception type for every bad input, carrying what a user needs to find it."""
+"""One exception type for every bad input, carrying what a user needs to find it, and one for data that cannot
+train as a whole."""
 
 from __future__ import annotations
 
@@ -51,6 +52,11 @@ class DataError(ValueError):
 
     def __reduce__(self):  # picklable across DataLoader workers
         return (_rebuild, (self.reason, self.message, self.dataset, self.index, self.path))
+
+
+class UnusableDataError(RuntimeError):
+    """The data as a whole cannot train: a dataset's share of unusable records is above ``data.max_bad_fraction``,
+    or the packing plan has no optimizer step. A user's data to fix, not a bug: the command says it in one line."""
 
 
 def _rebuild(reason, message, dataset, index, path):

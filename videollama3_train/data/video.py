@@ -342,9 +342,8 @@ def probe_video(
             frame_times = np.array([t * tb - start for t in scanned], dtype=np.float64)
             frames = len(scanned)
     if rotation not in (0, 90, 180, 270):
-        rotation = (
-            int(round(rotation / 90.0)) % 4 * 90
-        )  # non-right angles are not supported: nearest quarter turn
+        # non-right angles are not supported: nearest quarter turn
+        rotation = int(round(rotation / 90.0)) % 4 * 90
     fps = float(rate) if rate else None
     if not fps and frames and duration:
         fps = frames / duration

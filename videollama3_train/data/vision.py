@@ -157,9 +157,8 @@ def resize_and_normalize(
         raise ValueError(f"expected uint8 (N, 3, H, W) frames, got {frames.dtype} {tuple(frames.shape)}")
     if tuple(frames.shape[-2:]) != tuple(size):
         frames = tvF.resize(frames, list(size), interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
-    scale = 1.0 / (
-        1.0 / 255.0
-    )  # transformers fuses rescale_factor=1/255 this way; keep its exact float values
+    # transformers fuses rescale_factor=1/255 this way; keep its exact float values
+    scale = 1.0 / (1.0 / 255.0)
     mean_t = torch.tensor(mean) * scale
     std_t = torch.tensor(std) * scale
     return tvF.normalize(frames.to(torch.float32), mean_t, std_t)

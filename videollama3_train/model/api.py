@@ -8,6 +8,11 @@ the tower + projector (:func:`visual_features`), the LLM body (:func:`hidden_sta
 (:func:`output_layer`). Those attribute paths live here and nowhere in ``trainer/``; a transformers release that
 moves them changes this file only.
 
+The attention backends are switched through here too: :func:`set_attention` on a config (the FSDP2 export's copy
+runs on ``sdpa``), and for sequence parallelism :func:`use_llm_attention` (``ULYSSES``) with :func:`ulysses_slice`
+around the forward (``model/attention.py``: the LLM sees one rank's slice and its attention is exchanged
+all-to-all across the group).
+
 A PEFT wrapper is looked through (:func:`base_model`): LoRA injects its adapters into the base model's modules in
 place, so the base model's ``.model`` and ``.lm_head`` carry them, while the wrapper's attribute lookup would shadow
 them.
@@ -21,6 +26,8 @@ from collections import defaultdict
 from typing import Any
 
 from torch import Tensor, nn
+
+from videollama3_train.model.attention import ULYSSES, set_attention, ulysses_slice, use_llm_attention
 
 # Module name of each tower under ``model.model`` (keys are the ``gradient_checkpointing`` choices).
 TOWER_MODULES = {"llm": "language_model", "vision": "vision_model"}
@@ -151,6 +158,10 @@ def apply_gradient_checkpointing(model: nn.Module, mode: str, every_n_layers: in
 
 __all__ = [
     "TOWER_MODULES",
+    "ULYSSES",
+    "set_attention",
+    "ulysses_slice",
+    "use_llm_attention",
     "apply_gradient_checkpointing",
     "base_model",
     "flops_dimensions",

@@ -13,12 +13,22 @@ segments from ``cu_seq_lens_q`` or from packed ``position_ids``, the (1, H, L, D
 vs bidirectional) with :func:`reference_varlen_kernel` in place of the CUDA call: plain PyTorch, one
 ``scaled_dot_product_attention`` per segment. It runs anywhere, so the CPU tests exercise exactly the code path the
 GPU runs, and only the kernel itself is left to the device check.
+
+``flash_ulysses`` is Ulysses sequence parallelism's attention for the LLM (the trainer's
+``trainer/sequence_parallel.py`` splits the row; this module does what happens inside the model): within
+:func:`ulysses_slice` the LLM sees one rank's contiguous slice of the row, and in every layer q/k/v of the slice are
+exchanged all-to-all so that each rank holds ``H / N`` heads for the whole row, the varlen kernel above runs per
+packed sample (segments from the full row's positions), and a second all-to-all brings the output back to the slice
+with all heads.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -159,6 +169,104 @@ def register_varlen() -> None:
 
 VARLEN_BACKENDS = (VARLEN, VARLEN_REFERENCE)
 
+# ----------------------------------------------------------------------------------------------------------------
+# Ulysses: the LLM's attention over a row split across a group of ranks
+# ----------------------------------------------------------------------------------------------------------------
+
+ULYSSES = "flash_ulysses"  # "flash" in the name: transformers then builds no dense mask (see register_varlen)
+_ulysses = threading.local()  # the full row's segment table and the group, set around one forward
+
+
+@contextmanager
+def ulysses_slice(
+    language_model: torch.nn.Module, position_ids: torch.Tensor, bounds: tuple[int, int], group
+) -> Iterator[None]:
+    """Within the context, ``language_model`` sees only the slice ``[start, stop)`` of ``inputs_embeds`` /
+    ``position_ids`` (per-sample positions kept, so RoPE is right), and Ulysses attention knows the full row's
+    segments (from ``position_ids (1, L)``) and the process ``group`` that shares the row."""
+    a, b = bounds
+
+    def pre_hook(module, args, kwargs):
+        kwargs["inputs_embeds"] = kwargs["inputs_embeds"][:, a:b]
+        kwargs["position_ids"] = kwargs["position_ids"][:, a:b]
+        return args, kwargs
+
+    handle = language_model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    # kept after the context: activation checkpointing recomputes the layers' forward inside this micro-batch's
+    # backward, after the context has exited (the next micro-batch's forward sets them anew)
+    _ulysses.cu = cu_seqlens_from_position_ids(position_ids)
+    _ulysses.group = group
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
+    """Autograd all-to-all of ``x (N, ...)``: chunk ``j`` goes to rank ``j``; result ``[i]`` came from rank ``i``.
+
+    ``contiguous()`` first: a permuted view would otherwise be sent in its memory order (measured: wrong outputs)."""
+    from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+
+    return wait_tensor(all_to_all_single_autograd(x.contiguous(), None, None, group))
+
+
+def ulysses_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface function: ``query (1, Hq, L/N, D)``, ``key``/``value`` ``(1, Hkv, L/N, D)``
+    of the local slice; returns ``(1, L/N, Hq, D)``."""
+    group, cu = _ulysses.group, _ulysses.cu
+    n = torch.distributed.get_world_size(group)
+    hq, hkv = query.shape[1], key.shape[1]
+    if hq % n:
+        raise ValueError(f"sequence parallelism {n} needs the attention heads ({hq}) divisible by it")
+    if hkv % n:  # fewer KV heads than ranks: give every rank the KV heads its query heads read
+        key, value = (t.repeat_interleave(hq // hkv, dim=1) for t in (key, value))
+        hkv = hq
+
+    def scatter_heads(t: torch.Tensor) -> torch.Tensor:  # (1, H, Ls, D) -> (H/N, L, D)
+        h, ls, d = t.shape[1:]
+        chunks = t[0].reshape(n, h // n, ls, d)
+        got = _all_to_all(chunks, group)  # [i] = rank i's slice of my heads
+        return got.permute(1, 0, 2, 3).reshape(h // n, n * ls, d)
+
+    dtype = _kernel_dtype(query, key, value)  # one dtype for the kernel
+    q, k, v = (scatter_heads(t.to(dtype)).transpose(0, 1) for t in (query, key, value))  # (L, H/N, D)
+    kernel = _varlen_kernel() if q.is_cuda else reference_varlen_kernel
+    max_len = int((cu[1:] - cu[:-1]).max())
+    out = kernel(q, k, v, cu.to(q.device), max_len, causal=True, scale=scaling)  # (L, Hq/N, D)
+    L, hn, d = out.shape
+    back = _all_to_all(out.reshape(n, L // n, hn, d), group)  # [i] = my slice, heads of rank i
+    return back.permute(1, 0, 2, 3).reshape(L // n, n * hn, d).unsqueeze(0), None
+
+
+def register_ulysses() -> None:
+    """Register the Ulysses attention with transformers' attention and mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(ULYSSES, ulysses_attention_forward)
+    AttentionMaskInterface.register(ULYSSES, flash_attention_mask)
+
+
+def use_llm_attention(model: torch.nn.Module, attn: str) -> str:
+    """Switch the LLM alone (not the vision tower) to attention backend ``attn`` (``flash_ulysses``: registered
+    first); returns the implementation it had, to switch back with the same call."""
+    if attn == ULYSSES:
+        register_ulysses()
+    text = model.config.text_config
+    previous = text._attn_implementation
+    text._attn_implementation_internal = attn
+    return previous
+
 
 def construction_backend(attn: str) -> str:
     """The backend to construct / load a model with when ``attn`` is to be used: ``sdpa`` for ours.
@@ -171,15 +279,20 @@ def construction_backend(attn: str) -> str:
     return "sdpa" if attn in VARLEN_BACKENDS else attn
 
 
-def use_attention(model: torch.nn.Module, attn: str) -> None:
-    """Switch a built model (and its text / vision sub-configs) to attention backend ``attn``."""
+def set_attention(config, attn: str) -> None:
+    """Set attention backend ``attn`` on a model config and its text / vision sub-configs (before or after the
+    model is built: the attention modules read the config's implementation at every forward)."""
     if attn in VARLEN_BACKENDS:
         register_varlen()
-    configs = [model.config] + [
-        getattr(model.config, k) for k in ("text_config", "vision_config") if hasattr(model.config, k)
-    ]
+    configs = [config] + [getattr(config, k) for k in ("text_config", "vision_config") if hasattr(config, k)]
     for c in configs:
-        c._attn_implementation_internal = attn
+        if c is not None:
+            c._attn_implementation_internal = attn
+
+
+def use_attention(model: torch.nn.Module, attn: str) -> None:
+    """Switch a built model (and its text / vision sub-configs) to attention backend ``attn``."""
+    set_attention(model.config, attn)
 
 
 def varlen_available() -> tuple[bool, str]:

@@ -51,9 +51,8 @@ class ModelConfig:
     init_kind: str = "auto"  # auto | random | native | official | assemble
     vision_from: str | None = None  # assemble: SigLIP vision-model directory
     llm_from: str | None = None  # assemble: Qwen2 causal-LM directory
-    attn_implementation: str = (
-        "auto"  # auto | sdpa | eager | varlen | varlen_reference (CPU, tests) | flash_attention_2
-    )
+    # auto | sdpa | eager | varlen | varlen_reference (CPU, tests) | flash_attention_2
+    attn_implementation: str = "auto"
     dtype: str = "float32"  # weights' dtype in memory (mixed precision is the trainer's business)
     projector_init_std: float = 0.02  # std of the projector's normal init (biases 0)
     seed: int = 0  # random init

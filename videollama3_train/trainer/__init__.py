@@ -1,11 +1,12 @@
 """The training loop and its parts: :func:`fit` tells one optimizer step; each part owns one concern.
 
-``config`` the loop's dataclass; ``backend`` one strategy per backend (DDP, ZeRO-1/2/3); ``step`` the micro-batches
-and the loss; ``loss`` the chunked cross-entropy; ``optim`` AdamW, schedule, step plan; ``checkpoint`` cadence,
-atomic save, resume, SIGTERM; ``metrics`` FLOPs, MFU and the one metrics writer.
+``config`` the loop's dataclass; ``backend`` one strategy per backend (DDP, ZeRO-1/2/3, FSDP2), with their building
+blocks in ``deepspeed`` and ``fsdp2``; ``sequence_parallel`` the Ulysses groups' split of a row and its loss;
+``step`` the micro-batches and the loss; ``loss`` the chunked cross-entropy; ``optim`` AdamW, schedule, step plan;
+``checkpoint`` cadence, atomic save, resume, SIGTERM; ``metrics`` FLOPs, MFU and the one metrics writer.
 """
 
-from videollama3_train.trainer.backend import build_accelerator, build_backend, whole_model
+from videollama3_train.trainer.backend import build_accelerator, build_backend
 from videollama3_train.trainer.checkpoint import (
     Checkpointer,
     LoopState,
@@ -22,7 +23,6 @@ __all__ = [
     "fit",
     "build_accelerator",
     "build_backend",
-    "whole_model",
     "chunked_cross_entropy",
     "shift_and_select",
     "Checkpointer",

@@ -1,8 +1,10 @@
 """How gradients are synchronised, clipped and applied: one strategy object per backend, so the loop has no
 backend ``if``.
 
-Every backend runs through accelerate (``build_accelerator``): plain data parallel (DDP: gloo on CPU, NCCL on CUDA)
-or DeepSpeed ZeRO-1/2/3 (accelerate's DeepSpeed plugin; on CPU DeepSpeed's CPU accelerator over gloo). Where they
+Every backend runs through accelerate (``build_accelerator``): plain data parallel (DDP: gloo on CPU, NCCL on CUDA),
+DeepSpeed ZeRO-1/2/3 (accelerate's DeepSpeed plugin; on CPU DeepSpeed's CPU accelerator over gloo), or FSDP2
+(``fully_shard`` called by us; accelerate gives the process group and the device; below the table). Sequence
+parallelism is not a backend: it works with each of them (``sequence_parallel.py``). Where DDP and DeepSpeed
 differ, and what each strategy does about it:
 
 ================  ===========================================  ===========================================
@@ -16,7 +18,7 @@ clip              ``clip_grad_norm_``; returns the pre-clip    the engine clips 
                   norm                                         its global (pre-clip) norm is returned
 update            ``optimizer.step()`` when finite, by us      the engine steps inside the last backward
                                                                and skips a non-finite update itself
-export            parameters are whole                         ZeRO-3: gathered (:func:`whole_model`)
+export            parameters are whole                         ZeRO-3: gathered (``whole_model``)
 ================  ===========================================  ===========================================
 
 ``grad_scale`` is the factor the loop multiplies the loss by so that the backend's own averaging cancels and the
@@ -24,20 +26,25 @@ gradients are exactly ``d(sum of token losses) / (label tokens of the global bat
 code divides twice under DeepSpeed). The lr scheduler is not the backend's: the loop steps it once per applied
 update (accelerate's scheduler wrapper would step it once per process).
 
-The strategy is chosen by ``cfg.backend``; an accelerator passed in must be one that strategy can drive
-(``drives``). Adding a backend (FSDP2, say) is one more :class:`Backend` subclass: its ``build_accelerator`` and
-``drives``, ``prepare`` (wrap the loss module: it is the root whose ``forward`` the loop calls), ``sync`` /
-``backward`` / ``clip`` / ``step`` where they differ, ``save_state`` / ``load_state`` when its checkpoint format is
-its own (sharded DCP), ``whole_model`` for the export; and its name in ``_STRATEGIES`` and ``config.BACKENDS``.
-:class:`FSDP2Backend` is such a strategy: ``fully_shard`` units, gradient sync only on the last micro-batch,
-mean over ranks (``grad_scale`` = world), ``clip_grad_norm_`` over DTensor gradients (a global norm), DCP checkpoints
-that reshard, and a whole copy on rank 0 for the export.
+Every fact of a backend is on its strategy, declared on :class:`Backend`: how it is built from the config
+(``from_config``, ``build_accelerator``, ``drives``, ``check_config``: checks that read the config and write
+nothing), whether it shards parameters (``shards_parameters``: then only ``whole_model`` may run the model on one
+rank, and evaluation waits for the end: ``may_evaluate_mid_run``), whether it reshards a checkpoint of another
+world size (``reshards``, ``why_no_reshard``), ``prepare`` (wrap the loss module: it is the root whose
+``forward`` the loop calls), ``sync`` / ``backward`` / ``clip`` / ``step`` where they differ, ``save_state`` /
+``load_state``, and ``whole_model`` for an export. Nothing outside ``trainer/`` names a backend.
+
+A new backend touches three files: its building blocks in a module of its own (as ``fsdp2.py`` and ``deepspeed.py``
+hold FSDP2's and DeepSpeed's), one :class:`Backend` subclass here with its name in ``_STRATEGIES``, and its name in
+``config.BACKENDS``. :class:`FSDP2Backend` is such a strategy: ``fully_shard`` units, gradient sync only on the last
+micro-batch, mean over ranks (``grad_scale`` = world), ``clip_grad_norm_`` over DTensor gradients (a global norm),
+DCP checkpoints that reshard, and a whole copy on rank 0 for the export.
 """
 
 from __future__ import annotations
 
 import copy
-import json
+import dataclasses
 import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -48,58 +55,19 @@ import torch
 from torch import Tensor, nn
 
 from videollama3_train.model import api
-from videollama3_train.paths import DEEPSPEED_CONFIG_DIR as DEFAULT_DEEPSPEED_DIR
-from videollama3_train.trainer.config import TrainConfig
+from videollama3_train.trainer import deepspeed as ds
+from videollama3_train.trainer.config import TrainConfig, resolve_precision
+from videollama3_train.trainer.deepspeed import deepspeed_config
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from videollama3_train.trainer.step import LossModule
 
-
-def resolve_precision(cfg: TrainConfig) -> str:
-    """``"bf16"`` or ``"fp32"``; ``auto`` means bf16 exactly when CUDA is available."""
-    if cfg.precision == "auto":
-        return "bf16" if torch.cuda.is_available() else "fp32"
-    return cfg.precision
-
-
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """The ZeRO json of ``cfg.backend`` with every ``"auto"`` resolved from ``cfg`` (our loader is not a DataLoader,
-    so accelerate cannot infer batch sizes)."""
-    stage = int(cfg.backend[-1])
-    folder = Path(cfg.deepspeed_config_dir) if cfg.deepspeed_config_dir else DEFAULT_DEEPSPEED_DIR
-    path = folder / f"zero{stage}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config for backend {cfg.backend!r} not found at {path}")
-    ds = json.loads(path.read_text())
-    # One packed row per micro-batch; DeepSpeed's engine steps after grad_accum of them.
-    ds["train_micro_batch_size_per_gpu"] = 1
-    ds["gradient_accumulation_steps"] = cfg.grad_accum
-    ds["train_batch_size"] = cfg.grad_accum * world_size
-    ds["gradient_clipping"] = cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0
-    bf16 = resolve_precision(cfg) == "bf16"
-    # check_grad_overflow: a non-finite gradient norm skips the update in bf16 too (older DeepSpeed: off by default)
-    ds["bf16"] = {"enabled": bf16, "check_grad_overflow": True}
-    ds["fp16"] = {"enabled": False}
-    ds.setdefault("zero_optimization", {})["stage"] = stage
-    if ds["zero_optimization"].get("compute_grad_norm") is False:
-        # get_global_grad_norm() would be None: every step would count as non-finite while the engine updates
-        raise ValueError(
-            f"{path}: zero_optimization.compute_grad_norm=false; the trainer needs the gradient norm"
-        )
-    return ds
-
-
-def set_deepspeed_grad_accum(accelerator: Accelerator, grad_accum: int) -> None:
-    """Make the DeepSpeed config of ``accelerator`` (read when the engine is built, in ``prepare``) step after
-    ``grad_accum`` micro-batches: the trainer may settle it after the accelerator was built (a global batch of G
-    packed rows gives ``ceil(G / world)``, known once the data is planned)."""
-    ds = accelerator.state.deepspeed_plugin.deepspeed_config
-    ds["gradient_accumulation_steps"] = grad_accum
-    ds["train_batch_size"] = (
-        grad_accum * accelerator.num_processes * ds.get("train_micro_batch_size_per_gpu", 1)
-    )
+def backend_class(name: str) -> type[Backend]:
+    """The strategy of ``trainer.backend=name``."""
+    if name not in _STRATEGIES:
+        raise ValueError(f"trainer.backend must be one of {sorted(_STRATEGIES)}, got {name!r}")
+    return _STRATEGIES[name]
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -107,7 +75,7 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     ``cfg.collective_timeout_s`` and every rank's heartbeat runs (:mod:`~videollama3_train.trainer.liveness`)."""
     from videollama3_train.trainer import liveness
 
-    accelerator = _STRATEGIES[cfg.backend].build_accelerator(cfg)
+    accelerator = backend_class(cfg.backend).build_accelerator(cfg)
     liveness.start()
     return accelerator
 
@@ -128,37 +96,12 @@ def process_group_kwargs(cfg: TrainConfig, **kwargs: Any):
 
 def build_backend(cfg: TrainConfig, accelerator: Accelerator | None = None) -> Backend:
     """The strategy of ``cfg.backend``, driving ``accelerator`` (built from ``cfg`` when None)."""
-    strategy = _STRATEGIES[cfg.backend]
-    if accelerator is None:
-        accelerator = strategy.build_accelerator(cfg)
-    elif not strategy.drives(accelerator):
-        stage = _zero_stage(accelerator)
-        raise ValueError(
-            f"trainer.backend={cfg.backend!r} but the accelerator given to fit runs "
-            f"{'no DeepSpeed' if stage is None else f'DeepSpeed ZeRO-{stage}'}: build it with build_accelerator(cfg)"
-        )
-    if strategy is FSDP2Backend:
-        return strategy(accelerator, max_grad_norm=cfg.max_grad_norm, cfg=cfg)
-    if issubclass(strategy, DeepSpeedBackend):
-        set_deepspeed_grad_accum(accelerator, cfg.grad_accum)
-    return strategy(accelerator, max_grad_norm=cfg.max_grad_norm)
+    return backend_class(cfg.backend).from_config(cfg, accelerator)
 
 
-def whole_model(model: nn.Module, accelerator: Accelerator | None) -> AbstractContextManager[nn.Module]:
-    """Context yielding a model whose parameters are whole, for an export, an evaluation or a full ``state_dict``
-    (collective: every rank enters). Under ZeRO-3 each rank holds a shard of each parameter: they are gathered in
-    place. Under FSDP2 rank 0 gets a whole copy (see :func:`_fsdp2_whole`; the other ranks get ``model`` back and
-    must not run it). Every other backend: ``model`` itself.
-
-        with whole_model(model, accelerator) as m:
-            if accelerator.is_main_process:
-                export_hf(m, processor, out)
-    """
-    if _is_fsdp2(model):
-        return _fsdp2_whole(model)
-    if accelerator is None or _zero_stage(accelerator) != 3:
-        return nullcontext(model)
-    return _zero3_whole(model)
+def check_backend_config(cfg: TrainConfig) -> None:
+    """The checks ``cfg.backend`` makes on the config before anything is built (reads ``cfg``, writes nothing)."""
+    backend_class(cfg.backend).check_config(cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -171,12 +114,36 @@ class Backend:
 
     name = "base"
     # whether load_state reads a checkpoint written at another world size (checkpoint.load_checkpoint refuses it
-    # at start otherwise)
+    # at start otherwise, naming why_no_reshard)
     reshards = False
+    why_no_reshard = ""
+    # whether each rank holds only a shard of each parameter: then the model runs on one rank alone only through
+    # whole_model, and not mid-run (rank 0 would wait for the others' shards)
+    shards_parameters = False
 
-    def __init__(self, accelerator: Accelerator, *, max_grad_norm: float):
+    def __init__(self, accelerator: Accelerator, cfg: TrainConfig):
         self.accelerator = accelerator
-        self.max_grad_norm = max_grad_norm  # <= 0: no clipping (the norm is still measured and logged)
+        self.cfg = cfg
+        self.max_grad_norm = cfg.max_grad_norm  # <= 0: no clipping (the norm is still measured and logged)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, accelerator: Accelerator | None = None) -> Backend:
+        """This strategy for ``cfg``, driving ``accelerator`` (built from ``cfg`` when None)."""
+        if accelerator is None:
+            accelerator = cls.build_accelerator(cfg)
+        elif not cls.drives(accelerator):
+            stage = ds.zero_stage(accelerator)
+            raise ValueError(
+                f"trainer.backend={cfg.backend!r} but the accelerator given to fit runs "
+                f"{'no DeepSpeed' if stage is None else f'DeepSpeed ZeRO-{stage}'}: build it with "
+                "build_accelerator(cfg)"
+            )
+        return cls(accelerator, cfg)
+
+    @classmethod
+    def check_config(cls, cfg: TrainConfig) -> None:
+        """Raise ``ValueError`` / ``FileNotFoundError`` naming the key when ``cfg`` cannot run this backend; called
+        before anything is built. Reads ``cfg``, writes nothing."""
 
     @classmethod
     def build_accelerator(cls, cfg: TrainConfig) -> Accelerator:
@@ -185,10 +152,22 @@ class Backend:
     @classmethod
     def drives(cls, accelerator: Accelerator) -> bool:
         """Whether this strategy can drive ``accelerator`` (one built by another backend's recipe cannot)."""
-        return _zero_stage(accelerator) is None
+        return ds.zero_stage(accelerator) is None
 
-    def prepare(self, module: LossModule, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
-        """Wrap the loss module and the optimizer for this backend; returns the wrapped pair."""
+    def set_grad_accum(self, grad_accum: int) -> None:
+        """Micro-batches per rank per optimizer step, when the loader settled it after this backend was built
+        (before :meth:`prepare`)."""
+        self.cfg = dataclasses.replace(self.cfg, grad_accum=grad_accum)
+
+    @property
+    def may_evaluate_mid_run(self) -> bool:
+        """Whether rank 0 may run the model alone between steps (an evaluation): not while parameters are sharded
+        over several ranks."""
+        return not self.shards_parameters or self.accelerator.num_processes == 1
+
+    def prepare(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
+        """Wrap the loss module (:class:`~videollama3_train.trainer.step.LossModule`) and the optimizer for this
+        backend; returns the wrapped pair."""
         return self.accelerator.prepare(module, optimizer)
 
     @property
@@ -223,7 +202,14 @@ class Backend:
         self.accelerator.load_state(str(path))
 
     def whole_model(self, model: nn.Module) -> AbstractContextManager[nn.Module]:
-        """Context yielding ``model`` with every parameter whole (see :func:`whole_model`)."""
+        """Context yielding a model whose parameters are whole, for an export, an evaluation or a full ``state_dict``
+        (collective: every rank enters). Here ``model`` itself; ZeRO-3 gathers the shards in place; FSDP2 gives rank
+        0 a whole copy (the other ranks get ``model`` back and must not run it).
+
+            with backend.whole_model(model) as m:
+                if backend.accelerator.is_main_process:
+                    export_hf(m, processor, out)
+        """
         return nullcontext(model)
 
 
@@ -253,7 +239,21 @@ class DeepSpeedBackend(Backend):
     """DeepSpeed ZeRO-1 / ZeRO-2 through accelerate: the engine owns accumulation, clipping and the update."""
 
     name = "zero"
-    reshards = True  # ZeRO-1/2 optimizer partitions: checkpoint.load_zero12_resharded
+    reshards = True  # ZeRO-1/2 optimizer partitions: deepspeed.load_zero12_resharded
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, accelerator: Accelerator | None = None) -> Backend:
+        backend = super().from_config(cfg, accelerator)
+        backend.set_grad_accum(cfg.grad_accum)
+        return backend
+
+    def set_grad_accum(self, grad_accum: int) -> None:
+        super().set_grad_accum(grad_accum)
+        ds.set_grad_accum(self.accelerator, grad_accum)  # read when the engine is built, in prepare
+
+    @classmethod
+    def check_config(cls, cfg: TrainConfig) -> None:
+        ds.check_config(cfg)
 
     @classmethod
     def build_accelerator(cls, cfg: TrainConfig) -> Accelerator:
@@ -274,7 +274,7 @@ class DeepSpeedBackend(Backend):
 
     @classmethod
     def drives(cls, accelerator: Accelerator) -> bool:
-        return _zero_stage(accelerator) in (1, 2)
+        return ds.zero_stage(accelerator) in (1, 2)
 
     @property
     def _engine(self):
@@ -305,15 +305,13 @@ class DeepSpeedBackend(Backend):
         return torch.as_tensor(norm, dtype=torch.float32).to(self.accelerator.device).reshape(())
 
     def load_state(self, path: Path) -> None:
-        saved = _zero_world_size(path)
+        saved = ds.saved_zero_world_size(path)
         if saved in (None, self.accelerator.num_processes):
             return super().load_state(path)
         # another world size: DeepSpeed refuses it; module weights and RNG through accelerate, the optimizer's
         # partitions resharded from every saved rank's file
-        from videollama3_train.trainer.checkpoint import load_zero12_resharded
-
         self.accelerator.load_state(str(path), load_module_only=True)
-        load_zero12_resharded(self._engine, Path(path) / DEEPSPEED_TAG)
+        ds.load_zero12_resharded(self._engine, Path(path) / ds.DEEPSPEED_TAG)
         return None
 
     def step(self, optimizer: Any, apply: bool) -> None:
@@ -328,6 +326,7 @@ class ZeRO3Backend(DeepSpeedBackend):
     # parameters are partitioned too: a checkpoint moves to another world size only through DeepSpeed's universal
     # checkpoint conversion (not wired in); checkpoint.load_checkpoint says so at start
     reshards = False
+    shards_parameters = True
     why_no_reshard = (
         "ZeRO-3 keeps parameters and optimizer states partitioned per rank and resharding them is not supported "
         "here; the checkpoint's zero_to_fp32.py recovers the weights alone, for a new run from them"
@@ -335,21 +334,18 @@ class ZeRO3Backend(DeepSpeedBackend):
 
     @classmethod
     def drives(cls, accelerator: Accelerator) -> bool:
-        return _zero_stage(accelerator) == 3
+        return ds.zero_stage(accelerator) == 3
 
-    def prepare(self, module: LossModule, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
-        import deepspeed
-
+    def prepare(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
         # The output layer's weight is read outside that layer's forward (the chunked loss multiplies by it):
         # ZeRO-3 must be told to gather it for the loss module's forward.
-        for p in module.external_parameters():
-            deepspeed.zero.register_external_parameter(module, p)
+        ds.register_external_parameters(module, module.external_parameters())
         if not all(p.requires_grad for p in module.parameters()):  # a frozen group: see api.uniform_backward
             api.uniform_backward(module.model)
         return super().prepare(module, optimizer)
 
     def whole_model(self, model: nn.Module) -> AbstractContextManager[nn.Module]:
-        return _zero3_whole(model)
+        return _zero3_whole(model)  # gathered in place on every rank
 
 
 class FSDP2Backend(Backend):
@@ -365,10 +361,10 @@ class FSDP2Backend(Backend):
 
     name = "fsdp2"
     reshards = True  # DCP reshards the model and optimizer states to the world size at hand
+    shards_parameters = True
 
-    def __init__(self, accelerator: Accelerator, *, max_grad_norm: float, cfg: TrainConfig | None = None):
-        super().__init__(accelerator, max_grad_norm=max_grad_norm)
-        self.cfg = cfg or TrainConfig(backend="fsdp2")
+    def __init__(self, accelerator: Accelerator, cfg: TrainConfig):
+        super().__init__(accelerator, cfg)
         self.module: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
 
@@ -384,7 +380,7 @@ class FSDP2Backend(Backend):
             cpu=not torch.cuda.is_available(),
         )
 
-    def prepare(self, module: LossModule, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
+    def prepare(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
         from videollama3_train.trainer import fsdp2
 
         if any(".lora_" in n for n, _ in module.named_parameters()):
@@ -459,31 +455,6 @@ _STRATEGIES: dict[str, type[Backend]] = {
 }
 
 
-# The folder accelerate's save_state gives the DeepSpeed engine inside a checkpoint directory.
-DEEPSPEED_TAG = "pytorch_model"
-
-
-def _zero_world_size(path: Path) -> int | None:
-    """Data-parallel ranks that wrote the ZeRO optimizer partitions of checkpoint ``path`` (None: none found)."""
-    files = list((Path(path) / DEEPSPEED_TAG).glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))
-    return len(files) or None
-
-
-def _zero_stage(accelerator: Accelerator) -> int | None:
-    """The ZeRO stage ``accelerator`` runs, or None when it does not run DeepSpeed."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return None
-    return int(accelerator.state.deepspeed_plugin.zero_stage)
-
-
-def _is_fsdp2(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
 @contextmanager
 def _fsdp2_whole(model: nn.Module) -> Iterator[nn.Module]:
     """A whole copy of an FSDP2-sharded ``model`` on rank 0 (collective on entry: every rank enters).
@@ -502,13 +473,9 @@ def _fsdp2_whole(model: nn.Module) -> Iterator[nn.Module]:
         yield model
         return
     config = copy.deepcopy(model.config)
-    for c in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
-        if (
-            c is not None
-        ):  # our attention backends are switched on after construction (model/attention.py); rank
-            c._attn_implementation_internal = (
-                "sdpa"  # 0's export and evaluation of the copy run unsplit on sdpa
-            )
+    # our attention backends are switched on after construction (model/attention.py); rank 0's export and
+    # evaluation of the copy run unsplit on sdpa
+    api.set_attention(config, "sdpa")
     with torch.device("meta"):
         whole = type(model)(config)
     whole.load_state_dict(full, assign=True, strict=False)
@@ -531,14 +498,8 @@ def _fsdp2_whole(model: nn.Module) -> Iterator[nn.Module]:
 
 @contextmanager
 def _zero3_whole(model: nn.Module) -> Iterator[nn.Module]:
-    with _gather_all(model):
+    with ds.gathered(model):
         yield model
-
-
-def _gather_all(model: nn.Module) -> AbstractContextManager:
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
 __all__ = [
@@ -547,9 +508,10 @@ __all__ = [
     "DeepSpeedBackend",
     "FSDP2Backend",
     "ZeRO3Backend",
+    "backend_class",
     "build_accelerator",
     "build_backend",
+    "check_backend_config",
     "deepspeed_config",
-    "whole_model",
     "resolve_precision",
 ]

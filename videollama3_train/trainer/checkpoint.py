@@ -13,14 +13,16 @@ Layout of one checkpoint ``<out_dir>/checkpoints/step-00000120/``:
   rank 0;
 * ``loader_rank{r}.pt``: each rank's loader ``state_dict()``: with ``PackedLoader`` the global data cursor (epoch,
   optimizer steps consumed, packed rows per step) plus that rank's position and skip counters;
-* ``model_config/`` and ``processor/``: what an export or a reader needs beside the weights;
+* ``model_config/`` and ``processor/``: what an export or a reader needs beside the weights (the readers:
+  :func:`is_checkpoint`, :func:`model_weights`, :func:`native_state_dict`);
 * ``COMPLETE``: written last, before the rename.
 
 Resuming at another world size (:func:`load_checkpoint`): the loop state and the schedule count optimizer steps,
 which do not depend on the world size; the loader's ``reshard_state`` turns every saved rank's state into this
 rank's (the next step's rows dealt over the new world); model and optimizer are loaded by a backend that can
-reshard them (``backend.reshards``: DDP's state is whole; ZeRO-1/2 through :func:`load_zero12_resharded`). Any
-other backend (ZeRO-3) is refused at start with a message that says so.
+reshard them (``backend.reshards``: DDP's state is whole; ZeRO-1/2 through
+:func:`videollama3_train.trainer.deepspeed.load_zero12_resharded`; FSDP2 through DCP). Any other backend (ZeRO-3)
+is refused at start with a message that says so (``backend.why_no_reshard``).
 
 Everything is written into ``step-XXXXXXXX.tmp`` first; after a barrier rank 0 renames it with ``os.replace`` (atomic
 on one filesystem). A crash mid-save leaves a ``.tmp`` that :func:`find_latest_checkpoint` ignores and the next save
@@ -50,6 +52,12 @@ if TYPE_CHECKING:
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 TRAINER_STATE = "trainer_state.pt"
 COMPLETE = "COMPLETE"
+# What a reader of a checkpoint finds beside the loop's state (the export command reads them):
+MODEL_WEIGHTS = "model.safetensors"  # whole weights, written by a backend whose state is whole (DDP)
+MODEL_CONFIG = "model_config"  # the model's config.json (Checkpointer extras)
+PROCESSOR = "processor"  # the processor (Checkpointer extras)
+# The weights are the loss module's (``step.LossModule.model``): ``model.<native name>``.
+MODEL_PREFIX = "model."
 
 
 @dataclass
@@ -98,8 +106,30 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / COMPLETE).is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and is_checkpoint(p)]
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a complete checkpoint (its ``COMPLETE`` marker is written last)."""
+    return (Path(path) / COMPLETE).is_file()
+
+
+def model_weights(path: str | os.PathLike) -> Path | None:
+    """The whole model weights file of checkpoint ``path``, or None when its backend kept sharded states (ZeRO,
+    FSDP2)."""
+    f = Path(path) / MODEL_WEIGHTS
+    return f if f.is_file() else None
+
+
+def native_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Checkpoint weights (``model.<native name>``) under the native model's names."""
+    return {
+        k[len(MODEL_PREFIX) :]
+        if k.startswith(MODEL_PREFIX + "model.") or k == MODEL_PREFIX + "lm_head.weight"
+        else k: v
+        for k, v in state.items()
+    }
 
 
 def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -257,68 +287,6 @@ def _loader_states(path: Path, saved: int) -> list[dict[str, Any]]:
     return [torch.load(f, map_location="cpu", weights_only=True) for f in files]
 
 
-def load_zero12_resharded(engine, tag_dir: str | os.PathLike) -> None:
-    """Load the ZeRO-1/2 optimizer state that ``tag_dir`` (the engine's checkpoint folder, e.g.
-    ``step-.../pytorch_model``) holds for N data-parallel ranks into ``engine``, which runs on another number of
-    ranks (DeepSpeed refuses that itself: "Automatic adjustment of ZeRO's optimizer state partitioning with a new
-    world size is not currently supported").
-
-    ZeRO-1/2 keep, per parameter group, one flat fp32 vector (the group's parameters in order, zero-padded at the
-    end to a multiple of the ranks) cut into equal partitions, one per rank, and AdamW's moments cut the same way.
-    Every saved rank's partitions are concatenated and the padding dropped, then this rank's slice of the new
-    layout is copied in: fp32 master weights, ``exp_avg``, ``exp_avg_sq``, the step count and the group's
-    hyper-parameters (the lr the schedule had set). The module weights come from the checkpoint's module file
-    (``load_state(..., load_module_only=True)`` before this). Collective-free; every rank reads every file.
-    """
-    import torch.distributed as dist
-
-    pattern = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
-    files = sorted(
-        (f for f in Path(tag_dir).iterdir() if pattern.search(f.name)),
-        key=lambda f: int(pattern.search(f.name).group(1)),
-    )
-    if not files:
-        raise FileNotFoundError(f"no ZeRO optimizer partitions (zero_pp_rank_*) in {tag_dir}")
-    saved = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in files]
-    if any(sd.get("zero_stage", 2) not in (1, 2) for sd in saved) or any(
-        sd.get("partition_count", [len(files)]) != saved[0].get("partition_count") for sd in saved
-    ):
-        raise RuntimeError(
-            f"{tag_dir}: not a complete ZeRO-1/2 checkpoint (stages / partition counts differ)"
-        )
-    opt = engine.optimizer
-    for g, part in enumerate(opt.single_partition_of_fp32_groups):
-        rank = dist.get_rank(group=opt.real_dp_process_group[g])
-        numel = sum(p.numel() for p in opt.bit16_groups[g])
-        where = f"{tag_dir}, parameter group {g}"
-        fp32 = [sd["single_partition_of_fp32_groups"][g] for sd in saved]
-        part.data.copy_(_my_partition(fp32, part, numel, rank, where))
-        states = [sd["base_optimizer_state"]["state"][g] for sd in saved]
-        opt.optimizer.state[part] = {
-            k: _my_partition([st[k] for st in states], part, numel, rank, where)
-            if torch.is_tensor(v) and v.dim() > 0
-            else v
-            for k, v in states[0].items()
-        }
-        for k, v in saved[0]["base_optimizer_state"]["param_groups"][g].items():
-            if k != "params":
-                opt.optimizer.param_groups[g][k] = v
-
-
-def _my_partition(
-    partitions: list[torch.Tensor], like: torch.Tensor, numel: int, rank: int, where: str
-) -> torch.Tensor:
-    """This rank's partition (shaped and typed as ``like``) of the flat vector whose saved partitions, in saved-rank
-    order, are ``partitions`` (``numel`` values, then zero padding)."""
-    full = torch.cat([t.reshape(-1).to(like.dtype) for t in partitions])
-    if full.numel() < numel:
-        raise RuntimeError(f"{where}: the checkpoint holds {full.numel()} values, the model {numel}")
-    out = torch.zeros(like.numel(), dtype=like.dtype)
-    chunk = full[:numel][rank * like.numel() : (rank + 1) * like.numel()]
-    out[: chunk.numel()] = chunk
-    return out.to(like.device)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The checkpointer of a run: cadence, resume, preemption
 # ----------------------------------------------------------------------------------------------------------------
@@ -384,9 +352,9 @@ class Checkpointer:
             scheduler=self.scheduler,
             loader=self.loader,
             load_state=self.backend.load_state,
-            reshards=getattr(self.backend, "reshards", False),
+            reshards=self.backend.reshards,
             backend=self.backend.name,
-            why_not=getattr(self.backend, "why_no_reshard", ""),
+            why_not=self.backend.why_no_reshard,
         )
         if self.accelerator.is_main_process:
             print(f"resumed from {latest} at step {state.step}", flush=True)

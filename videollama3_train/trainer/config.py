@@ -146,6 +146,15 @@ class TrainConfig:
         return out
 
 
+def resolve_precision(cfg: TrainConfig) -> str:
+    """``"bf16"`` or ``"fp32"``; ``auto`` means bf16 exactly when CUDA is available."""
+    if cfg.precision == "auto":
+        import torch
+
+        return "bf16" if torch.cuda.is_available() else "fp32"
+    return cfg.precision
+
+
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")

@@ -1,4 +1,5 @@
-"""The one training loop: every stage, every backend (DDP, ZeRO-1/2/3 through accelerate), CPU or CUDA.
+"""The one training loop: every stage, every backend (DDP, ZeRO-1/2/3 through accelerate, FSDP2), with or without
+sequence parallelism, CPU or CUDA.
 
 One optimizer step, as :func:`fit` tells it:
 
@@ -10,7 +11,8 @@ One optimizer step, as :func:`fit` tells it:
    that cancels the backend's own averaging; gradients sync only on the last micro-batch;
 3. clip (the pre-clip norm is logged), skip the update if the loss or the norm is not finite, step the optimizer
    and the schedule;
-4. log, checkpoint, evaluate, each on its own cadence; SIGTERM ends the run after the step with a checkpoint.
+4. log, checkpoint, evaluate, each on its own cadence (``should_flush``, ``should_save``, ``should_run``); SIGTERM
+   ends the run after the step with a checkpoint.
 
 Host syncs: the per-step counts (label tokens, tokens, visual tokens, FLOPs, data-wait seconds) are computed on the
 CPU batches and summed over ranks in the one all-reduce that the loss normaliser needs anyway; the loss, the norm
@@ -18,7 +20,8 @@ and the stop votes reach the host in the single ``.tolist()`` that decides wheth
 steps sync more (per-dataset losses, the loader's skip counters of every rank).
 
 Who does what: ``backend.py`` how gradients are synchronised, clipped and applied (the loop has no backend
-``if``); ``step.py`` the micro-batches, their host counts and the loss; ``optim.py`` AdamW, the schedule and the
+``if``); ``sequence_parallel.py`` how a group of ranks shares each row (the run's ``ParallelDims`` says which);
+``step.py`` the micro-batches, their host counts and the loss; ``optim.py`` AdamW, the schedule and the
 number of steps; ``checkpoint.py`` when to save, resume, SIGTERM; ``metrics.py`` FLOPs, MFU and where the metrics
 go. The model is known through ``model.api``, ``model.groups`` and the forward kwargs of ``contract``.
 """
@@ -28,19 +31,19 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from videollama3_train.contract import Loader, as_loader
+from videollama3_train.contract import Loader, ParallelDims, as_loader
 from videollama3_train.model.api import apply_gradient_checkpointing
 from videollama3_train.model.groups import apply_trainable, has_adapters, trainable_table
-from videollama3_train.trainer.backend import build_accelerator, build_backend
-from videollama3_train.trainer.checkpoint import Checkpointer, LoopState
+from videollama3_train.trainer.backend import Backend, build_accelerator, build_backend
+from videollama3_train.trainer.checkpoint import MODEL_CONFIG, PROCESSOR, Checkpointer, LoopState
 from videollama3_train.trainer.config import TrainConfig
 from videollama3_train.trainer.metrics import MetricsWriter, StepLog, skip_counts, step_metrics
 from videollama3_train.trainer.optim import (
@@ -54,6 +57,34 @@ from videollama3_train.trainer.sequence_parallel import build_sp_group, sequence
 from videollama3_train.trainer.step import COUNT_KEYS, StepBatches, StepCounter, forward_backward
 
 
+class MidRunEvaluator(Protocol):
+    """What the loop asks of an evaluation between steps; it owns its cadence, as the checkpointer does."""
+
+    def should_run(self, step: int) -> bool:
+        """Whether to evaluate after optimizer step ``step`` (the same answer on every rank)."""
+        ...
+
+    def during(self, model: nn.Module, step: int) -> Mapping[str, float]:
+        """Evaluate ``model`` after ``step``; called on every rank (it decides itself who works); returns the
+        values to log as ``eval/<name>`` (rank 0's are logged)."""
+        ...
+
+
+class EveryNSteps:
+    """A :class:`MidRunEvaluator` running ``fn(model, step) -> {name: value}`` every ``every`` steps (0: never)."""
+
+    def __init__(self, fn: Callable[[nn.Module, int], Mapping[str, float]] | None, every: int):
+        if every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0 = no evaluation during training), got {every}")
+        self.fn, self.every = fn, every
+
+    def should_run(self, step: int) -> bool:
+        return self.fn is not None and self.every > 0 and step % self.every == 0
+
+    def during(self, model: nn.Module, step: int) -> Mapping[str, float]:
+        return self.fn(model, step)
+
+
 def fit(
     model: nn.Module,
     loader: Loader | Iterable[dict[str, Any]],
@@ -61,7 +92,10 @@ def fit(
     *,
     out_dir: str | os.PathLike,
     accelerator=None,
+    backend: Backend | None = None,
+    parallel: ParallelDims | None = None,
     processor=None,
+    evaluator: MidRunEvaluator | None = None,
     eval_fn: Callable[[nn.Module, int], dict[str, float]] | None = None,
     eval_every: int = 0,
     writer: MetricsWriter | None = None,
@@ -70,47 +104,33 @@ def fit(
     """Train ``model`` (a ``VideoLlama3ForConditionalGeneration``, PEFT-wrapped or not) on ``loader`` as ``cfg`` says.
 
     ``loader``: this rank's packed micro-batches, a resumable :class:`~videollama3_train.contract.Loader` (a plain
-    list is wrapped). ``out_dir``: the run directory. ``accelerator``: built from ``cfg`` when None. ``processor``:
-    saved into every checkpoint. ``eval_fn(model, step) -> {name: value}`` runs every ``eval_every`` steps (0:
-    never) on every rank (it decides itself who works). ``writer``: where rank 0's rows go (default:
-    ``<out_dir>/metrics.jsonl`` and a progress bar); ``on_step(row)`` sees each of them too (the keys:
+    list is wrapped). ``out_dir``: the run directory. ``accelerator``: built from ``cfg`` when None; ``backend``: the
+    strategy (:func:`~videollama3_train.trainer.backend.build_backend` of ``cfg`` and ``accelerator`` when None; a
+    caller that exports after ``fit`` passes its own, for ``backend.whole_model``). ``parallel``: how the ranks
+    divide the work, as the loader was built for it (default: ``cfg.sequence_parallel`` over the accelerator's
+    world). ``processor``: saved into every checkpoint. ``evaluator``: a :class:`MidRunEvaluator`, asked after every
+    step (``eval_fn(model, step)`` every ``eval_every`` steps is the short form). ``writer``: where rank 0's rows go
+    (default: ``<out_dir>/metrics.jsonl`` and a progress bar); ``on_step(row)`` sees each of them too (the keys:
     :class:`~videollama3_train.trainer.metrics.StepLog`). Returns the last step's row; ``interrupted`` is True when
     SIGTERM ended the run (the process then exits 0).
     """
-    from accelerate.utils import set_seed
-
-    if eval_every < 0:
-        raise ValueError(f"eval_every must be >= 0 (0 = no evaluation during training), got {eval_every}")
-    loader = as_loader(loader)
-    cfg = resolve_grad_accum(cfg, loader)  # a global-batch loader decides the micro-batches per rank per step
-    backend = build_backend(cfg, accelerator)
-    acc, out_dir = backend.accelerator, Path(out_dir)
-    set_seed(cfg.seed)
-    if acc.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-
-    # ---- model, optimizer, schedule ------------------------------------------------------------------------
-    apply_trainable(model, cfg.lrs, lora=has_adapters(model))
-    apply_gradient_checkpointing(model, cfg.gradient_checkpointing, cfg.checkpoint_every_n_layers)
-    model.config.use_cache = False
-    model.train()
-    total_steps, steps_per_epoch = plan_steps(cfg, loader)
-    optimizer = build_optimizer(model, cfg)
-    # The scheduler drives the raw optimizer's param groups (shared with accelerate's / DeepSpeed's wrapper) and
-    # is stepped by us once per applied update: accelerate's scheduler wrapper would step it once per process.
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
-    if acc.is_main_process:  # before prepare: ZeRO-3 and FSDP2 shard the parameters (their numel shrinks)
-        print(trainable_table(model, cfg.lrs), flush=True)
-    sp = build_sp_group(cfg.sequence_parallel)  # groups of ranks sharing each row (1: none)
-    loss_module = sequence_parallel_loss_module(model, cfg.loss_chunk_size, sp)
-    train_module, optimizer = backend.prepare(loss_module, optimizer)
+    evaluator = evaluator or EveryNSteps(eval_fn, eval_every)
+    run = _Prepared(model, as_loader(loader), cfg, backend or accelerator, parallel, out_dir)
+    loader, cfg, backend, dims, out_dir = run.loader, run.cfg, run.backend, run.dims, run.out_dir
+    train_module, optimizer, scheduler, total_steps = (
+        run.module,
+        run.optimizer,
+        run.scheduler,
+        run.total_steps,
+    )
+    acc = backend.accelerator
 
     # ---- resume; the parts that keep their own cadence -----------------------------------------------------
-    extras = {"model_config": model.config, "processor": processor}
+    extras = {MODEL_CONFIG: model.config, PROCESSOR: processor}
     checkpointer = Checkpointer(backend, out_dir, cfg, scheduler=scheduler, loader=loader, extras=extras)
     state = checkpointer.resume()
-    batches = StepBatches(loader, state, steps_per_epoch, cfg.grad_accum)
-    count = StepCounter(model.config, cfg.lrs, acc.device, share=sp.size)
+    batches = StepBatches(loader, state, run.steps_per_epoch, cfg.grad_accum)
+    count = StepCounter(model.config, cfg.lrs, acc.device, share=dims.sp_size)
     default_writer = MetricsWriter(out_dir, enabled=acc.is_main_process) if writer is None else None
     stop = False
     with checkpointer, default_writer or nullcontext(writer) as writer:
@@ -142,7 +162,7 @@ def fit(
 
             # ---- 4. log, abort on repeated non-finite steps, checkpoint, evaluate ---------------------------
             # tokens the step's rows can hold (a sequence-parallel group shares its rows)
-            capacity = len(micro) * (acc.num_processes // sp.size) * (loader.token_budget or 0)
+            capacity = len(micro) * dims.dp_size * (loader.token_budget or 0)
             speed = step_metrics(host, seconds=seconds, world=acc.num_processes, capacity=capacity)
             log.add({**_counters(state, finite), **speed, **group_lrs(optimizer)}, per_sample)
             if state.consecutive_nonfinite >= cfg.nan_tolerance:
@@ -153,15 +173,59 @@ def fit(
                 log.flush(skip_counts(loader, acc))  # collective: every rank is here
             if checkpointer.should_save(state.step, last, stop):
                 checkpointer.save(state)
-            if eval_fn is not None and eval_every and state.step % eval_every == 0 and not stop:
-                log.add_eval(state.step, eval_fn(model, state.step))
+            if evaluator.should_run(state.step) and not stop:
+                log.add_eval(state.step, evaluator.during(model, state.step))
         final = {**log.close(), "interrupted": stop}
 
-    if hasattr(loss_module, "release"):  # sequence parallelism: the model gets its own attention back
-        loss_module.release()
+    run.release()
     if stop:  # SIGTERM: every rank saved this step; a clean exit lets the scheduler requeue the job
         checkpointer.exit_after_stop(state.step)
     return final
+
+
+class _Prepared:
+    """What the loop runs with: the backend (``backend_or_accelerator``: a strategy, else one built from ``cfg``
+    around that accelerator or a new one) for the loader's micro-batches per step, the ranks' division, the model
+    made trainable as ``cfg`` says, its optimizer and schedule, and the loss module (sequence-parallel when
+    ``dims`` says so) wrapped by the backend."""
+
+    def __init__(
+        self, model: nn.Module, loader: Loader, cfg: TrainConfig, backend_or_accelerator, dims, out_dir
+    ):
+        from accelerate.utils import set_seed
+
+        self.loader = loader
+        # a global-batch loader decides the micro-batches per rank per step
+        self.cfg = cfg = resolve_grad_accum(cfg, loader)
+        backend = backend_or_accelerator
+        if not isinstance(backend, Backend):
+            backend = build_backend(cfg, backend)
+        backend.set_grad_accum(cfg.grad_accum)
+        acc, self.backend, self.out_dir = backend.accelerator, backend, Path(out_dir)
+        self.dims = dims or ParallelDims(acc.num_processes, acc.process_index, cfg.sequence_parallel)
+        set_seed(cfg.seed)
+        if acc.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        apply_trainable(model, cfg.lrs, lora=has_adapters(model))
+        apply_gradient_checkpointing(model, cfg.gradient_checkpointing, cfg.checkpoint_every_n_layers)
+        model.config.use_cache = False
+        model.train()
+        self.total_steps, self.steps_per_epoch = plan_steps(cfg, loader)
+        optimizer = build_optimizer(model, cfg)
+        # The scheduler drives the raw optimizer's param groups (shared with accelerate's / DeepSpeed's wrapper)
+        # and is stepped by us once per applied update: accelerate's scheduler wrapper would step it once per
+        # process.
+        self.scheduler = build_scheduler(optimizer, cfg, self.total_steps)
+        if backend.accelerator.is_main_process:  # before prepare: a sharding backend shrinks each parameter
+            print(trainable_table(model, cfg.lrs), flush=True)
+        sp = build_sp_group(self.dims)  # groups of ranks sharing each row (1: none)
+        self.loss_module = sequence_parallel_loss_module(model, cfg.loss_chunk_size, sp)
+        self.module, self.optimizer = backend.prepare(self.loss_module, optimizer)
+
+    def release(self) -> None:
+        """Sequence parallelism: the model gets its own attention back."""
+        if hasattr(self.loss_module, "release"):
+            self.loss_module.release()
 
 
 def _votes(step_loss: torch.Tensor, stop: bool) -> torch.Tensor:
@@ -188,4 +252,4 @@ def _nonfinite_message(state: LoopState, tolerance: int) -> str:
     )
 
 
-__all__ = ["build_accelerator", "fit"]
+__all__ = ["EveryNSteps", "MidRunEvaluator", "build_accelerator", "fit"]

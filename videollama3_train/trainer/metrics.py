@@ -44,9 +44,8 @@ from videollama3_train.model.api import flops_dimensions
 
 log = logging.getLogger(__name__)
 
-H100_BF16_PEAK = (
-    989.4e12  # dense bf16 FLOP/s of one H100 SXM; the denominator of every MFU in docs/reference.md §5
-)
+# dense bf16 FLOP/s of one H100 SXM; the denominator of every MFU in docs/reference.md §5
+H100_BF16_PEAK = 989.4e12
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ by ``position_ids`` restarting at 0 and by the first label of each sample being 
 mask, no KV cache.
 
 The vision tower and projector run on every rank at every micro-step, exactly twice (images, then videos; a 4-patch
-zero image stands in for a missing modality) and before the LLM: under ZeRO-3 every rank must gather the same
-parameters in the same order or the collectives mismatch; ZeRO-2 reduces its gradient buckets in gradient-ready
+zero image stands in for a missing modality) and before the LLM: under ZeRO-3 and FSDP2 every rank must gather the
+same parameters in the same order or the collectives mismatch; ZeRO-2 reduces its gradient buckets in gradient-ready
 order, and a stand-in placed after the LLM mixed up buckets across ranks. Under DDP every parameter then gets a
 gradient, so ``find_unused_parameters`` stays off. The stand-in's output enters the loss times 0.
 
@@ -62,7 +62,8 @@ log = logging.getLogger(__name__)
 
 
 class LossModule(nn.Module):
-    """Wraps the model so that DDP / DeepSpeed see the whole loss computation as one ``forward``.
+    """Wraps the model so that DDP / DeepSpeed / FSDP2 see the whole loss computation as one ``forward``
+    (:class:`~videollama3_train.trainer.sequence_parallel.SequenceParallelLoss` is its sequence-parallel form).
 
     ``forward(batch)`` returns ``(loss_sum, sample_losses)``: the fp32 sum of the token cross-entropies of the
     micro-batch (plus ``0 * stand-in tower output`` for each missing modality), and, detached, the
@@ -271,26 +272,36 @@ def label_count(batch: dict[str, Any]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def sample_ids(batch: dict[str, Any], labels: Tensor) -> Tensor:
-    """``(n,)`` packed-sample index of each labelled position (same order as :func:`shift_and_select`)."""
+def sample_ids(batch: dict[str, Any], labels: Tensor, window: tuple[int, int] | None = None) -> Tensor:
+    """``(n,)`` packed-sample index of each labelled position (same order as :func:`shift_and_select`).
+
+    ``window = (start, stop)``: only the positions ``start <= i < stop`` that predict a label (a sequence-parallel
+    rank's slice of the row). A row padded past its samples (to a multiple of the group) has no labels there."""
     lengths = batch.get("sample_lengths") or [labels.shape[-1]]
     ids = torch.repeat_interleave(
         torch.arange(len(lengths), device=labels.device),
         torch.tensor(lengths, device=labels.device),
         output_size=int(sum(lengths)),  # known on the host: no device sync for the output size
     )
+    if ids.numel() < labels.shape[-1]:  # padding (unlabelled): any index
+        ids = torch.cat([ids, ids.new_full((labels.shape[-1] - ids.numel(),), len(lengths) - 1)])
     # Position i predicts label i+1, which belongs to the same sample: each sample's first label is ignored.
-    return ids[1:][labels[0, 1:] != IGNORE_INDEX]
+    ids, targets = ids[1:], labels[0, 1:]
+    if window is not None:
+        ids, targets = ids[window[0] : window[1]], targets[window[0] : window[1]]
+    return ids[targets != IGNORE_INDEX]
 
 
-def per_sample_losses(batch: dict[str, Any], labels: Tensor, token_losses: Tensor) -> Tensor:
+def per_sample_losses(
+    batch: dict[str, Any], labels: Tensor, token_losses: Tensor, window: tuple[int, int] | None = None
+) -> Tensor:
     """``(n_samples, 2)`` float64 ``[sum of token losses, label tokens]`` of each packed sample of ``batch``.
 
-    ``token_losses``: the ``(n,)`` losses of the labelled positions in :func:`shift_and_select` order. Reduced on
-    the device (``index_add_`` / ``bincount``), nothing is copied to the host; ``n_samples`` is the number of
-    ``sample_lengths``.
+    ``token_losses``: the ``(n,)`` losses of the labelled positions in :func:`shift_and_select` order (of the
+    positions in ``window`` only, see :func:`sample_ids`). Reduced on the device (``index_add_`` / ``bincount``),
+    nothing is copied to the host; ``n_samples`` is the number of ``sample_lengths``.
     """
-    ids = sample_ids(batch, labels)
+    ids = sample_ids(batch, labels, window)
     n = len(batch.get("sample_lengths") or [labels.shape[-1]])
     out = torch.zeros(n, 2, dtype=torch.float64, device=token_losses.device)
     out[:, 0].index_add_(0, ids, token_losses.detach().double())
