@@ -117,13 +117,8 @@ def fit(
     evaluator = evaluator or EveryNSteps(eval_fn, eval_every)
     run = _Prepared(model, as_loader(loader), cfg, backend or accelerator, parallel, out_dir)
     loader, cfg, backend, dims, out_dir = run.loader, run.cfg, run.backend, run.dims, run.out_dir
-    train_module, optimizer, scheduler, total_steps = (
-        run.module,
-        run.optimizer,
-        run.scheduler,
-        run.total_steps,
-    )
-    acc = backend.accelerator
+    train_module, optimizer, scheduler = run.module, run.optimizer, run.scheduler
+    total_steps, acc = run.total_steps, backend.accelerator
 
     # ---- resume; the parts that keep their own cadence -----------------------------------------------------
     extras = {MODEL_CONFIG: model.config, PROCESSOR: processor}
