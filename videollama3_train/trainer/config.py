@@ -4,8 +4,8 @@ Defaults are the values shared by all four official stages (docs/reference.md §
 decay 0, cosine schedule with 3% warmup, one epoch, gradient clipping at 1.0, ZeRO-1 in the official scripts (here
 the backend is a choice). A component group trains exactly when it has a learning rate.
 
-The run directory is not a field: it belongs to the whole run and is passed to ``fit(out_dir=...)``; so is the
-evaluation cadence, which only means something beside an ``eval_fn``.
+The run directory is not a field: it belongs to the whole run and is passed to ``fit(out_dir=...)``; the evaluation
+cadence is not one either: the evaluator given to ``fit`` owns it.
 """
 
 from __future__ import annotations
