@@ -28,7 +28,6 @@ def main() -> int:
     from videollama3_train.model.core import ModelConfig, build_model
     from videollama3_train.model.tokenizer import build_tiny_tokenizer
     from videollama3_train.trainer import TrainConfig, build_accelerator, build_backend, sharded_init
-    from videollama3_train.trainer.backend import whole_model
     from videollama3_train.trainer.step import LossModule
 
     p = argparse.ArgumentParser()
@@ -63,7 +62,7 @@ def main() -> int:
     module, optimizer = backend.prepare(LossModule(model, 64), optimizer)
     if a.backend == "zero3":
         print(f"PARTITIONED {assert_partitioned(model, accelerator.num_processes)}", flush=True)
-    with whole_model(model, accelerator) as whole:
+    with backend.whole_model(model) as whole:
         if accelerator.is_main_process:
             got = {k: v.detach().cpu().clone() for k, v in whole.state_dict().items()}
             got_buffers = {k: v.detach().cpu().clone() for k, v in whole.named_buffers()}
