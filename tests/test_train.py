@@ -89,7 +89,10 @@ def test_one_stage_end_to_end_with_wandb_and_export_command(sample, tmp_path, of
     # eval.every=2: a held-out evaluation row after steps 2 and 4
     evals = [r for r in rows if "eval/heldout_accuracy" in r]
     assert [r["step"] for r in evals] == [2, 4] and all("eval/heldout_loss" in r for r in evals)
-    rows = [r for r in rows if r not in evals]
+    # per-task accuracy (the dashboard's table beside it): before training (step 0), at each evaluation, and after
+    per_task = [r for r in rows if any(k.startswith("eval/heldout_accuracy/task/") for k in r)]
+    assert {r["step"] for r in per_task} == {0, 2, 4} and [r["step"] for r in per_task][0] == 0
+    rows = [r for r in rows if r not in evals and r not in per_task]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     expected = {
         "loss",
