@@ -2,9 +2,11 @@
 ``zero.Init``, then loaded), prepares it, gathers the whole weights back and compares them on rank 0 with the
 oracle: the whole-model construction of today (random init) or the checkpoint's own tensors (``--init-from``).
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/init_worker.py --backend fsdp2 [--init-from DIR]
+    python -m torch.distributed.run --nproc_per_node 2 tests/init_worker.py --out DIR --init-from NATIVE \
+        --case fsdp2:random --case fsdp2:native --case zero3:random --case zero3:native
 
-Prints ``WEIGHTS EQUAL <n> tensors`` on rank 0, or fails with the first differing name.
+Every case in turn in one launch (``native``: from ``--init-from``), each after ``CASE <backend>:<init> START``
+(rank 0): prints ``WEIGHTS EQUAL <n> tensors`` on rank 0, or fails with the first differing name.
 """
 
 from __future__ import annotations
@@ -21,31 +23,53 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 
 def main() -> int:
-    from dist_worker import _partition_everything, assert_partitioned
-    from safetensors.torch import load_file
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState
     from test_model_weights import _whole_construction
 
-    from videollama3_train.model.core import ModelConfig, build_model
+    from videollama3_train.model.core import ModelConfig
     from videollama3_train.model.tokenizer import build_tiny_tokenizer
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--case", action="append", required=True, help="<fsdp2|zero3>:<random|native>, repeatable")
+    p.add_argument("--init-from", default=None, help="the native directory of the native cases")
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    tok = build_tiny_tokenizer()
+    mcfg = ModelConfig(preset="tiny", attn_implementation="sdpa", seed=3)
+    # the oracle first: once a ZeRO-3 accelerator exists, transformers would partition a plain construction too
+    whole_built = _whole_construction(mcfg, tok)
+    for i, case in enumerate(a.case):
+        backend, init = case.split(":")
+        if i:
+            AcceleratorState._reset_state(reset_partial_state=False)  # the next case builds its own
+            dist.barrier()  # every rank's output of the previous case is out before the marker
+        if int(os.environ["RANK"]) == 0:
+            print(f"CASE {case} START", flush=True)
+        init_from = a.init_from if init == "native" else None
+        out = Path(a.out) / f"{backend}_{init}"
+        run_case(backend, dataclasses.replace(mcfg, init_from=init_from), tok, whole_built, out)
+    # leave the process group together (gloo may abort in its teardown at exit otherwise)
+    dist.destroy_process_group()
+    return 0
+
+
+def run_case(backend_name: str, mcfg, tok, whole_built, out: Path) -> None:
+    from dist_worker import _partition_everything, assert_partitioned
+    from safetensors.torch import load_file
+
+    from videollama3_train.model.core import build_model
     from videollama3_train.trainer import TrainConfig, build_accelerator, build_backend, sharded_init
     from videollama3_train.trainer.step import LossModule
 
-    p = argparse.ArgumentParser()
-    p.add_argument("--backend", choices=("fsdp2", "zero3"), required=True)
-    p.add_argument("--init-from", default=None)
-    p.add_argument("--out", required=True)
-    a = p.parse_args()
     rank = int(os.environ["RANK"])
+    out.mkdir(parents=True, exist_ok=True)
     # ZeRO-3 with persistence threshold 0: every parameter partitioned, however small
-    ds_dir = _partition_everything(Path(a.out), rank) if a.backend == "zero3" else None
-    cfg = TrainConfig(backend=a.backend, precision="fp32", deepspeed_config_dir=ds_dir)
-    tok = build_tiny_tokenizer()
-    mcfg = ModelConfig(preset="tiny", attn_implementation="sdpa", init_from=a.init_from, seed=3)
-    # the oracle first: once a ZeRO-3 accelerator exists, transformers would partition a plain construction too
-    whole_built = _whole_construction(dataclasses.replace(mcfg, init_from=None), tok)
+    ds_dir = _partition_everything(out, rank) if backend_name == "zero3" else None
+    cfg = TrainConfig(backend=backend_name, precision="fp32", deepspeed_config_dir=ds_dir)
     want_buffers = {k: v.clone() for k, v in whole_built.named_buffers()}  # rotary frequencies: the config's
-    if a.init_from:
-        want = load_file(str(Path(a.init_from) / "model.safetensors"))
+    if mcfg.init_from:
+        want = load_file(str(Path(mcfg.init_from) / "model.safetensors"))
     else:
         want = whole_built.state_dict()
     accelerator = build_accelerator(cfg)
@@ -54,13 +78,13 @@ def main() -> int:
     assert defer
     model = build_model(mcfg, tok, defer_weights=defer)
     sharded_init.place(model, cfg, accelerator)
-    if a.backend == "fsdp2":  # many small chunks (the tiny model is 2 MB): the chunking is exercised too
+    if backend_name == "fsdp2":  # many small chunks (the tiny model is 2 MB): the chunking is exercised too
         from videollama3_train.trainer import fsdp2
 
         fsdp2.LOAD_CHUNK_BYTES = 64 * 2**10
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     module, optimizer = backend.prepare(LossModule(model, 64), optimizer)
-    if a.backend == "zero3":
+    if backend_name == "zero3":
         print(f"PARTITIONED {assert_partitioned(model, accelerator.num_processes)}", flush=True)
     with backend.whole_model(model) as whole:
         if accelerator.is_main_process:
@@ -73,16 +97,11 @@ def main() -> int:
                 assert torch.equal(got[k], v), k
                 n += 1
         assert sorted(got_buffers) == sorted(want_buffers)
-        for (
-            k,
-            v,
-        ) in want_buffers.items():  # non-persistent: no weight source carries them, the build keeps them
+        # non-persistent: no weight source carries them, the build keeps them
+        for k, v in want_buffers.items():
             assert torch.equal(got_buffers[k], v), k
         print(f"WEIGHTS EQUAL {n} tensors", flush=True)
     accelerator.wait_for_everyone()
-    # leave the process group together (gloo may abort in its teardown at exit otherwise)
-    torch.distributed.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":
