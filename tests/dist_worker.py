@@ -526,7 +526,8 @@ def run_in_turn(argv: list[str] | None, run_one) -> int:
             _reset_accelerate()
             import torch.distributed as dist
 
-            dist.barrier()
+            if dist.is_initialized():  # a plain one-process launch has no process group
+                dist.barrier()
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"RUN {i} START", flush=True)
         last = i == len(runs) - 1

@@ -7,6 +7,8 @@ set: each rank gets different rows, 2 packed rows per optimizer step), dropout o
 must restore every rank's RNG states, not only weights, optimizer and data position), 6 steps, checkpoints every 2
 steps, as one plain process and as two DDP processes under ``torch.distributed.run`` (gloo), and compare with an
 uninterrupted run of the same world size: the losses after the resume and the final weights are bit-identical.
+Each interrupted run is its own launch (it is killed or signalled); the restarts and the uninterrupted runs of a
+world size are made one after the other in one launch.
 Every wait is bounded; a hung process fails the test with its log.
 """
 
@@ -20,11 +22,12 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
-from dist_worker import ListLoader, read_consumed, tiny_setup, train_batches
+from dist_worker import ListLoader, read_consumed, run_logs, tiny_setup, train_batches
 from helpers import free_port
 from test_fit import _cfg, _losses
 
@@ -52,8 +55,13 @@ class _Run:
     """A worker launch (1 process: plain python; 2: torchrun) whose output is read by a thread, so waiting for a
     line has a deadline even when the process prints nothing."""
 
-    def __init__(self, out: Path, world: int, *args: str):
-        script = [str(REPO / "tests" / "dist_worker.py"), "--out", str(out), *WORKER_ARGS, *args]
+    def __init__(self, out: Path | None, world: int, *args: str, runs: list[tuple[Path, list[str]]] = ()):
+        """One run (``out``, ``args``), or the ``runs`` (output directory, arguments) one after the other in one
+        launch (``+++`` between them, :func:`dist_worker.main`)."""
+        runs = list(runs) or [(out, list(args))]
+        script = [str(REPO / "tests" / "dist_worker.py")]
+        for i, (run_out, run_args) in enumerate(runs):
+            script += [*(["+++"] if i else []), "--out", str(run_out), *WORKER_ARGS, *run_args]
         if world == 1:
             cmd = [sys.executable, *script]
         else:
@@ -110,23 +118,6 @@ class _Run:
         self.proc.wait(timeout=60)
 
 
-@pytest.fixture(scope="module")
-def clean_runs(tmp_path_factory):
-    """Output directories of uninterrupted runs, by world size and backend, run on first use."""
-    done: dict[tuple[int, str], Path] = {}
-
-    def get(world: int, backend: str = "ddp") -> Path:
-        if (world, backend) not in done:
-            out = tmp_path_factory.mktemp(f"clean{world}_{backend}")
-            run = _Run(out, world, *_backend(backend))
-            assert run.finish() == 0, run.log
-            assert "WORKER DONE" in run.log
-            done[world, backend] = out
-        return done[world, backend]
-
-    return get
-
-
 def _backend(name: str) -> list[str]:
     return ["--backend", name, *(["--partition-all"] if name == "zero3" else [])]
 
@@ -142,74 +133,201 @@ def _assert_same_run(clean: Path, resumed: Path, steps: range) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The faults, then one launch per world size for every restart and the uninterrupted runs
+# ----------------------------------------------------------------------------------------------------------------
+
+# (world, backend, where, step, resumes_at): kill -9 inside step ``step``'s forward/backward, restart at resumes_at
+SIGKILLS = [
+    (1, "ddp", "forward", 4, 2),
+    (2, "ddp", "forward", 4, 2),
+    (1, "ddp", "backward", 5, 4),
+    (2, "ddp", "backward", 5, 4),
+    (2, "zero2", "backward", 5, 4),
+    (2, "zero3", "forward", 4, 2),
+]
+
+
+@dataclass
+class _Case:
+    """One interrupted run: what the interrupted launch left (recorded before the restart) and the restart's log."""
+
+    out: Path
+    backend: str
+    facts: dict = field(default_factory=dict)
+    error: str = ""  # the interruption went wrong (no restart was made)
+    log: str = ""  # the restart's part of the log of its world size's launch
+
+
+@dataclass
+class _World:
+    cases: dict[str, _Case]
+    clean: dict[str, tuple[Path, str]]  # backend -> (output directory, log) of the uninterrupted run
+    code: int
+    tail: str  # the end of the launch's log
+
+    def clean_run(self, backend: str = "ddp") -> Path:
+        out, log = self.clean[backend]
+        assert "WORKER DONE" in log, self.tail
+        return out
+
+
+def _interrupted(out: Path, world: int, *args: str, marker: str, signal_it: bool = False) -> dict:
+    """Start a run, wait for ``marker``; SIGTERM it (it checkpoints and exits) or SIGKILL every process."""
+    victim = _Run(out, world, *args)
+    try:
+        victim.wait_for(marker)
+        facts = {"pids": len(victim.worker_pids())}  # each worker prints its PID before training
+        if signal_it:
+            victim.proc.send_signal(signal.SIGTERM)
+            facts["code"] = victim.finish()
+            facts["exits"] = [_read(out / f"exit_rank{rank}") for rank in range(world)]
+        else:
+            victim.kill_all()
+    except BaseException:
+        victim.kill_all()
+        raise
+    latest = find_latest_checkpoint(out)
+    facts |= {"log": victim.log, "latest": latest.name if latest else None}
+    if latest:
+        facts["complete"] = (latest / "COMPLETE").is_file()
+        facts["loaders"] = sorted(p.name for p in latest.glob("loader_rank*.pt"))
+    torn = out / "checkpoints" / "step-00000004.tmp"
+    facts["torn"] = sorted(p.name for p in torn.iterdir()) if torn.is_dir() else []
+    return facts
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _interruptions(world: int):
+    """(name, backend, interrupt(out)) of every interrupted run of ``world`` processes."""
+    for w, backend, where, step, _ in SIGKILLS:
+        if w == world:
+            args = [
+                *_backend(backend),
+                "--stall-in",
+                where,
+                "--stall-step",
+                str(step),
+                "--fault-rank",
+                str(w - 1),
+            ]
+            marker = f"STALLING IN {where.upper()}"
+            yield (
+                f"{where}-{backend}",
+                backend,
+                lambda out, a=args, m=marker: _interrupted(out, world, *a, marker=m),
+            )
+    yield (
+        "save",
+        "ddp",
+        lambda out: _interrupted(out, world, "--stall-in-save", "4", marker="STALLING IN SAVE"),
+    )
+    yield (
+        "sigterm",
+        "ddp",
+        lambda out: _interrupted(out, world, "--pause-at", "3", marker="PAUSED", signal_it=True),
+    )
+
+
+def _fault_and_restart(root: Path, world: int) -> _World:
+    """Every interruption of ``world`` processes (each its own launch: it is killed or signalled), then ONE launch
+    that runs, per backend, the uninterrupted run and every restart (DDP first: DeepSpeed runs come after DDP runs
+    in a launch): 10 launches for both world sizes instead of 24."""
+    cases: dict[str, _Case] = {}
+    for name, backend, interrupt in _interruptions(world):
+        case = cases[name] = _Case(root / name, backend)
+        try:
+            case.facts = interrupt(case.out)
+        except AssertionError as e:
+            case.error = str(e)
+    runs: list[tuple[Path, list[str]]] = []
+    owners: list[tuple[str, str]] = []  # ("clean", backend) or ("case", name) of each run of the launch
+    for backend in ("ddp", "zero2", "zero3"):
+        names = [n for n, c in cases.items() if c.backend == backend and not c.error]
+        if names:
+            runs.append((root / f"clean_{backend}", _backend(backend)))
+            owners.append(("clean", backend))
+            runs += [(cases[n].out, _backend(backend)) for n in names]
+            owners += [("case", n) for n in names]
+    launch = _Run(None, world, runs=runs)
+    code = launch.finish(timeout=TIMEOUT * len(runs))
+    logs = run_logs("".join(launch.lines))
+    clean: dict[str, tuple[Path, str]] = {}
+    for i, (kind, name) in enumerate(owners):
+        log = logs[i] if i < len(logs) else ""
+        if kind == "clean":
+            clean[name] = (runs[i][0], log)
+        else:
+            cases[name].log = log
+    return _World(cases, clean, code, launch.log)
+
+
+@pytest.fixture(scope="module")
+def faulted(tmp_path_factory):
+    """``get(world)``: the interrupted runs of that world size, restarted, with the uninterrupted runs (on first
+    use)."""
+    done: dict[int, _World] = {}
+
+    def get(world: int) -> _World:
+        if world not in done:
+            done[world] = _fault_and_restart(tmp_path_factory.mktemp(f"world{world}"), world)
+        return done[world]
+
+    return get
+
+
+def _restarted(run: _World, name: str) -> _Case:
+    case = run.cases[name]
+    assert not case.error, case.error
+    assert run.code == 0, run.tail
+    return case
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # (a) SIGKILL inside a forward, inside a backward, in the middle of a checkpoint write
 # ----------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
-@pytest.mark.parametrize(
-    ("world", "backend", "where", "step", "resumes_at"),
-    [
-        (1, "ddp", "forward", 4, 2),
-        (2, "ddp", "forward", 4, 2),
-        (1, "ddp", "backward", 5, 4),
-        (2, "ddp", "backward", 5, 4),
-        (2, "zero2", "backward", 5, 4),
-        (2, "zero3", "forward", 4, 2),
-    ],
-)
+@pytest.mark.timeout(3000)  # the first test of a world size makes every run of that world size
+@pytest.mark.parametrize(("world", "backend", "where", "step", "resumes_at"), SIGKILLS)
 def test_sigkill_inside_forward_or_backward_resumes_bit_identical(
-    tmp_path: Path, world: int, backend: str, where: str, step: int, resumes_at: int, clean_runs
+    world: int, backend: str, where: str, step: int, resumes_at: int, faulted
 ) -> None:
     """kill -9 while the last rank is inside step ``step``'s first forward (or, from a gradient hook, its
     backward); with 2 processes the other rank is waiting in that step's collectives. The restart resumes from the
     newest checkpoint and reproduces the uninterrupted run exactly: dropout masks (RNG states of every rank), the
     data cursor, weights and optimizer (ZeRO-2: partitioned; ZeRO-3: every parameter partitioned too)."""
-    out = tmp_path / "victim"
-    args = [
-        *_backend(backend),
-        "--stall-in",
-        where,
-        "--stall-step",
-        str(step),
-        "--fault-rank",
-        str(world - 1),
-    ]
-    victim = _Run(out, world, *args)
-    victim.wait_for(f"STALLING IN {where.upper()}")
-    assert len(victim.worker_pids()) == world, victim.log
-    victim.kill_all()
-    assert find_latest_checkpoint(out).name == f"step-{resumes_at:08d}"
+    run = faulted(world)
+    case = run.cases[f"{where}-{backend}"]
+    assert not case.error, case.error
+    assert case.facts["pids"] == world, case.facts["log"]
+    assert case.facts["latest"] == f"step-{resumes_at:08d}"
 
-    resumed = _Run(out, world, *_backend(backend))
-    assert resumed.finish() == 0, resumed.log
-    assert f"at step {resumes_at}" in resumed.log
-    _assert_same_run(clean_runs(world, backend), out, range(resumes_at + 1, 7))
+    case = _restarted(run, f"{where}-{backend}")
+    assert f"at step {resumes_at}" in case.log
+    _assert_same_run(run.clean_run(backend), case.out, range(resumes_at + 1, 7))
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(3000)
 @pytest.mark.parametrize("world", [1, 2])
-def test_sigkill_during_checkpoint_write_resumes_from_last_complete(
-    tmp_path: Path, world: int, clean_runs
-) -> None:
+def test_sigkill_during_checkpoint_write_resumes_from_last_complete(world: int, faulted) -> None:
     """kill -9 while the step-4 checkpoint is half written (weights and optimizer in ``.tmp``, no loop state, no
     ``COMPLETE``): the restart resumes from step 2, replaces the torn ``.tmp`` and reproduces steps 3..6."""
-    out = tmp_path / "victim"
-    victim = _Run(out, world, "--stall-in-save", "4")
-    victim.wait_for("STALLING IN SAVE")
-    assert len(victim.worker_pids()) == world, victim.log  # each worker prints its PID before training
-    victim.kill_all()
-    torn = out / "checkpoints" / "step-00000004.tmp"
-    assert any(torn.iterdir()), "the kill did not land inside the save"
-    assert find_latest_checkpoint(out).name == "step-00000002"
+    run = faulted(world)
+    case = run.cases["save"]
+    assert not case.error, case.error
+    assert case.facts["pids"] == world, case.facts["log"]
+    assert case.facts["torn"], "the kill did not land inside the save"
+    assert case.facts["latest"] == "step-00000002"
 
-    resumed = _Run(out, world)
-    assert resumed.finish() == 0, resumed.log
-    assert "resumed from" in resumed.log and "at step 2" in resumed.log
-    _assert_same_run(clean_runs(world), out, range(3, 7))
-    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    case = _restarted(run, "save")
+    assert "resumed from" in case.log and "at step 2" in case.log
+    _assert_same_run(run.clean_run(), case.out, range(3, 7))
+    names = sorted(p.name for p in (case.out / "checkpoints").iterdir())
     assert names == ["step-00000002", "step-00000004", "step-00000006"]  # keep_last=3, nothing torn left
 
 
@@ -219,33 +337,29 @@ def test_sigkill_during_checkpoint_write_resumes_from_last_complete(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(3000)
 @pytest.mark.parametrize("world", [1, 2])
-def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path: Path, world: int, clean_runs) -> None:
+def test_sigterm_checkpoints_exits_zero_and_resumes(world: int, faulted) -> None:
     """SIGTERM after step 3 (to the process; with 2 processes to torchrun, which forwards it to the workers): the
     ranks agree to stop after step 4, write a complete step-4 checkpoint and exit 0; a restart finishes the run
     with the losses of an uninterrupted one."""
-    out = tmp_path / "victim"
-    victim = _Run(out, world, "--pause-at", "3")
-    victim.wait_for("PAUSED")  # rank 0 now waits until its SIGTERM flag is set
-    victim.proc.send_signal(signal.SIGTERM)
-    code = victim.finish()
-    for rank in range(world):
-        assert (out / f"exit_rank{rank}").read_text().strip() == "0", victim.log
+    run = faulted(world)
+    case = run.cases["sigterm"]
+    assert not case.error, case.error
+    facts, log = case.facts, case.facts["log"]
+    assert facts["exits"] == ["0"] * world, log
     if world == 1:
-        assert code == 0, victim.log
+        assert facts["code"] == 0, log
     else:
         # torchrun itself re-raises the signal after its workers ended (its own exit code is not 0).
-        assert "got signal: 15" in victim.log or code == 0, victim.log
-    latest = find_latest_checkpoint(out)
-    assert latest.name == "step-00000004" and (latest / "COMPLETE").is_file(), victim.log
-    assert all((latest / f"loader_rank{r}.pt").is_file() for r in range(world))
-    assert "SIGTERM: checkpoint of step 4 written" in victim.log
+        assert "got signal: 15" in log or facts["code"] == 0, log
+    assert facts["latest"] == "step-00000004" and facts["complete"], log
+    assert facts["loaders"] == [f"loader_rank{r}.pt" for r in range(world)]
+    assert "SIGTERM: checkpoint of step 4 written" in log
 
-    resumed = _Run(out, world)
-    assert resumed.finish() == 0, resumed.log
-    assert "at step 4" in resumed.log
-    _assert_same_run(clean_runs(world), out, range(5, 7))
+    case = _restarted(run, "sigterm")
+    assert "at step 4" in case.log
+    _assert_same_run(run.clean_run(), case.out, range(5, 7))
 
 
 # ----------------------------------------------------------------------------------------------------------------
