@@ -10,8 +10,7 @@ import pytest
 from test_first_day import _short, cli
 
 import videollama3_train.train as train_command
-from videollama3_train.cli import parse_args
-from videollama3_train.sweep import plan_sweep
+from videollama3_train.cli import parse_args, plan_sweep
 
 TRAIN = train_command.COMMAND  # the command module itself: tests may import a command, not its names
 

@@ -449,16 +449,6 @@ def summarised(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {name: {k: v for k, v in r.items() if k != "predictions"} for name, r in results.items()}
 
 
-def scalars(results: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """``bench/<name>/accuracy`` (and per task) for metrics.jsonl and W&B."""
-    out = {}
-    for name, r in results.items():
-        if r["accuracy"] is not None:
-            out[f"bench/{name}/accuracy"] = r["accuracy"]
-        out.update({f"bench/{name}/accuracy/{t}": a for t, a in r["accuracy_per_task"].items()})
-    return out
-
-
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
@@ -475,7 +465,6 @@ __all__ = [
     "prepare_benchmark",
     "regression_message",
     "regressions",
-    "scalars",
     "score_benchmark",
     "summarised",
 ]

@@ -102,12 +102,20 @@ def log_heldout(writer, res: dict[str, Any], data_cfg, step: int) -> None:
         writer.log_table("eval/predictions", HELDOUT_COLUMNS, heldout_rows(res, root), step)
 
 
+def benchmark_scalars(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """``bench/<name>/accuracy`` (and per task) for metrics.jsonl and W&B."""
+    out = {}
+    for name, r in results.items():
+        if r["accuracy"] is not None:
+            out[f"bench/{name}/accuracy"] = r["accuracy"]
+        out.update({f"bench/{name}/accuracy/{t}": a for t, a in r["accuracy_per_task"].items()})
+    return out
+
+
 def log_benchmarks(writer, results: dict[str, dict[str, Any]], roots: dict[str, str], step: int) -> None:
     """One benchmark evaluation: ``bench/<name>/accuracy`` (and per task) against the step; with W&B on, a
     predictions table per benchmark."""
-    from .benchmark import scalars
-
-    writer.log(step, scalars(results))
+    writer.log(step, benchmark_scalars(results))
     if writer.wandb_run is not None:
         for name, res in results.items():
             writer.log_table(
@@ -116,6 +124,7 @@ def log_benchmarks(writer, results: dict[str, dict[str, Any]], roots: dict[str, 
 
 
 __all__ = [
+    "benchmark_scalars",
     "BENCHMARK_COLUMNS",
     "HELDOUT_COLUMNS",
     "THUMB_FRAMES",
