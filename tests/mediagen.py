@@ -127,6 +127,7 @@ def make_video(
     rotation: int = 0,
     audio: bool = False,
     bframes: int = 0,
+    crf: int | None = None,
 ) -> Path:
     """Encode ``round(seconds * fps)`` frames (at least one) into ``path`` (container from the suffix).
 
@@ -137,6 +138,8 @@ def make_video(
         (the modern form of the old ``rotate`` tag: a phone's portrait video stores landscape frames + 90).
     audio: also write a 1 kHz AAC track of the same length.
     bframes: B-frames between references (libx264 / mpeg4), so decode order differs from display order.
+    crf: libx264 quality (0 lossless ... 51); None = x264's default 23. A low value (with mbtree off, one thread)
+        keeps a still region bit-identical from frame to frame, as token pruning needs to drop it.
     Width/height must be even for 4:2:0 formats.
     """
     path = Path(path)
@@ -153,6 +156,12 @@ def make_video(
                 "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes={bframes}",
                 "preset": "ultrafast",
             }
+            if crf is not None:
+                stream.options = {
+                    "x264-params": stream.options["x264-params"] + ":mbtree=0:threads=1",
+                    "preset": "ultrafast",
+                    "crf": str(crf),
+                }
         elif bframes:
             stream.codec_context.max_b_frames = bframes
         if vfr:

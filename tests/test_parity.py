@@ -17,6 +17,7 @@ Video tests need torchcodec (the processor's decoder); they skip without it, exc
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import warnings
@@ -520,3 +521,117 @@ def test_system_and_multi_turn_parity(tmp_path, exported, torchcodec_ready, name
     text = proc.tokenizer.decode(ours["input_ids"])
     assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
     assert text.count("<|im_start|>assistant\n") == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the frame cache of `prepare` under token pruning
+# ---------------------------------------------------------------------------------------------------------------
+def _still_scene_with_square(w: int, h: int):
+    """A still textured scene with a small red square crossing it: most tokens never change, so pruning drops
+    them (a decoded still region is bit-identical from frame to frame), while the square's tokens are kept."""
+    scene = _texture(w, h, seed=3)
+
+    def frame(i: int) -> np.ndarray:
+        a = scene.copy()
+        s = h // 6
+        x0 = (4 * i) % (w - s)
+        a[h // 3 : h // 3 + s, x0 : x0 + s] = (230, 40, 40)
+        return a
+
+    return frame
+
+
+@pytest.fixture
+def pruned_clip(tmp_path, exported, torchcodec_ready):
+    """(root, record, stage config, our direct-decode sample, the processor's output) for a stage-3 clip that the
+    processor prunes to about half its tokens."""
+    make_video(
+        tmp_path / "v.mp4",
+        96,
+        72,
+        seconds=4.0,
+        fps=10.0,
+        frames=_still_scene_with_square(96, 72),
+        crf=4,
+        keyframe_interval_s=4.0,
+    )
+    ours, ref = _both(tmp_path, [("video", "v.mp4")], "multitask_sft", exported)
+    cfg = stage_config("multitask_sft")
+    assert cfg.use_token_compression
+    mask = ref["video_compression_mask"]
+    per_frame = mask.numel() // int(ref["video_grid_thw"][0, 0])
+    # not vacuous: the processor drops a good share of tokens, and keeps more than frame 0 + one per frame
+    assert per_frame + 3 < int(mask.sum()) <= 0.75 * mask.numel()
+    record = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "video", "video": "v.mp4"}, {"type": "text", "text": "What is shown?"}],
+            },
+            {"role": "assistant", "content": "A scene."},
+        ]
+    }
+    return tmp_path, record, cfg, ours, ref
+
+
+def _encode_from_cache(root, record, cfg, proc, cache_dir, monkeypatch, *, decode_allowed: bool):
+    """``encode_record`` with ``cfg`` reading ``cache_dir``: (sample, how many times the video was decoded)."""
+    calls = []
+    decode = media.decode_video
+
+    def counted(*a, **k):
+        if not decode_allowed:
+            raise AssertionError("decode_video called although the frame cache holds the video")
+        calls.append(1)
+        return decode(*a, **k)
+
+    monkeypatch.setattr(media, "decode_video", counted)
+    cached_cfg = dataclasses.replace(cfg, frame_cache_dir=str(cache_dir))
+    out = encode_record(record, data_root=root, processor=proc, config=cached_cfg)
+    monkeypatch.setattr(media, "decode_video", decode)
+    return out, len(calls)
+
+
+def test_frame_cache_under_pruning_keeps_the_processors_tokens(pruned_clip, exported, monkeypatch):
+    """`prepare` for a pruning stage stores lossless frames, so the compression mask and ids read from the cache
+    equal the processor's (and direct decoding's). JPEG at quality 95 flipped 21 of 80 tokens on this clip."""
+    from videollama3_train.data import frame_cache as fc
+    from videollama3_train.data.prepare import prepare
+
+    root, record, cfg, ours, ref = pruned_clip
+    ann = root / "ann.jsonl"
+    ann.write_text(json.dumps(record) + "\n")
+    counts = prepare([(str(ann), str(root))], root / "cache", cfg, num_workers=0, progress=False)
+    assert counts["written"] == 1
+    key = fc.cache_key(root / "v.mp4", fps=cfg.fps, max_frames=cfg.max_frames, min_frames=cfg.min_frames)
+    assert fc.cached_codec(root / "cache", key) in fc.LOSSLESS_CODECS
+    cached, decodes = _encode_from_cache(
+        root, record, cfg, exported("multitask_sft"), root / "cache", monkeypatch, decode_allowed=False
+    )
+    assert_same(cached, ref)
+    assert torch.equal(cached["video_compression_mask"], ours["video_compression_mask"])
+
+
+def test_pruning_stage_decodes_instead_of_reading_a_jpeg_entry(pruned_clip, exported, monkeypatch):
+    """A JPEG entry (written for a stage without pruning) misses for a pruning stage, which decodes the video and
+    so keeps the processor's tokens; then `prepare` for the pruning stage replaces the entry with a lossless one."""
+    from videollama3_train.data.prepare import prepare
+
+    root, record, cfg, _ours, ref = pruned_clip
+    ann = root / "ann.jsonl"
+    ann.write_text(json.dumps(record) + "\n")
+    counts = prepare(
+        [(str(ann), str(root))], root / "cache", cfg, num_workers=0, progress=False, codec="jpeg"
+    )
+    assert counts["written"] == 1
+    cached, decodes = _encode_from_cache(
+        root, record, cfg, exported("multitask_sft"), root / "cache", monkeypatch, decode_allowed=True
+    )
+    assert decodes == 1
+    assert_same(cached, ref)
+    counts = prepare([(str(ann), str(root))], root / "cache", cfg, num_workers=0, progress=False)
+    assert counts["written"] == 1  # the JPEG entry is upgraded, not kept as "existing"
+    cached, _ = _encode_from_cache(
+        root, record, cfg, exported("multitask_sft"), root / "cache", monkeypatch, decode_allowed=False
+    )
+    assert_same(cached, ref)

@@ -412,6 +412,7 @@ def _cached_frames(m: MediaPlan, config: EncodeConfig) -> np.ndarray | None:
         min_frames=config.min_frames,
         start=m.clip[0],
         end=m.clip[1],
+        lossless=config.use_token_compression,  # JPEG noise would change which tokens pruning keeps
     )
     if hit is None:
         return None

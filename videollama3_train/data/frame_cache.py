@@ -11,6 +11,12 @@ libjpeg-turbo, lets the JPEG decoder shrink by 1/2, 1/4, 1/8 for free when a sta
 (``draft`` mode), and stays inspectable with ``tar tf`` (measured in ``benchmarks/results/B1_video.md``).
 Uncompressed, so members are read in place: there is nothing to gain from compressing JPEG bytes again.
 
+Token pruning (``use_token_compression``) needs lossless entries: it keeps a token when its mean change from the
+previous frame exceeds 0.1 grey levels, far below JPEG's error, so JPEG noise in still regions flips which tokens
+are kept (measured on a still scene with a small moving square: 21 of 80 tokens flipped at quality 95, PNG 0).
+``prepare`` therefore writes PNG when the stage prunes, and a pruning stage reads only lossless entries (a JPEG
+entry misses, so the video is decoded).
+
 Writes are atomic: the tar is written to a temporary name in the same directory, fsynced, then renamed, so a
 reader sees either the whole entry or none (a crash mid-write leaves only a ``.tmp`` file, never a bad entry).
 
@@ -49,6 +55,7 @@ __all__ = [
     "build_frame_cache",
     "cache_key",
     "cache_path",
+    "cached_codec",
     "cached_size",
     "lookup_frames",
     "read_cached_frames",
@@ -60,6 +67,7 @@ __all__ = [
 # resized exactly as the processor does.
 CACHE_VERSION = 2
 CODECS = ("jpeg", "png", "npy")
+LOSSLESS_CODECS = ("png", "npy")  # give the decoder's pixels bit for bit (what token pruning needs)
 _HEADER = "header.json"
 _SUFFIX = {"jpeg": ".jpg", "png": ".png"}
 JPEG_QUALITY = 95
@@ -223,6 +231,16 @@ def _read_header(tar: tarfile.TarFile, path: Path) -> dict[str, Any]:
     return header
 
 
+def cached_codec(cache_dir: PathLike, key: str) -> str | None:
+    """Codec of the entry stored under ``key`` (header only), or None when there is no entry."""
+    path = cache_path(cache_dir, key)
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            return str(_read_header(tar, path)["codec"])
+    except FileNotFoundError:
+        return None
+
+
 def cached_size(cache_dir: PathLike, key: str) -> tuple[int, int] | None:
     """``(height, width)`` of the frames stored under ``key`` (header only), or None when there is no entry."""
     path = cache_path(cache_dir, key)
@@ -250,7 +268,7 @@ def _decode_member(data: bytes, size: tuple[int, int] | None, path: Path) -> np.
 
 
 def read_cached_frames(
-    cache_dir: PathLike, key: str, size: tuple[int, int] | None = None
+    cache_dir: PathLike, key: str, size: tuple[int, int] | None = None, *, lossless: bool = False
 ) -> tuple[np.ndarray, list[float]] | None:
     """The frames (``(T, H, W, 3)`` uint8) and timestamps stored under ``key``; None when there is no entry.
 
@@ -258,6 +276,7 @@ def read_cached_frames(
     decoder). Enlarging is refused (None, so the caller decodes the video) when the entry was stored below the
     video's native size, since a fresh decode would be sharper; when the entry holds native-size frames,
     enlarging is what a fresh decode would do too, so it is done.
+    lossless: miss (None) unless the entry is PNG or raw (token pruning: see the module's docstring).
     A damaged entry raises DataError ``corrupt_cache`` (delete it, or run ``prepare`` again).
     """
     path = cache_path(cache_dir, key)
@@ -271,6 +290,8 @@ def read_cached_frames(
         try:
             header = _read_header(tar, path)
             t, h, w, _ = header["shape"]
+            if lossless and header["codec"] not in LOSSLESS_CODECS:
+                return None
             if size is not None:
                 size = (int(size[0]), int(size[1]))
                 if size == (h, w):
@@ -317,12 +338,14 @@ def lookup_frames(
     start: float | None = None,
     end: float | None = None,
     size: tuple[int, int] | None = None,
+    lossless: bool = False,
 ) -> tuple[np.ndarray, list[float]] | None:
-    """Key + read in one call, for ``encode_record``: None when caching is off, the entry is absent or too small."""
+    """Key + read in one call, for ``encode_record``: None when caching is off, the entry is absent or too small
+    (or lossy while ``lossless`` is asked: a stage that prunes tokens)."""
     if cache_dir is None:
         return None
     key = cache_key(video_path, fps=fps, max_frames=max_frames, min_frames=min_frames, start=start, end=end)
-    return read_cached_frames(cache_dir, key, size=size)
+    return read_cached_frames(cache_dir, key, size=size, lossless=lossless)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -358,7 +381,12 @@ def _cache_one(
     path, start, end = job
     try:
         key = cache_key(path, fps=fps, max_frames=max_frames, min_frames=min_frames, start=start, end=end)
-        if not overwrite and cache_path(cache_dir, key).exists():
+        # a lossy entry does not serve a lossless request (a pruning stage would miss it every epoch): replace it
+        if (
+            not overwrite
+            and cache_path(cache_dir, key).exists()
+            and (codec not in LOSSLESS_CODECS or cached_codec(cache_dir, key) in LOSSLESS_CODECS)
+        ):
             return "existing"
         info = media.probe_video(path, folder_fps=fps)
         if info.kind == "frames":
@@ -399,7 +427,8 @@ def build_frame_cache(
     max_pixels_per_frame: pixel cap per stored frame, or a picklable callable ``num_sampled_frames -> cap`` (the
         per-frame budget shrinks as frames increase); None stores native size.
     num_workers: processes (``<= 1``: in this process, which is also easier to debug).
-    Existing entries are kept unless ``overwrite``. Failures never raise: the result counts them per reason as
+    codec: ``"jpeg"`` (smallest), ``"png"`` or ``"npy"`` (lossless, for stages that prune tokens).
+    Existing entries are kept unless ``overwrite`` (a JPEG entry is replaced when a lossless codec is asked). Failures never raise: the result counts them per reason as
     ``"error:<reason>"`` beside ``"videos"``, ``"written"``, ``"existing"`` and ``"failed"``.
     """
     if codec not in CODECS:

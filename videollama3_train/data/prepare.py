@@ -1,9 +1,9 @@
 """Fill the frame cache: decode every video of a data mixture once, ahead of training.
 
-Training then reads each video's sampled frames from ``EncodeConfig.frame_cache_dir`` (a few JPEGs) instead of
-decoding the video again every epoch (see ``frame_cache.py``). Videos are found the way training finds them
-(``iter_records`` + ``normalize_record``, so both annotation schemas and the same ``start``/``end`` handling). Frame
-lists and frame folders are skipped: they are images on disk already.
+Training then reads each video's sampled frames from ``EncodeConfig.frame_cache_dir`` (a few JPEGs, or PNGs when
+the stage prunes tokens) instead of decoding the video again every epoch (see ``frame_cache.py``). Videos are found
+the way training finds them (``iter_records`` + ``normalize_record``, so both annotation schemas and the same
+``start``/``end`` handling). Frame lists and frame folders are skipped: they are images on disk already.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def prepare(
     *,
     max_pixels_per_frame: int | None = None,
     progress: bool = True,
+    codec: str | None = None,
 ) -> dict[str, int]:
     """Fill ``cache_dir`` with the sampled frames of every video in the annotation files; returns counts.
 
@@ -96,10 +97,14 @@ def prepare(
     encode_cfg: the stage's sampling (``fps``, ``max_frames``, ``min_frames``) and budget; frames are stored at
         the largest size this config can ask for (:func:`frame_pixel_cap`) unless ``max_pixels_per_frame`` caps
         every frame at a fixed number of pixels instead.
+    codec: how frames are stored (``frame_cache.CODECS``); None: PNG when ``encode_cfg`` prunes tokens
+        (``use_token_compression``: JPEG noise would change which tokens are kept), else JPEG (smaller).
     Bad records and unreadable videos are counted, not fatal (see ``collect_videos`` / ``build_frame_cache``).
     """
     videos, counts = collect_videos(annotation_paths_and_roots)
     cap = max_pixels_per_frame if max_pixels_per_frame is not None else frame_pixel_cap(encode_cfg)
+    if codec is None:
+        codec = "png" if encode_cfg.use_token_compression else "jpeg"
     built = build_frame_cache(
         videos,
         cache_dir,
@@ -108,6 +113,7 @@ def prepare(
         min_frames=encode_cfg.min_frames,
         max_pixels_per_frame=cap,
         num_workers=num_workers,
+        codec=codec,
         progress=progress,
     )
     out = dict(counts)
