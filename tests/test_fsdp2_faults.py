@@ -12,10 +12,9 @@ import json
 from pathlib import Path
 
 import pytest
-import test_faults
 import test_world_size
 import torch
-from dist_worker import grad_check_batches, tiny_setup
+from dist_worker import grad_check_batches, run_logs, tiny_setup
 from helpers import REPO, torchrun
 from test_faults import _assert_same_run, _Run
 from test_fit import _adam_first_update, _reference_grads
@@ -24,13 +23,10 @@ from videollama3_train.trainer import find_latest_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 FSDP2 = ("--backend", "fsdp2")
-clean_runs = test_faults.clean_runs  # uninterrupted runs by world size and backend (a fixture)
 references = test_world_size.references  # uninterrupted 2-process runs of the world-size plan (a fixture)
 
 
-def test_sigkill_inside_a_save_then_inside_a_backward_resumes_bit_identical(
-    tmp_path: Path, clean_runs
-) -> None:
+def test_sigkill_inside_a_save_then_inside_a_backward_resumes_bit_identical(tmp_path: Path) -> None:
     """2 ranks, each its own rows, dropout on, checkpoints every 2 of 6 steps. kill -9 while the step-4 checkpoint
     is being written (RNG states in ``.tmp``, no DCP shards, no ``COMPLETE``): the restart resumes from step 2; kill
     -9 it while rank 1 is inside step 5's backward: the next restart resumes from step 4. Steps 3-6 (losses, samples)
@@ -50,10 +46,13 @@ def test_sigkill_inside_a_save_then_inside_a_backward_resumes_bit_identical(
     assert "at step 2" in victim.log, victim.log
     assert find_latest_checkpoint(out).name == "step-00000004"
 
-    resumed = _Run(out, 2, *FSDP2)
+    clean = tmp_path / "clean"  # the uninterrupted run, after the restart in the same launch
+    resumed = _Run(None, 2, runs=[(out, list(FSDP2)), (clean, list(FSDP2))])
     assert resumed.finish() == 0, resumed.log
-    assert "at step 4" in resumed.log, resumed.log
-    _assert_same_run(clean_runs(2, "fsdp2"), out, range(3, 7))
+    restart_log, clean_log = run_logs("".join(resumed.lines))
+    assert "at step 4" in restart_log, resumed.log
+    assert "WORKER DONE" in clean_log and "resumed from" not in clean_log, resumed.log
+    _assert_same_run(clean, out, range(3, 7))
 
 
 def test_hsdp_2x2_lays_out_replicate_by_shard_and_equals_the_reference(tmp_path: Path) -> None:
