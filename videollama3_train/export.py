@@ -18,10 +18,9 @@ from videollama3_train.cli import main as _cli_main
 
 
 def _run(cfg, overrides: list[str]) -> int:
-    from videollama3_train.offline import export_checkpoint
+    from videollama3_train.offline import export_command
 
-    print(f"exported to {export_checkpoint(cfg)}", flush=True)
-    return 0
+    return export_command(cfg)
 
 
 COMMAND = Command(

@@ -1,9 +1,13 @@
-"""The commands that do not train: the data doctor's scan and report, and the export of a training checkpoint
-(whose layout its writer, ``trainer/checkpoint.py``, reads for it)."""
+"""The bodies of the commands that do not train: the data doctor's scan and report, the export of a training
+checkpoint (whose layout its writer, ``trainer/checkpoint.py``, reads for it), the frame cache's preparation and the
+summary of a chain of stage runs. The command modules (``doctor.py``, ``export.py``, ``prepare.py``, ``report.py``)
+only declare the command and call one of these."""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -149,3 +153,57 @@ def export_checkpoint(cfg: ExportConfig) -> Path:
         )
         log.info("exported %s to %s (%s)", ckpt, path, cfg.dtype)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export, prepare, report: the command bodies
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def export_command(cfg: ExportConfig) -> int:
+    print(f"exported to {export_checkpoint(cfg)}", flush=True)
+    return 0
+
+
+def prepare_command(cfg) -> int:
+    """Fill the frame cache for ``cfg`` (the train config plus ``prepare.*``); prints the counts as JSON."""
+    from .data.prepare import prepare_data
+    from .rundir import check_data_paths
+
+    check_data_paths(cfg.data)
+    log_dir = Path(cfg.output_dir or cfg.encode.frame_cache_dir)
+    with log_file(log_dir / "prepare.log"):
+        opts = cfg.prepare
+        counts = prepare_data(
+            cfg.data, cfg.encode, workers=opts.workers, max_pixels_per_frame=opts.max_pixels_per_frame
+        )
+    print(json.dumps(counts, indent=2, sort_keys=True))
+    return 0
+
+
+def stage_folders(root: Path, stages: list[str] | None) -> list[str]:
+    """``stages``, else the four stage folders of ``launch/run_stages.sh``, else the pipeline's ``<n>_<stage>``."""
+    from .contract import STAGES
+
+    if stages:
+        return list(stages)
+    named = [s for s in STAGES if (root / s).is_dir()]
+    if named:
+        return named
+    numbered = [p.name for p in root.iterdir() if p.is_dir() and re.fullmatch(r"\d+_\w+", p.name)]
+    return sorted(numbered, key=lambda n: int(n.split("_", 1)[0])) or list(STAGES)
+
+
+def report_command(cfg) -> int:
+    """``summary.md`` + ``loss.png`` over the stage run directories under ``cfg.root``."""
+    from .reports import write_summary
+
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise UserError(f"root={cfg.root}: no such directory{relative_hint(root)}")
+    with log_file(root / "report.log"):
+        runs = [{"name": s, "output_dir": str(root / s)} for s in stage_folders(root, cfg.stages)]
+        md, png = write_summary(root, runs)
+    print(md.read_text(encoding="utf-8"))
+    print(f"wrote {md} and {png}")
+    return 0

@@ -18,10 +18,9 @@ from videollama3_train.cli import main as _cli_main
 
 
 def _run(cfg, overrides: list[str]) -> int:
-    from videollama3_train.run import EXIT_REGRESSION, failed_on_regression, run_pipeline
+    from videollama3_train.run import pipeline_command
 
-    results = run_pipeline(cfg, overrides)
-    return EXIT_REGRESSION if any(failed_on_regression(cfg, r) for r in results.values()) else 0
+    return pipeline_command(cfg, overrides)
 
 
 COMMAND = Command(

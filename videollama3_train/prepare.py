@@ -12,29 +12,17 @@ match what the stage will ask the cache for -- and :func:`videollama3_train.data
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from videollama3_train.cli import Command
 from videollama3_train.cli import main as _cli_main
 
 
 def _run(cfg, overrides: list[str]) -> int:
-    from videollama3_train.console import log_file
-    from videollama3_train.data.prepare import prepare_data
-    from videollama3_train.rundir import check_data_paths
+    from videollama3_train.offline import prepare_command
 
-    check_data_paths(cfg.data)
-    log_dir = Path(cfg.output_dir or cfg.encode.frame_cache_dir)
-    with log_file(log_dir / "prepare.log"):
-        opts = cfg.prepare
-        counts = prepare_data(
-            cfg.data, cfg.encode, workers=opts.workers, max_pixels_per_frame=opts.max_pixels_per_frame
-        )
-    print(json.dumps(counts, indent=2, sort_keys=True))
-    return 0
+    return prepare_command(cfg)
 
 
 COMMAND = Command(

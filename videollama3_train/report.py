@@ -9,41 +9,17 @@ the run directories.
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from videollama3_train.cli import Command
 from videollama3_train.cli import main as _cli_main
 
 
-def stage_folders(root: Path, stages: list[str] | None) -> list[str]:
-    """``stages``, else the four stage folders of ``launch/run_stages.sh``, else the pipeline's ``<n>_<stage>``."""
-    from videollama3_train.contract import STAGES
-
-    if stages:
-        return list(stages)
-    named = [s for s in STAGES if (root / s).is_dir()]
-    if named:
-        return named
-    numbered = [p.name for p in root.iterdir() if p.is_dir() and re.fullmatch(r"\d+_\w+", p.name)]
-    return sorted(numbered, key=lambda n: int(n.split("_", 1)[0])) or list(STAGES)
-
-
 def _run(cfg, overrides: list[str]) -> int:
-    from videollama3_train.console import UserError, log_file, relative_hint
-    from videollama3_train.reports import write_summary
+    from videollama3_train.offline import report_command
 
-    root = Path(cfg.root)
-    if not root.is_dir():
-        raise UserError(f"root={cfg.root}: no such directory{relative_hint(root)}")
-    with log_file(root / "report.log"):
-        runs = [{"name": s, "output_dir": str(root / s)} for s in stage_folders(root, cfg.stages)]
-        md, png = write_summary(root, runs)
-    print(md.read_text(encoding="utf-8"))
-    print(f"wrote {md} and {png}")
-    return 0
+    return report_command(cfg)
 
 
 COMMAND = Command(

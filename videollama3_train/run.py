@@ -379,6 +379,17 @@ def failed_on_regression(cfg: RunConfig, results: dict[str, Any]) -> bool:
 EXIT_REGRESSION = 3
 
 
+def train_command(cfg: RunConfig) -> int:
+    """The ``train`` command's body: one stage; exit status 3 when ``eval.fail_on_regression`` trips."""
+    return EXIT_REGRESSION if failed_on_regression(cfg, run_stage(cfg)) else 0
+
+
+def pipeline_command(cfg: PipelineConfig, overrides: Sequence[str]) -> int:
+    """The ``pipeline`` command's body: the stages in order; exit status 3 when a stage's alarm trips."""
+    results = run_pipeline(cfg, overrides)
+    return EXIT_REGRESSION if any(failed_on_regression(cfg, r) for r in results.values()) else 0
+
+
 def stage_dir(root: str | Path, i: int, stage: str) -> Path:
     """Run directory of the ``i``-th (0-based) stage of a pipeline: ``<root>/<i+1>_<stage>``."""
     return Path(root) / f"{i + 1}_{stage}"

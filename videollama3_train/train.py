@@ -20,10 +20,9 @@ from videollama3_train.cli import main as _cli_main
 
 
 def _run(cfg, overrides: list[str]) -> int:
-    from videollama3_train.run import EXIT_REGRESSION, failed_on_regression, run_stage
+    from videollama3_train.run import train_command
 
-    results = run_stage(cfg)
-    return EXIT_REGRESSION if failed_on_regression(cfg, results) else 0
+    return train_command(cfg)
 
 
 COMMAND = Command(
