@@ -164,6 +164,9 @@ def _leave_process_group() -> None:
     its C++ teardown ("terminate called without an active exception"), which torchrun reports as a failed run."""
     import torch.distributed as dist
 
+    from .trainer import liveness
+
+    liveness.stop()
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -55,6 +55,7 @@ class _State:
         self.store, self.rank, self.world = store, rank, world
         self.calls = 0  # main_only blocks so far (every rank makes the same sequence of calls)
         self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
 
 
 _state: _State | None = None
@@ -87,14 +88,18 @@ def start() -> None:
         return
     _state = _State(store, dist.get_rank(), world)
     _beat(_state)
-    threading.Thread(target=_beat_forever, args=(_state,), name="liveness", daemon=True).start()
+    _state.thread = threading.Thread(target=_beat_forever, args=(_state,), name="liveness", daemon=True)
+    _state.thread.start()
 
 
 def stop() -> None:
-    """Stop the heartbeat (tests; the thread is a daemon and dies with the process anyway)."""
+    """Stop the heartbeat and wait for its thread: before the process group is left at the end of a run, so no
+    store call is in flight while the process tears down (an exit with a thread inside a C++ store call may abort)."""
     global _state
     if _state is not None:
         _state.stop.set()
+        if _state.thread is not None:
+            _state.thread.join(timeout=2 * HEARTBEAT_S)
         _state = None
 
 
