@@ -100,7 +100,7 @@ def test_benchmark_imports_need_only_torch_transformers_accelerate():
             guard_err = str(e)
         mods = __MODULES__
         failed = {}
-        for m in mods + ("common", "bench_step", "bench_loss"):
+        for m in mods + ("common", "bench_step", "bench_loss", "bench_cost_model"):
             try:
                 importlib.import_module(m)
             except ImportError as e:
