@@ -4,7 +4,7 @@
     python benchmarks/device_check.py --dry-run --out DIR    # CPU: the same code at the tiny shape, 1-2 minutes
 
 Needs torch, transformers and accelerate only (no deepspeed, hydra, wandb, av, datasets, flash-attn, liger).
-Three parts, each in its own try/except (a failure is recorded and the next part runs), the result files
+Four parts, each in its own try/except (a failure is recorded and the next part runs), the result files
 rewritten after every part and every sweep setting:
 
 (a) ``isolation``: one packed row of mixed samples (several images at merge 1, a pruned video at merge 2,
@@ -20,6 +20,9 @@ rewritten after every part and every sweep setting:
     the largest batch that fits, vs ours (packed 16k-token rows, varlen attention, chunked loss) over a sweep of
     selective checkpointing settings; median of the warm steps: tokens/s, MFU (docs/reference.md §6), peak memory.
 (c) ``b5``: B5 at 16k tokens (``bench_loss``): our chunked loss vs transformers' loss, time and peak memory.
+(d) ``cost``: B10 (``bench_cost_model``): 24 packed rows of very different compositions (``small`` shape on
+    CUDA, ``tiny`` in the dry run), predicted FLOPs (``data.cost_model``) vs measured forward+backward time per row,
+    and their Spearman rank correlation. Not part of ``ok``.
 
 A global time budget (``--budget-s``, default 450 s from the start of the process) skips what would not finish
 in it (sweep settings first; each is estimated from the previous one), and the skips are recorded; a watchdog
@@ -41,7 +44,8 @@ JSON (``DIR/device_check.json``; ``DIR/device_check.md`` is its table form)::
                       "peak_bytes", "step_s", "tokens_per_step", "loss", "seconds"}],
             "best": {...}, "speedup_tokens_per_s", "peak_memory_ratio", "error"?},
      "b5": {"status", "seconds", "tokens", "vocab", "hidden", "results": [{"method", "label_frac", "labelled",
-            "seconds", "peak_bytes", "loss", "grad_diff"}], "error"?}}
+            "seconds", "peak_bytes", "loss", "grad_diff"}], "error"?},
+     "cost": {"status", "seconds", "shape", "spearman", "fit": {...}, "rows": [{"row", "flops", "seconds", ...}]}}
 
 Exit status 0 when every part ran and the isolation passed, 1 otherwise, 3 when the watchdog fired.
 """
@@ -545,6 +549,22 @@ def run_b5(ctx: Check, res: dict[str, Any]) -> None:
     res["status"] = "ok"
 
 
+def run_cost(ctx: Check, res: dict[str, Any]) -> None:
+    """B10: predicted FLOPs vs measured step time of 24 packed rows (``bench_cost_model``)."""
+    import bench_cost_model
+
+    dev = ["--device", "cpu", "--shape", "tiny", "--warmup", "0", "--repeats", "1"] if ctx.dry_run else []
+    argv = dev or ["--device", "cuda", "--shape", "small", "--warmup", "2", "--repeats", "5"]
+    if not ctx.has_time(60.0 if not ctx.dry_run else 10.0, "cost"):
+        res["status"] = "skipped"
+        return
+    threads = torch.get_num_threads()  # the bench fixes them; the parts after it keep theirs
+    try:
+        res.update(bench_cost_model.run(bench_cost_model.parse_args(argv)), status="ok")
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------------------------
@@ -591,6 +611,7 @@ class Check:
             "isolation": {"status": "pending"},
             "b4": {"status": "pending"},
             "b5": {"status": "pending"},
+            "cost": {"status": "pending"},
         }
 
     def elapsed(self) -> float:
@@ -820,6 +841,12 @@ def render(r: dict[str, Any]) -> str:
         )
     if "error" in b5:
         lines += ["", "```", b5["error"], "```"]
+    cost = r.get("cost", {})
+    lines += ["", f"## (d) B10 predicted FLOPs vs measured step time ({cost.get('status')})", ""]
+    if cost.get("rows"):
+        import bench_cost_model
+
+        lines += [bench_cost_model.render(cost)]
     return "\n".join(lines)
 
 
@@ -847,7 +874,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument(
         "--hard-limit-s", type=float, default=470.0, help="write the result and exit at this time"
     )
-    ap.add_argument("--parts", default="isolation,b5,b4", help="which parts, in this order")
+    ap.add_argument("--parts", default="isolation,b5,cost,b4", help="which parts, in this order")
     ap.add_argument("--sweep", default=DEFAULT_SWEEP, help="B4 ours: LLM_EVERY:on|off (vision), in run order")
     ap.add_argument("--warmup", type=int, default=4, help="B4 warm-up steps per setting (CUDA)")
     ap.add_argument("--steps", type=int, default=8, help="B4 timed steps per setting (CUDA)")
@@ -857,7 +884,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-PARTS = {"isolation": run_isolation, "b4": run_b4, "b5": run_b5}
+PARTS = {"isolation": run_isolation, "b4": run_b4, "b5": run_b5, "cost": run_cost}
 
 
 def main(argv=None) -> int:

@@ -180,8 +180,15 @@ def test_dry_run_writes_the_three_parts_with_numbers(dry_run) -> None:
     frac = min(f for m, f in by if m == "transformers")
     assert abs(by[("ours", frac)]["loss"] - by[("transformers", frac)]["loss"]) < 1e-4
 
+    # (d) B10: every row has a prediction and a time, and the correlation of the two is a number
+    cost = r["cost"]
+    assert cost["status"] == "ok", cost.get("error")
+    assert len(cost["rows"]) >= 20 and cost["shape"] == "tiny"
+    assert all(x["flops"] > 0 and x["seconds"] > 0 for x in cost["rows"])
+    assert _number(cost["spearman"]) and -1 <= cost["spearman"] <= 1
+
     md = dry_run["md"]
-    assert "CPU DRY RUN" in md and "## (a)" in md and "## (b)" in md and "## (c)" in md
+    assert "CPU DRY RUN" in md and "## (a)" in md and "## (b)" in md and "## (c)" in md and "## (d)" in md
 
 
 def test_dry_run_isolation_passes(dry_run) -> None:
