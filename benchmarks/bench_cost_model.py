@@ -1,4 +1,4 @@
-"""B10: does the cost model's predicted compute order the measured step times of packed rows?
+"""B11: does the cost model's predicted compute order the measured step times of packed rows?
 
 Builds packed rows of very different compositions at one shape (default ``tiny``, row budget 1024 tokens): text
 rows of many short samples down to one long sample, rows of many small images or one large image, videos of many
@@ -16,7 +16,7 @@ every row sees the same load), the median step time per row. Reported: the Spear
 predicted FLOPs and measured time, the load average before and after, and a least-squares fit of
 ``time = a * FLOPs + b * samples + c * segments + d`` (what per-call overhead costs at this shape).
 
-    nice -n 10 python benchmarks/bench_cost_model.py --threads 1 --repeats 7 --out benchmarks/results/B10.json
+    nice -n 10 python benchmarks/bench_cost_model.py --threads 1 --repeats 7 --out benchmarks/results/B11_cost_model.json
     python benchmarks/bench_cost_model.py --device cuda --shape small         # on a GPU (device_check.py)
 """
 

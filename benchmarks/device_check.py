@@ -20,7 +20,7 @@ rewritten after every part and every sweep setting:
     the largest batch that fits, vs ours (packed 16k-token rows, varlen attention, chunked loss) over a sweep of
     selective checkpointing settings; median of the warm steps: tokens/s, MFU (docs/reference.md §6), peak memory.
 (c) ``b5``: B5 at 16k tokens (``bench_loss``): our chunked loss vs transformers' loss, time and peak memory.
-(d) ``cost``: B10 (``bench_cost_model``): 24 packed rows of very different compositions (``small`` shape on
+(d) ``cost``: B11 (``bench_cost_model``): 24 packed rows of very different compositions (``small`` shape on
     CUDA, ``tiny`` in the dry run), predicted FLOPs (``data.cost_model``) vs measured forward+backward time per row,
     and their Spearman rank correlation. Not part of ``ok``.
 
@@ -550,7 +550,7 @@ def run_b5(ctx: Check, res: dict[str, Any]) -> None:
 
 
 def run_cost(ctx: Check, res: dict[str, Any]) -> None:
-    """B10: predicted FLOPs vs measured step time of 24 packed rows (``bench_cost_model``)."""
+    """B11: predicted FLOPs vs measured step time of 24 packed rows (``bench_cost_model``)."""
     import bench_cost_model
 
     dev = ["--device", "cpu", "--shape", "tiny", "--warmup", "0", "--repeats", "1"] if ctx.dry_run else []
@@ -842,7 +842,7 @@ def render(r: dict[str, Any]) -> str:
     if "error" in b5:
         lines += ["", "```", b5["error"], "```"]
     cost = r.get("cost", {})
-    lines += ["", f"## (d) B10 predicted FLOPs vs measured step time ({cost.get('status')})", ""]
+    lines += ["", f"## (d) B11 predicted FLOPs vs measured step time ({cost.get('status')})", ""]
     if cost.get("rows"):
         import bench_cost_model
 

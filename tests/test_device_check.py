@@ -180,7 +180,7 @@ def test_dry_run_writes_the_three_parts_with_numbers(dry_run) -> None:
     frac = min(f for m, f in by if m == "transformers")
     assert abs(by[("ours", frac)]["loss"] - by[("transformers", frac)]["loss"]) < 1e-4
 
-    # (d) B10: every row has a prediction and a time, and the correlation of the two is a number
+    # (d) B11: every row has a prediction and a time, and the correlation of the two is a number
     cost = r["cost"]
     assert cost["status"] == "ok", cost.get("error")
     assert len(cost["rows"]) >= 20 and cost["shape"] == "tiny"
