@@ -684,7 +684,9 @@ def run(argv: list[str], *, shut_down: bool = True) -> int:
     if args.partition_all:
         print(f"PARTITIONED {rank} {assert_partitioned(model, world)} parameters", flush=True)
     if args.backend == "fsdp2":
-        print(f"FSDP2 LAYOUT {rank} {json.dumps(fsdp2_layout(model))}", flush=True)
+        # one write with its newline: ranks share the launcher's stdout, and print writes the newline separately
+        sys.stdout.write(f"FSDP2 LAYOUT {rank} {json.dumps(fsdp2_layout(model))}\n")
+        sys.stdout.flush()
     state = full_state_dict(model)
     if rank == 0:
         torch.save(state, out / "params_after.pt")
