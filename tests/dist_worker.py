@@ -603,7 +603,8 @@ def run(argv: list[str], *, shut_down: bool = True) -> int:
     world = int(os.environ.get("WORLD_SIZE", 1))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"PID {rank} {os.getpid()}", flush=True)
+    sys.stdout.write(f"PID {rank} {os.getpid()}\n")  # one write with its newline: the ranks share one pipe
+    sys.stdout.flush()
     if args.stall_in_save:
         _stall_in_save(args.stall_in_save)
     _install_hooks(args, rank)

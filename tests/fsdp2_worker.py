@@ -64,7 +64,8 @@ def run(argv: list[str], *, shut_down: bool = True) -> int:
     args = p.parse_args(argv)
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    print(f"PID {rank} {os.getpid()}", flush=True)
+    sys.stdout.write(f"PID {rank} {os.getpid()}\n")  # one write with its newline: the ranks share one pipe
+    sys.stdout.flush()
     model, tok = tiny_setup()
     batches = []
     if args.plan == "grads":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -108,7 +109,8 @@ class _Run:
         return self.proc.returncode
 
     def worker_pids(self) -> list[int]:
-        return [int(line.split()[2]) for line in self.lines if line.startswith("PID ")]
+        # anywhere in the log, not by line start: the ranks share one pipe and a line may follow another's text
+        return [int(pid) for _, pid in re.findall(r"PID (\d+) (\d+)", "\n".join(self.lines))]
 
     def kill_all(self) -> None:
         """SIGKILL the workers (torchrun starts each in its own session) and the launcher: no cleanup runs."""
