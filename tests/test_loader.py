@@ -208,15 +208,7 @@ def test_dataset_encoder_passes_location():
 
 def make_global_plan(rows_per_step: int = 3, seed: int = 0):
     """A global plan: ``rows_per_step`` packed rows per optimizer step, the rows short of a whole step kept."""
-    return pack(
-        COSTS,
-        np.arange(N),
-        max_tokens=256,
-        max_patches=1,
-        buffer_size=64,
-        rows_per_step=rows_per_step,
-        seed=seed,
-    )
+    return make_plan(seed=seed, rows_per_step=rows_per_step)
 
 
 def _steps_of(loaders: list[PackedLoader], start: int = 0, epoch: int | None = None) -> list[list[int]]:

@@ -24,6 +24,16 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
+def _outside_env() -> dict[str, str]:
+    """The environment of a user outside the repository: no PYTHONPATH to the checkout, W&B off, one thread."""
+    return {
+        **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+
+
 def _run(
     cmd: list[str], *, cwd: Path, env: dict[str, str], timeout: int = 600
 ) -> subprocess.CompletedProcess:
@@ -127,12 +137,7 @@ def test_installed_train_runs_outside_the_repo(installed: Path, tmp_path: Path) 
     gen.generate(data, seed=5, n_train=16, n_heldout=4)
     work = tmp_path / "work"
     work.mkdir()
-    env = {
-        **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
-        "WANDB_MODE": "disabled",
-        "OMP_NUM_THREADS": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-    }
+    env = _outside_env()
     proc = _run(
         [
             str(installed / "vl3-train"),
@@ -168,12 +173,7 @@ def test_installed_sweep_on_a_user_mixture(installed: Path, tmp_path: Path) -> N
     myconf = write_user_configs(tmp_path / "myconf", tmp_path / "a", tmp_path / "b")
     work = tmp_path / "work"
     work.mkdir()
-    env = {
-        **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
-        "WANDB_MODE": "disabled",
-        "OMP_NUM_THREADS": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-    }
+    env = _outside_env()
     proc = _run(
         [
             str(installed / "vl3-train"),
