@@ -84,3 +84,100 @@ def test_the_partial_step_takes_the_rows_at_a_gap_in_compute():
     assert len(whole) == 6 and (steps < 0).sum() == 2  # 6 whole steps, one partial step of 2 rows
     assert all(len(set(work[s])) == 1 for s in whole), work[whole]
     assert sorted(np.concatenate(steps)[np.concatenate(steps) >= 0]) == list(range(26))  # every row once
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the cost table's FLOPs columns
+
+
+def test_cost_row_matches_the_processors_grids(tmp_path):
+    """The cost pass's visual tokens and tower sum P_f^2 equal what transformers' processor makes of the same
+    record (its grids and merge sizes), for images at merge 1, several images and a video at merge 2; with token
+    compression on, the visual tokens are an upper bound of the kept ones."""
+    import dataclasses
+    import os
+    import warnings
+
+    from mediagen import make_image, make_video
+    from transformers.utils.import_utils import is_torchcodec_usable
+
+    from videollama3_train.data import EncodeConfig
+    from videollama3_train.data.encode import encode_record, estimate_cost_row, processor_settings
+    from videollama3_train.model.tokenizer import build_processor, build_tiny_tokenizer
+
+    if not is_torchcodec_usable(decode="video"):
+        if os.environ.get("CI"):
+            pytest.fail("torchcodec (the processor's video decoder) is missing under CI")
+        pytest.skip("torchcodec missing")
+    make_image(tmp_path / "a.png", size=(120, 40), pattern="noise")
+    make_image(tmp_path / "b.png", size=(64, 64), pattern="noise")
+    make_video(tmp_path / "v.mp4", 96, 64, seconds=4.0, fps=4.0)
+    cfg = EncodeConfig(max_visual_tokens=2000, image_merge_size=1, video_merge_size=2, fps=1.0, max_frames=8)
+    tok = build_tiny_tokenizer()
+    proc = build_processor(tok, **processor_settings(cfg))
+    cases = [[("image", "a.png")], [("image", "a.png"), ("image", "b.png")], [("video", "v.mp4")]]
+    for items in cases:
+        content = [{"type": k, k: n} for k, n in items] + [{"type": "text", "text": "What is shown?"}]
+        answer = {"role": "assistant", "content": "A scene."}
+        rec = {"messages": [{"role": "user", "content": content}, answer]}
+        row = estimate_cost_row(rec, data_root=tmp_path, processor=proc, config=cfg)
+        paths = [{"type": k, k: str(tmp_path / n)} for k, n in items]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = proc.apply_chat_template(
+                [{"role": "user", "content": paths + content[-1:]}, answer],
+                fps=cfg.fps,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+            )
+        visual, segments_sq, patches = 0, 0, 0
+        for kind in ("image", "video"):
+            if f"{kind}_grid_thw" not in ref:
+                continue
+            for (t, h, w), m in zip(ref[f"{kind}_grid_thw"].tolist(), ref[f"{kind}_merge_sizes"].tolist()):
+                visual += t * h * w // (m * m)
+                segments_sq += t * (h * w) ** 2
+                patches += t * h * w
+        assert row == (len(ref["input_ids"][0]), patches, visual, segments_sq), (items, row)
+        assert row[3] < row[1] ** 2 or len(items) == 1 and items[0][0] == "image"  # frames: separate segments
+    pruned = dataclasses.replace(cfg, use_token_compression=True)
+    sample = encode_record(rec, data_root=tmp_path, processor=proc, config=pruned)
+    assert int(sample["video_compression_mask"].sum()) <= row[2]
+
+
+def test_an_old_two_column_cost_cache_still_loads(tmp_path):
+    """A table cached before the FLOPs columns: used as it is (no record costed again), its missing columns -1,
+    which the cost model estimates exactly as for a table without them."""
+    from videollama3_train.data.costs import COST_COLUMNS, compute_costs
+
+    path, key = tmp_path / "c.npy", "k"
+    old = compute_costs(6, lambda i: (100 * (i + 1), 50 * i), cache_path=path, cache_key=key, progress=False)
+    assert old.costs.shape == (6, 2)
+
+    def boom(i):
+        raise AssertionError("costed again")
+
+    table = compute_costs(6, boom, cache_path=path, cache_key=key, progress=False, columns=COST_COLUMNS)
+    assert table.costs.shape == (6, COST_COLUMNS)
+    np.testing.assert_array_equal(table.costs[:, :2], old.costs)
+    assert (table.costs[:, 2:] == -1).all()
+    model = SampleCostModel(SHAPE_2B, merge=2)
+    np.testing.assert_array_equal(
+        row_flops_of(model, table.costs), model.sample_flops(old.costs)
+    )  # -1: estimated
+    fresh = compute_costs(
+        6, lambda i: (100 * (i + 1), 50 * i, 7, 9), cache_path=tmp_path / "d.npy", cache_key=key,
+        progress=False, columns=COST_COLUMNS,
+    )  # fmt: skip
+    assert fresh.costs[:, 2:].tolist() == [[7, 9]] * 6
+    again = compute_costs(6, boom, cache_path=tmp_path / "d.npy", cache_key=key, progress=False)
+    np.testing.assert_array_equal(again.costs, fresh.costs[:, :2])  # asked for two columns: the first two
+
+
+def row_flops_of(model: SampleCostModel, table: np.ndarray) -> np.ndarray:
+    """Per-sample FLOPs of a full cost table, as ``packing.row_flops`` reads it (one sample per row)."""
+    from videollama3_train.data.packing import Rows
+
+    rows = Rows.from_lists([[i] for i in range(len(table))], table[:, :2])
+    return row_flops(model, table, rows)

@@ -20,9 +20,11 @@ log = logging.getLogger("videollama3_train")
 
 
 def _cost_of(row, *, root, processor, config, dataset):
-    from .encode import estimate_cost
+    """The record's cost-table row: tokens, patches, and the visual tokens and tower ``sum P_f^2`` the packer's
+    FLOPs estimate reads (``encode.Plan.cost_row``)."""
+    from .encode import estimate_cost_row
 
-    return estimate_cost(row, data_root=root, processor=processor, config=config, dataset=dataset)
+    return estimate_cost_row(row, data_root=root, processor=processor, config=config, dataset=dataset)
 
 
 def _encode_per_dataset(record, *, dataset: str, configs: dict[str, EncodeConfig], **kwargs):
@@ -54,7 +56,7 @@ def load_costed(dcfg: DataConfig, enc: EncodeConfig, processor, *, is_main: bool
     (:func:`~.costs.compute_costs`); ``run_dir`` keeps its table when the annotations' folder is read-only
     (``data.cost_cache_dir`` unset)."""
     from .annotations import load_annotations
-    from .costs import compute_costs, cost_cache
+    from .costs import COST_COLUMNS, compute_costs, cost_cache
 
     dcfg.check_paths()
     datasets = dcfg.resolved_datasets()
@@ -73,6 +75,7 @@ def load_costed(dcfg: DataConfig, enc: EncodeConfig, processor, *, is_main: bool
             cache_path=cache if dcfg.cost_cache else None,
             cache_key=key,
             progress=is_main,
+            columns=COST_COLUMNS,
         )
         if table.failures:
             failures[name] = _check_failures(dcfg, name, table, len(ds), is_main=is_main)

@@ -6,11 +6,12 @@ Everything here is plain numbers: the model's dimensions come in as a :class:`Fl
 flops_dimensions`` reads them from a config; ``data/`` never imports the model), and the counts as Python ints (exact,
 for the metric) or numpy arrays (one value per sample, for the packer).
 
-The packer knows a sample by its cost-table row ``(tokens, patches)``. The formula also needs, per sample, the
-visual tokens that reach the LLM, the tokens whose logits are computed, and the tower's attention segments
-(``sum P_f^2`` over its images and frames). When the cost table does not carry them they are estimated
-(:class:`SampleCostModel`): visual tokens ``patches / merge^2``, logit tokens = the text tokens, one tower segment per
-sample (``P^2``: exact for one image, an upper bound for a video, whose frames are separate segments).
+The packer knows a sample by its cost-table row: ``(tokens, patches)`` and, from the cost pass (``data.costs``,
+``encode.Plan.cost_row``), the visual tokens that reach the LLM and the tower's ``sum P_f^2`` over its attention
+segments (images and frames). The tokens whose logits are computed are taken as the text tokens. Where the table
+does not carry the last two (a table cached before they existed, or ``-1`` for a sample) they are estimated
+(:class:`SampleCostModel`): visual tokens ``patches / merge^2``, one tower segment per sample (``P^2``: exact for one
+image, an upper bound for a video, whose frames are separate segments).
 """
 
 from __future__ import annotations
@@ -111,15 +112,20 @@ class SampleCostModel:
         patches_sq: np.ndarray | None = None,
     ) -> np.ndarray:
         """``(N,)`` predicted FLOPs of each sample of ``costs`` (``(N, 2)``: tokens, patches; failed rows ``-1`` cost
-        0). ``visual_tokens`` / ``patches_sq`` per sample when known, else estimated (module docstring). A row's
-        FLOPs are the sum of its samples' (every term of the formula is a sum over samples and segments)."""
+        0). ``visual_tokens`` / ``patches_sq`` per sample when known (a negative value: not known), else estimated
+        (module docstring). A row's FLOPs are the sum of its samples' (every term of the formula is a sum over
+        samples and segments)."""
         c = np.maximum(np.asarray(costs, dtype=np.float64)[:, :2], 0.0)
         tokens, patches = c[:, 0], c[:, 1]
-        visual = (
-            patches / self.merge**2 if visual_tokens is None else np.asarray(visual_tokens, dtype=np.float64)
-        )
+        visual = patches / self.merge**2
+        if visual_tokens is not None:
+            given = np.asarray(visual_tokens, dtype=np.float64)
+            visual = np.where(given >= 0, given, visual)
         visual = np.minimum(visual, tokens)
-        sq = patches * patches if patches_sq is None else np.asarray(patches_sq, dtype=np.float64)
+        sq = patches * patches
+        if patches_sq is not None:
+            given = np.asarray(patches_sq, dtype=np.float64)
+            sq = np.where(given >= 0, given, sq)
         terms = training_flops(
             self.shape,
             tokens=tokens,

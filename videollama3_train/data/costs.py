@@ -27,6 +27,10 @@ from .pool import parallel_map
 logger = logging.getLogger(__name__)
 
 TOKENS, PATCHES = 0, 1  # columns of a cost table
+# columns the packer's FLOPs estimate reads (data.cost_model), in tables costed with columns=COST_COLUMNS: the
+# visual tokens reaching the LLM and the tower's sum P_f^2 over images / frames; -1 where a record's is not known
+VISUAL_TOKENS, PATCHES_SQ = 2, 3
+COST_COLUMNS = 4
 
 # ============================================================================================================
 # Cost pre-pass
@@ -35,7 +39,8 @@ TOKENS, PATCHES = 0, 1  # columns of a cost table
 
 @dataclass
 class CostTable:
-    """``costs``: int64 ``(N, 2)`` = (LLM tokens, vision patches) per record, ``-1`` for a record that failed.
+    """``costs``: int64 ``(N, 2)`` = (LLM tokens, vision patches) per record, ``-1`` for a record that failed
+    (``(N, COST_COLUMNS)`` with the visual tokens and ``sum P_f^2`` after them when costed with them).
     ``failures``: record index -> (DataError reason, message)."""
 
     costs: np.ndarray
@@ -112,20 +117,24 @@ def cost_cache(
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(records: Any, cost_fn: Callable) -> None:
+def _init_worker(records: Any, cost_fn: Callable, columns: int = 2) -> None:
     _WORKER["records"] = records
     _WORKER["cost_fn"] = cost_fn
+    _WORKER["columns"] = columns
 
 
 def _cost_range(span: tuple[int, int]) -> tuple[int, np.ndarray, dict[int, tuple[str, str]]]:
-    """``(start, costs (stop - start, 2), failures)`` of the records ``start:stop`` (compact: 16 bytes a record)."""
+    """``(start, costs (stop - start, columns), failures)`` of the records ``start:stop`` (compact: 8 bytes a
+    column). A cost shorter than ``columns`` leaves the rest -1 (not known), a longer one is cut."""
     (start, stop), records, cost_fn = span, _WORKER["records"], _WORKER["cost_fn"]
-    costs = np.full((stop - start, 2), -1, dtype=np.int64)
+    columns = _WORKER.get("columns", 2)
+    costs = np.full((stop - start, columns), -1, dtype=np.int64)
     failures = {}
     rows = _rows(records, start, stop)
     for i in range(start, stop):
         try:
-            costs[i - start] = cost_fn(i if rows is None else rows[i - start])
+            cost = cost_fn(i if rows is None else rows[i - start])
+            costs[i - start, : min(len(cost), columns)] = cost[:columns]
         except DataError as e:
             failures[i] = (e.reason, str(e))
     return start, costs, failures
@@ -153,14 +162,17 @@ def compute_costs(
     chunk_size: int = 256,
     progress: bool = True,
     distributed: bool = True,
+    columns: int = 2,
 ) -> CostTable:
-    """(tokens, patches) of every record, in parallel, cached.
+    """(tokens, patches) of every record, in parallel, cached; ``columns=COST_COLUMNS`` keeps the visual-token and
+    ``sum P_f^2`` columns too (``cost_fn`` returning ``encode.Plan.cost_row``).
 
     ``records``: an indexable sequence (``cost_fn(records[i])``) or a count ``N`` (``cost_fn(i)``).
     ``cost_fn`` must be picklable when ``num_workers > 1`` and raise ``DataError`` for a bad record (recorded,
     not fatal; any other exception is a bug and propagates). ``num_workers <= 1`` runs in this process.
     ``cache_path`` + ``cache_key``: reuse a table computed under the same key (:func:`cost_cache` gives both); a
-    stale or unreadable cache is recomputed. Returns a :class:`CostTable` with ``costs`` int64 ``(N, 2)``.
+    stale or unreadable cache is recomputed. Returns a :class:`CostTable` with ``costs`` int64 ``(N, columns)``
+    (a cached table with fewer columns is used, its missing columns -1: estimated by the packer).
 
     Under a process group (``distributed``, the default, and ``torch.distributed`` initialised) the pass runs once
     per job, not once per rank: every rank costs every world-th chunk of records with its ``num_workers``
@@ -171,13 +183,13 @@ def compute_costs(
     n = records if isinstance(records, int) else len(records)
     seq = None if isinstance(records, int) else records
     rank, world = _process_group() if distributed else (0, 1)
-    cached = _load_cache(Path(cache_path), cache_key, n) if cache_path is not None else None
+    cached = _load_cache(Path(cache_path), cache_key, n, columns) if cache_path is not None else None
     if world > 1:  # every rank must take the same branch: the cache is used only when all of them read it
         cached = cached if _all_ranks(cached is not None) else None
     if cached is not None:
         return cached
 
-    costs = np.full((n, 2), -1, dtype=np.int64)
+    costs = np.full((n, columns), -1, dtype=np.int64)
     failures: dict[int, tuple[str, str]] = {}
     # Ranks take every world-th chunk (interleaved, so the video-heavy parts of a file are shared too).
     spans = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)][rank::world]
@@ -191,7 +203,7 @@ def compute_costs(
             progress=progress,
             weight=lambda span: span[1] - span[0],
             initializer=_init_worker,
-            initargs=(seq, cost_fn),
+            initargs=(seq, cost_fn, columns),
         )
     finally:
         _WORKER.clear()  # the inline run filled it in this process
@@ -267,7 +279,7 @@ def _sidecar(cache_path: Path) -> Path:
     return cache_path.with_name(cache_path.name + ".json")
 
 
-def _load_cache(cache_path: Path, key: str | None, n: int) -> CostTable | None:
+def _load_cache(cache_path: Path, key: str | None, n: int, columns: int = 2) -> CostTable | None:
     meta_path = _sidecar(cache_path)
     if not cache_path.exists() or not meta_path.exists():
         return None
@@ -277,8 +289,20 @@ def _load_cache(cache_path: Path, key: str | None, n: int) -> CostTable | None:
     except (OSError, ValueError) as e:
         logger.warning("ignoring unreadable cost cache %s: %s", cache_path, e)
         return None
-    if meta.get("key") != key or costs.shape != (n, 2):
+    if meta.get("key") != key or costs.ndim != 2 or len(costs) != n or costs.shape[1] < 2:
         return None
+    if costs.shape[1] < columns:
+        # a table costed before the FLOPs columns existed: still used (a video set's cost pass is long), its
+        # missing columns -1, which the packer's cost model estimates per sample (data.cost_model)
+        logger.warning(
+            "cost cache %s has %d columns, not %d: the packer estimates the visual tokens and tower sum P_f^2 of "
+            "its records (delete the file to cost them exactly)",
+            cache_path,
+            costs.shape[1],
+            columns,
+        )
+        costs = np.concatenate([costs, np.full((n, columns - costs.shape[1]), -1, dtype=costs.dtype)], axis=1)
+    costs = costs[:, :columns]
     failures = {int(i): (r, m) for i, (r, m) in meta.get("failures", {}).items()}
     return CostTable(costs.astype(np.int64), failures)
 

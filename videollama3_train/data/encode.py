@@ -62,6 +62,7 @@ __all__ = [
     "Plan",
     "encode_record",
     "estimate_cost",
+    "estimate_cost_row",
     "plan_record",
     "processor_settings",
 ]
@@ -124,6 +125,19 @@ class Plan:
             num_tokens = min(num_tokens, self.truncate_to)
         num_patches = sum(m.num_frames * (m.size[0] // patch) * (m.size[1] // patch) for m in self.media)
         return num_tokens, num_patches
+
+    @property
+    def cost_row(self) -> tuple[int, int, int, int]:
+        """The cost table's row (``data.costs``: ``COST_COLUMNS``): :attr:`cost`, then what the packer's FLOPs
+        estimate needs beyond it: the visual tokens reaching the LLM (after the merge, before token compression,
+        which only lowers them: an upper bound as the tokens are) and the tower's ``sum P_f^2`` over its attention
+        segments (each image, each video frame: ``P_f`` patches). Equal to what the processor's grids give
+        (``tests/test_cost_model.py``)."""
+        patch = self.config.patch_size
+        segments_sq = sum(
+            m.num_frames * ((m.size[0] // patch) * (m.size[1] // patch)) ** 2 for m in self.media
+        )
+        return (*self.cost, self.visual_tokens, segments_sq)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -636,3 +650,21 @@ def estimate_cost(
     except DataError as e:
         raise e.locate(dataset=dataset, index=index) from None
     return plan.cost
+
+
+def estimate_cost_row(
+    record: dict[str, Any],
+    *,
+    data_root: str | Path,
+    processor,
+    config: EncodeConfig,
+    dataset: str = "",
+    index: int = -1,
+) -> tuple[int, int, int, int]:
+    """The record's cost-table row, ``plan_record(...).cost_row`` (tokens, patches, visual LLM tokens, tower
+    ``sum P_f^2``), planned as :func:`estimate_cost` plans it (the text counted, not tokenised)."""
+    try:
+        plan = _plan(record, data_root, processor.tokenizer, config, _pad_ids(processor), count_only=True)
+    except DataError as e:
+        raise e.locate(dataset=dataset, index=index) from None
+    return plan.cost_row

@@ -32,7 +32,7 @@ import numpy as np
 
 from .config import DatasetConfig
 from .cost_model import SampleCostModel
-from .costs import PATCHES, TOKENS
+from .costs import PATCHES, PATCHES_SQ, TOKENS, VISUAL_TOKENS
 from .mixture import mixture_table
 
 logger = logging.getLogger(__name__)
@@ -532,10 +532,12 @@ def epoch_samples(specs: Sequence[DatasetConfig], costs: Sequence[np.ndarray], s
     """``(entries, table)``: the epoch's mixture ``(N, 2)`` (dataset, record) and its cost table (every column of
     the datasets' tables: tokens, patches, and what a cost model reads)."""
     entries = mixture_table(specs, [len(c) for c in costs], seed, epoch)
-    table = np.empty((len(entries), np.asarray(costs[0]).shape[1] if len(costs) else 2), dtype=np.int64)
+    width = max((np.asarray(c).shape[1] for c in costs), default=2)
+    table = np.full((len(entries), width), -1, dtype=np.int64)  # a column a dataset lacks: -1, not known
     for d, c in enumerate(costs):
         rows = entries[:, 0] == d
-        table[rows] = np.asarray(c, dtype=np.int64)[entries[rows, 1]]
+        c = np.asarray(c, dtype=np.int64)
+        table[rows, : c.shape[1]] = c[entries[rows, 1]]
     return entries, table
 
 
@@ -567,11 +569,12 @@ def build_epoch_plan(
 
 
 def row_flops(model: SampleCostModel, table: np.ndarray, rows: Rows) -> np.ndarray:
-    """``(R,)`` predicted training FLOPs of each row: the sum of its samples' (``table`` columns 2 and 3, when
-    present, are each sample's visual LLM tokens and tower ``sum P_f^2``)."""
+    """``(R,)`` predicted training FLOPs of each row: the sum of its samples' (``table`` columns
+    ``VISUAL_TOKENS`` and ``PATCHES_SQ``, when present, are each sample's visual LLM tokens and tower
+    ``sum P_f^2``; -1 where not known)."""
     extra = {}
-    if table.shape[1] >= 4:
-        extra = {"visual_tokens": table[:, 2], "patches_sq": table[:, 3]}
+    if table.shape[1] > PATCHES_SQ:
+        extra = {"visual_tokens": table[:, VISUAL_TOKENS], "patches_sq": table[:, PATCHES_SQ]}
     per_sample = model.sample_flops(table[:, :2], **extra)
     return _row_sums(per_sample[rows.ids], rows.offsets)
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..contract import STAGES
 from .config import DataConfig, EncodeConfig
+from .costs import COST_COLUMNS
 from .errors import DataError
 
 log = logging.getLogger("videollama3_train")
@@ -145,7 +146,7 @@ def _open_media(m, config) -> None:
 
 
 def _check_record(job: _Job, d: int, i: int) -> dict[str, Any]:
-    from .encode import estimate_cost, plan_record
+    from .encode import estimate_cost_row, plan_record
 
     out: dict[str, Any] = {"d": d, "i": i, "media": []}
     try:
@@ -169,8 +170,8 @@ def _check_record(job: _Job, d: int, i: int) -> dict[str, Any]:
                     if not e.path:
                         e.path = str(m.paths[0])
                     raise
-        out["costs"] = [
-            estimate_cost(
+        out["costs"] = [  # the rows training's cost pass gives (data.build), so both plan alike
+            estimate_cost_row(
                 raw,
                 data_root=job.roots[d],
                 processor=job.processor,
@@ -300,7 +301,7 @@ class _Tally:
 
     def __init__(self, examples: int, names, paths, roots, sizes, columns: int):
         self.examples, self.names = examples, names
-        self.costs = [np.full((n, columns, 2), -1, dtype=np.int64) for n in sizes]
+        self.costs = [np.full((n, columns, COST_COLUMNS), -1, dtype=np.int64) for n in sizes]
         self.reasons: dict[str, dict[str, Any]] = {}
         self.per_dataset: dict[str, dict[str, Any]] = {
             name: {"path": paths[d], "root": roots[d], "records": sizes[d], "failed": 0, "reasons": {}}
