@@ -1,8 +1,8 @@
 """FSDP2 (``trainer.backend=fsdp2``) under the faults and layouts the DDP and ZeRO tests already cover, with their own
-oracles reused: SIGKILL inside a checkpoint write and inside a backward (tests/test_faults.py: the ``ranked`` plan,
-each rank different rows, dropout on, compared bit for bit with an uninterrupted run), HSDP on a 2 x 2 mesh (the
-one-process gradient of the global batch, tests/test_fit.py), and a resume at another world size checked by sample
-ids across an epoch boundary (tests/test_world_size.py's checks, as they are).
+oracles reused: SIGKILL inside a checkpoint write, inside a backward and inside a forward (tests/test_faults.py: the
+``ranked`` plan, each rank different rows, dropout on, compared bit for bit with an uninterrupted run), HSDP on a
+2 x 2 mesh (the one-process gradient of the global batch, tests/test_fit.py), and a resume at another world size
+checked by sample ids across an epoch boundary (tests/test_world_size.py's checks, as they are).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from dist_worker import grad_check_batches, run_logs, tiny_setup
 from helpers import REPO, torchrun
 from test_faults import _assert_same_run, _Run
-from test_fit import _adam_first_update, _reference_grads
+from test_fit import _adam_first_update, _losses, _reference_grads
 
 from videollama3_train.trainer import find_latest_checkpoint
 
@@ -27,12 +27,13 @@ FSDP2 = ("--backend", "fsdp2")
 references = test_world_size.references  # uninterrupted 2-process runs of the world-size plan (a fixture)
 
 
-def test_sigkill_inside_a_save_then_inside_a_backward_resumes_bit_identical(tmp_path: Path) -> None:
+def test_sigkill_inside_a_save_a_backward_and_a_forward_resumes_bit_identical(tmp_path: Path) -> None:
     """2 ranks, each its own rows, dropout on, checkpoints every 2 of 6 steps. kill -9 while the step-4 checkpoint
     is being written (RNG states in ``.tmp``, no DCP shards, no ``COMPLETE``): the restart resumes from step 2; kill
-    -9 it while rank 1 is inside step 5's backward: the next restart resumes from step 4. Steps 3-6 (losses, samples)
-    and the final weights equal the uninterrupted run's bit for bit: DCP restores the shards and the optimizer, and
-    every rank's RNG states come back (dropout masks)."""
+    -9 it while rank 1 is inside step 5's backward: the next restart resumes from step 4; kill -9 that one while
+    rank 0 is inside step 6's forward (rank 1 waits in its all-gather): the last restart resumes from step 4 again.
+    Steps 3-6 (losses, samples) and the final weights equal the uninterrupted run's bit for bit: DCP restores the
+    shards and the optimizer, and every rank's RNG states come back (dropout masks)."""
     out = tmp_path / "victim"
     victim = _Run(out, 2, *FSDP2, "--stall-in-save", "4")
     victim.wait_for("STALLING IN SAVE")
@@ -45,6 +46,14 @@ def test_sigkill_inside_a_save_then_inside_a_backward_resumes_bit_identical(tmp_
     victim.wait_for("STALLING IN BACKWARD")
     victim.kill_all()
     assert "at step 2" in victim.log, victim.log
+    assert find_latest_checkpoint(out).name == "step-00000004"
+
+    victim = _Run(out, 2, *FSDP2, "--stall-in", "forward", "--stall-step", "6", "--fault-rank", "0")
+    victim.wait_for("STALLING IN FORWARD")
+    assert len(victim.worker_pids()) == 2, victim.log
+    victim.kill_all()
+    assert "at step 4" in victim.log, victim.log
+    assert max(_losses(out)) == 5, victim.log  # the kill landed in step 6, after step 5 was logged
     assert find_latest_checkpoint(out).name == "step-00000004"
 
     clean = tmp_path / "clean"  # the uninterrupted run, after the restart in the same launch
