@@ -7,9 +7,9 @@ The pipeline for one epoch:
    failed record has cost ``-1`` and is reported, never silently lost and never decoded later.
 2. ``mixture_table`` (:mod:`.mixture`) draws the epoch's samples ``(dataset, record)`` from the datasets'
    weights / repeats / caps.
-3. :func:`bin_pack` fills rows under a token budget *and* a vision-patch budget: best-fit-decreasing inside
-   shuffle buffers of ``buffer_size`` samples, every buffer at once (numpy over buffers, see
-   :func:`_best_fit_decreasing`); rows left below ``close_fill`` are packed again with the next ones.
+3. :func:`~.binpack.bin_pack` fills rows under a token budget *and* a vision-patch budget: best-fit-decreasing inside
+   shuffle buffers of ``buffer_size`` samples, every buffer at once (numpy over buffers, :mod:`.binpack`);
+   rows left below ``close_fill`` are packed again with the next ones.
 4. :func:`deal` cuts the rows into optimizer steps of ``G`` rows (*slots*), rows of similar work side by side, so
    that whichever ranks run a step's slots wait little on each other; the steps are shuffled.
 
@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from .binpack import MemoryBound, Rows, bin_pack, row_sums
 from .config import DatasetConfig
 from .cost_model import SampleCostModel
 from .costs import PATCHES, PATCHES_SQ, TOKENS, VISUAL_TOKENS
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "EpochPlanner",
+    "MemoryBound",
     "PackPlan",
     "Rows",
     "bin_pack",
@@ -53,196 +55,6 @@ __all__ = [
     "rank_balance",
     "row_flops",
 ]
-
-# tolerance of the normalised budget checks (float64 sums of at most a few thousand terms in [0, 1]); rows are
-# checked again in integers after packing
-_TOL = 1e-12
-
-
-# ============================================================================================================
-# Rows: bin packing
-# ============================================================================================================
-
-
-@dataclass
-class Rows:
-    """Packed rows: row ``r`` holds the sample ids ``ids[offsets[r]:offsets[r + 1]]`` (largest first).
-
-    ``load[r]``: its ``(tokens, patches)``. ``oversized``: ids over a budget on their own (never packed,
-    reported); ``failed``: ids whose cost pre-pass failed (cost ``-1``). Every id of the input is in exactly one
-    of the three."""
-
-    ids: np.ndarray
-    offsets: np.ndarray
-    load: np.ndarray
-    oversized: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-    failed: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def row(self, r: int) -> np.ndarray:
-        return self.ids[self.offsets[r] : self.offsets[r + 1]]
-
-    @property
-    def sizes(self) -> np.ndarray:
-        """Samples per row."""
-        return np.diff(self.offsets)
-
-    @classmethod
-    def from_lists(cls, rows: Sequence[Sequence[int]], costs: np.ndarray) -> Rows:
-        """Rows given as lists of ids (small, hand-made plans)."""
-        sizes = np.array([len(r) for r in rows], dtype=np.int64)
-        ids = np.array([i for r in rows for i in r], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        return cls(ids, offsets, _row_sums(np.asarray(costs, dtype=np.int64)[ids], offsets))
-
-
-def _row_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Per-row sums of ``values`` (ids order) for rows given by ``offsets`` (empty rows sum to 0)."""
-    out = np.zeros((len(offsets) - 1, *values.shape[1:]), dtype=values.dtype)
-    nonempty = np.diff(offsets) > 0
-    if len(values):
-        out[nonempty] = np.add.reduceat(values, offsets[:-1][nonempty], axis=0)
-    return out
-
-
-def _best_fit_decreasing(size: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Best-fit-decreasing in every buffer at once. ``size`` ``(B, L, 2)``: normalised (tokens, patches) of each
-    buffer's samples sorted by decreasing size (``valid`` False on padding). Returns each sample's bin within its
-    buffer ``(B, L)`` (-1 on padding) and the bins per buffer ``(B,)``.
-
-    The rule is the classic one, per buffer: each sample, largest first, goes into the open bin it leaves with the
-    least normalised slack (tokens + patches), else a new bin. The loop runs over the position in the buffer and
-    handles all buffers in each numpy call: ~2048 Python iterations for any epoch size instead of one per sample
-    (the per-sample loop ran at ~20k samples/s; this one's cost is numpy's, over buffers x open bins).
-    """
-    nbuf, length, _ = size.shape
-    cap = 64
-    room_t = np.full((nbuf, cap), -1.0)  # -1: not a bin yet (fits nothing)
-    room_p = np.full((nbuf, cap), -1.0)
-    nbins = np.zeros(nbuf, dtype=np.int64)
-    where = np.full((nbuf, length), -1, dtype=np.int64)
-    buffers = np.arange(nbuf)
-    for k in range(length):
-        t, p, live = size[:, k, TOKENS], size[:, k, PATCHES], valid[:, k]
-        used = int(nbins.max())
-        if used >= cap:
-            room_t = np.concatenate([room_t, np.full((nbuf, cap), -1.0)], axis=1)
-            room_p = np.concatenate([room_p, np.full((nbuf, cap), -1.0)], axis=1)
-            cap *= 2
-        if used:
-            rt, rp = room_t[:, :used], room_p[:, :used]
-            fits = (rt >= (t - _TOL)[:, None]) & (rp >= (p - _TOL)[:, None])
-            # least slack after placing = least room before it (the item's size is the same for every bin)
-            best = np.argmin(np.where(fits, rt + rp, np.inf), axis=1)
-            fresh = ~fits[buffers, best]
-        else:
-            best, fresh = np.zeros(nbuf, dtype=np.int64), np.ones(nbuf, dtype=bool)
-        b = np.where(fresh, nbins, best)[live]
-        sel, fresh = buffers[live], fresh[live]
-        room_t[sel, b] = np.where(fresh, 1.0, room_t[sel, b]) - t[live]
-        room_p[sel, b] = np.where(fresh, 1.0, room_p[sel, b]) - p[live]
-        nbins[sel] += fresh
-        where[sel, k] = b
-    return where, nbins
-
-
-def _pack_buffers(ids: np.ndarray, size: np.ndarray, buffer_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Bins of ``ids`` (normalised sizes ``size``, ``(n, 2)``) packed ``buffer_size`` at a time, in order.
-    Returns ``(members, offsets)``: the ids grouped by bin (largest first inside a bin), bins in buffer order."""
-    n = len(ids)
-    nbuf = -(-n // buffer_size)
-    pad = nbuf * buffer_size - n
-    valid = np.concatenate([np.ones(n, dtype=bool), np.zeros(pad, dtype=bool)]).reshape(nbuf, buffer_size)
-    s = np.concatenate([size, np.zeros((pad, 2))]).reshape(nbuf, buffer_size, 2)
-    # by combined size, then patches, decreasing; padding last
-    key = np.where(valid, s.sum(axis=2), -1.0)
-    order = np.lexsort((-s[:, :, PATCHES], -key), axis=-1)
-    s = np.take_along_axis(s, order[:, :, None], axis=1)
-    valid = np.take_along_axis(valid, order, axis=1)
-    where, nbins = _best_fit_decreasing(s, valid)
-    first = np.concatenate([[0], np.cumsum(nbins)[:-1]])
-    pos = np.flatnonzero(valid.ravel())
-    buf = pos // buffer_size
-    gbin = first[buf] + where.ravel()[pos]  # global bin of every sample, in (buffer, decreasing size) order
-    grouped = np.argsort(gbin, kind="stable")
-    members = ids[buf * buffer_size + order.ravel()[pos]][grouped]
-    offsets = np.searchsorted(gbin[grouped], np.arange(int(nbins.sum()) + 1)).astype(np.int64)
-    return members, offsets
-
-
-def _select_rows(members: np.ndarray, offsets: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The rows ``keep`` (bool per row) of ``(members, offsets)``."""
-    sizes = np.diff(offsets)
-    return members[np.repeat(keep, sizes)], np.concatenate([[0], np.cumsum(sizes[keep])]).astype(np.int64)
-
-
-def bin_pack(
-    costs: np.ndarray,
-    order: Sequence[int] | np.ndarray,
-    *,
-    max_tokens: int,
-    max_patches: int,
-    buffer_size: int = 2048,
-    close_fill: float = 0.97,
-) -> Rows:
-    """Pack the samples ``order`` (ids into ``costs``, ``(N, 2+)``: tokens, patches) into rows under both budgets.
-
-    ``order`` is consumed ``buffer_size`` ids at a time (the shuffle buffer: a larger buffer packs tighter but
-    mixes less; pass ``order`` shuffled, ``mixture_table`` does); inside a buffer, best-fit-decreasing. Rows below
-    ``close_fill`` of both budgets are packed again, with the other buffers' such rows, in a second round (and so
-    on until one buffer holds them all), so that only the last round leaves half-empty rows. Items over a budget on
-    their own go to ``oversized``; items with a negative cost to ``failed``.
-    """
-    if max_tokens <= 0 or max_patches <= 0:
-        raise ValueError(f"budgets must be positive, got max_tokens={max_tokens}, max_patches={max_patches}")
-    if buffer_size < 1:
-        raise ValueError("buffer_size must be >= 1")
-    costs = np.asarray(costs, dtype=np.int64)
-    order = np.asarray(order, dtype=np.int64)
-    if costs.ndim != 2 or costs.shape[1] < 2:
-        raise ValueError(
-            f"costs must have shape (N, 2) (tokens, patches; more columns are ignored), got {costs.shape}"
-        )
-    costs = costs[:, :2]
-    c = costs[order]
-    failed_mask = (c < 0).any(axis=1)
-    over_mask = ~failed_mask & ((c[:, TOKENS] > max_tokens) | (c[:, PATCHES] > max_patches))
-    if over_mask.any():
-        logger.warning(
-            "%d samples exceed the budget of %d tokens / %d patches on their own and are not packed",
-            int(over_mask.sum()),
-            max_tokens,
-            max_patches,
-        )
-    todo = order[~failed_mask & ~over_mask]
-    budget = np.array([max_tokens, max_patches], dtype=np.float64)
-    parts: list[tuple[np.ndarray, np.ndarray]] = []
-    while len(todo):
-        members, offsets = _pack_buffers(todo, costs[todo] / budget, buffer_size)
-        if len(todo) <= buffer_size:  # the last round: every row stays
-            parts.append((members, offsets))
-            break
-        full = (_row_sums(costs[members], offsets) / budget >= close_fill).any(axis=1)
-        parts.append(_select_rows(members, offsets, full))
-        rest, _ = _select_rows(members, offsets, ~full)
-        if len(rest) == len(
-            todo
-        ):  # nothing closed (cannot happen with close_fill <= 1): keep them as they are
-            parts.append(_select_rows(members, offsets, ~full))
-            break
-        todo = rest
-    ids = np.concatenate([m for m, _ in parts]) if parts else np.empty(0, dtype=np.int64)
-    sizes = np.concatenate([np.diff(o) for _, o in parts]) if parts else np.empty(0, dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    out = Rows(ids, offsets, _row_sums(costs[ids], offsets))
-    out.oversized, out.failed = order[over_mask], order[failed_mask]
-    bad = (out.load[:, TOKENS] > max_tokens) | (out.load[:, PATCHES] > max_patches)
-    if bad.any():  # the float checks above are exact to 1e-12; this guards the integer budgets themselves
-        raise AssertionError(f"packed rows over budget: {out.load[bad][:3].tolist()}")
-    return out
-
 
 # ============================================================================================================
 # Steps: dealing rows to the slots of optimizer steps
@@ -576,7 +388,7 @@ def row_flops(model: SampleCostModel, table: np.ndarray, rows: Rows) -> np.ndarr
     if table.shape[1] > PATCHES_SQ:
         extra = {"visual_tokens": table[:, VISUAL_TOKENS], "patches_sq": table[:, PATCHES_SQ]}
     per_sample = model.sample_flops(table[:, :2], **extra)
-    return _row_sums(per_sample[rows.ids], rows.offsets)
+    return row_sums(per_sample[rows.ids], rows.offsets)
 
 
 class EpochPlanner:
