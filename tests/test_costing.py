@@ -74,46 +74,97 @@ def test_token_counter_refuses_other_pipelines():
 
 
 # Every kind of video the suite generates (tests/mediagen.py): codecs, containers, B-frames, variable frame rate,
-# rotation, audio, 10 bits, odd rates, one frame. `index`: whether the MP4 sample table is used (else the scan).
+# rotation, audio, 10 bits, odd rates and sizes, one frame. `index`: whether the MP4 sample table is used (else the
+# scan); `header`: whether the first frame is read from the MP4 boxes (else decoded).
 VIDEOS = {
-    "h264.mp4": ({}, True),
-    "h264_gop.mp4": ({"seconds": 6.0, "keyframe_interval_s": 1.0}, True),
-    "h264_b2.mp4": ({"bframes": 2}, False),
-    "h264_vfr.mp4": ({"vfr": True}, True),
-    "h264_vfr_b2.mp4": ({"vfr": True, "bframes": 2}, False),
-    "h264_rot90.mp4": ({"rotation": 90}, True),
-    "h264_audio.mp4": ({"audio": True}, True),
-    "h264_10bit.mp4": ({"pix_fmt": "yuv420p10le"}, True),
-    "h264_230f.mp4": ({"seconds": 230 / 30, "fps": 30.0}, True),
-    "h264_ntsc.mp4": ({"seconds": 2.0, "fps": 30000 / 1001}, True),
-    "h264_1frame.mp4": ({"seconds": 0.1}, True),
-    "h264.mov": ({}, True),
-    "mpeg4.mp4": ({"codec": "mpeg4"}, True),
-    "mpeg4_b2.mp4": ({"codec": "mpeg4", "bframes": 2}, False),
-    "h264.mkv": ({}, False),
-    "vp8.webm": ({"codec": "libvpx"}, False),
+    "h264.mp4": ({}, True, True),
+    "h264_gop.mp4": ({"seconds": 6.0, "keyframe_interval_s": 1.0}, True, True),
+    "h264_b2.mp4": ({"bframes": 2}, False, False),
+    "h264_vfr.mp4": ({"vfr": True}, True, True),
+    "h264_vfr_b2.mp4": ({"vfr": True, "bframes": 2}, False, False),
+    "h264_rot90.mp4": ({"rotation": 90}, True, True),
+    "h264_rot180.mp4": ({"rotation": 180, "width": 66, "height": 38}, True, True),
+    "h264_rot270.mov": ({"rotation": 270}, True, True),
+    "h264_audio.mp4": ({"audio": True}, True, True),
+    "h264_10bit.mp4": ({"pix_fmt": "yuv420p10le"}, True, True),
+    "h264_230f.mp4": ({"seconds": 230 / 30, "fps": 30.0}, True, True),
+    "h264_ntsc.mp4": ({"seconds": 2.0, "fps": 30000 / 1001}, True, True),
+    "h264_1frame.mp4": ({"seconds": 0.1}, True, True),
+    "h264.mov": ({}, True, True),
+    "mpeg4.mp4": ({"codec": "mpeg4"}, True, True),
+    "mpeg4_rot90.mp4": ({"codec": "mpeg4", "rotation": 90}, True, True),
+    "mpeg4_b2.mp4": ({"codec": "mpeg4", "bframes": 2}, False, False),
+    "h264.mkv": ({}, False, False),
+    "vp8.webm": ({"codec": "libvpx"}, False, False),
 }
 
 
-def _used_index(path) -> bool:
+def _fast_paths(path) -> tuple[bool, bool]:
+    """(sample table used, first frame read from the boxes)."""
     with av.open(str(path)) as c:
         s = c.streams.video[0]
+        header = video_mod.header_first_frame(c, s, str(path))
         first = next(c.decode(s))
-        return video_mod.index_times(c, s, first) is not None
+        return video_mod.index_times(c, s, first.pts) is not None, header is not None
 
 
-@pytest.mark.parametrize("name", list(VIDEOS))
-def test_video_metadata_agrees_with_packet_scan(tmp_path, name):
-    kwargs, expect_index = VIDEOS[name]
-    path = make_video(tmp_path / name, **{"seconds": 2.0, "fps": 10.0, **kwargs})
-    fast, scanned = video_mod.probe_video(path), video_mod.probe_video(path, index=False)
+def _assert_same_info(fast, exact) -> None:
     for f in dataclasses.fields(fast):
-        a, b = getattr(fast, f.name), getattr(scanned, f.name)
+        a, b = getattr(fast, f.name), getattr(exact, f.name)
         if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
             assert a is not None and b is not None and np.array_equal(a, b), f.name
         else:
             assert a == b, f.name
-    assert _used_index(path) == expect_index
+
+
+@pytest.mark.parametrize("name", list(VIDEOS))
+def test_video_metadata_agrees_with_packet_scan(tmp_path, name):
+    """The probe from the sample table and the MP4 boxes equals the packet scan + decoded first frame."""
+    kwargs, expect_index, expect_header = VIDEOS[name]
+    path = make_video(tmp_path / name, **{"seconds": 2.0, "fps": 10.0, **kwargs})
+    _assert_same_info(video_mod.probe_video(path), video_mod.probe_video(path, index=False))
+    assert _fast_paths(path) == (expect_index, expect_header)
+
+
+def _set_matrix(path, box: bytes, degrees: int) -> None:
+    """Overwrite the display matrix of the first ``mvhd`` / ``tkhd`` box of an MP4 file in place (version 0)."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    at = data.index(box) + 4 + 4 + (32 if box == b"mvhd" else 36)
+    one, zero = 1 << 16, 0
+    cos, sin = {90: (zero, one), 180: (-one, zero), 270: (zero, -one)}[degrees]
+    data[at : at + 36] = struct.pack(">9i", cos, sin, 0, -sin, cos, 0, 0, 0, 1 << 30)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("movie, track", [(90, None), (90, 90), (270, 180)])
+def test_display_matrix_of_movie_and_track_composed_as_ffmpeg_does(tmp_path, movie, track):
+    """FFmpeg multiplies the track matrix by the movie header's; the boxes' rotation equals the decoded frame's."""
+    path = make_video(tmp_path / "m.mp4", width=66, height=38, seconds=1.0, fps=10.0)
+    _set_matrix(path, b"mvhd", movie)
+    if track is not None:
+        _set_matrix(path, b"tkhd", track)
+    fast, exact = video_mod.probe_video(path), video_mod.probe_video(path, index=False)
+    _assert_same_info(fast, exact)
+    assert _fast_paths(path) == (True, True)
+    assert fast.rotation == (movie + (track or 0)) % 360
+
+
+def test_h264_orientation_sei_found_or_unknown():
+    """A display orientation SEI (payload type 47) in the first sample sends the probe to decoding."""
+    from videollama3_train.data import mp4
+
+    sei = lambda *msgs: bytes([0x06, *(b for t, p in msgs for b in (t, len(p), *p)), 0x80])  # noqa: E731
+    nal = lambda body: len(body).to_bytes(4, "big") + body  # noqa: E731
+    slice_nal = nal(bytes([0x65, 0x88, 0x84]))
+    assert mp4.h264_orientation_sei(nal(sei((5, b"x264"))) + slice_nal, 4) is False
+    assert (
+        mp4.h264_orientation_sei(nal(sei((5, b"abc"), (47, b"\x00\x00\x03\x01\x02"))) + slice_nal, 4) is True
+    )
+    assert mp4.h264_orientation_sei(nal(sei((47, b"\x80"))), 4) is True
+    assert mp4.h264_orientation_sei(nal(sei((5, b"abc")))[:-2], 4) is None  # truncated: unknown
+    assert mp4.h264_orientation_sei(nal(bytes([0x06, 5, 200, 1])), 4) is None  # a payload past the NAL's end
 
 
 def _write_mixed_set(root) -> tuple:
@@ -129,7 +180,7 @@ def _write_mixed_set(root) -> tuple:
         recs.append(
             {"image": f"m/i{k}{suffix}", "conversations": conv("<image>\n", "What is it?", "A ramp. " * k)}
         )
-    for name, (kwargs, _) in VIDEOS.items():
+    for name, (kwargs, _, _) in VIDEOS.items():
         make_video(root / "m" / name, **{"seconds": 2.0, "fps": 10.0, **kwargs})
         recs.append({"video": [f"m/{name}"], "conversations": conv("<video>\n", "Describe.", "It moves.")})
     recs.append(
@@ -184,6 +235,7 @@ def test_cost_table_equals_slow_planning(mixed_set, tiny_processor, monkeypatch,
         progress=False,
     )
     monkeypatch.setattr(video_mod, "index_times", lambda *a: None)
+    monkeypatch.setattr(video_mod, "header_first_frame", lambda *a: None)
     slow = compute_costs(
         ds, partial(_slow_cost, root=tmp_path, processor=tiny_processor, config=enc), progress=False
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -159,7 +160,13 @@ def test_missing_and_empty_files(tmp_path: Path):
 # ---------------------------------------------------------------------------------------------------------------
 # paths
 # ---------------------------------------------------------------------------------------------------------------
-def test_resolve_media_path(tmp_path: Path):
+@pytest.mark.parametrize("resolver", ["kernel", "portable"])
+def test_resolve_media_path(tmp_path: Path, resolver, monkeypatch):
+    """Both ways of resolving a path (the kernel's, through /proc/self/fd; ``os.path.realpath``) give the same."""
+    from videollama3_train.data import image as image_mod
+
+    if resolver == "portable":
+        monkeypatch.setattr(image_mod, "_open_resolved", lambda path: None)
     root = tmp_path / "root"
     (root / "sub").mkdir(parents=True)
     img = make_image(root / "sub" / "a.png")
@@ -196,6 +203,35 @@ def test_resolve_media_path(tmp_path: Path):
         resolve_media_path(root, "zero.png")
     assert _reason(e) == "empty_file"
     assert resolve_media_path(root, "sub") == (root / "sub").resolve()  # frame folders are directories
+    (root / "dangling.png").symlink_to(root / "nowhere.png")
+    with pytest.raises(DataError) as e:
+        resolve_media_path(root, "dangling.png")
+    assert _reason(e) == "missing_file"
+    os.mkfifo(root / "pipe.png")  # opened without blocking, refused as a 0-byte file
+    with pytest.raises(DataError) as e:
+        resolve_media_path(root, "pipe.png")
+    assert _reason(e) == "empty_file"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="no /proc")
+def test_kernel_resolution_equals_realpath(tmp_path: Path):
+    """``_open_resolved`` is ``(os.path.realpath, os.stat)`` on links to files and folders, relative links, link
+    chains and links through linked folders."""
+    from videollama3_train.data.image import _open_resolved
+
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    f = make_image(tmp_path / "d" / "e" / "f.png")
+    (tmp_path / "l1").symlink_to("d/e/f.png")
+    (tmp_path / "l2").symlink_to(tmp_path / "l1")
+    (tmp_path / "ld").symlink_to("d", target_is_directory=True)
+    (tmp_path / "d" / "up").symlink_to("..", target_is_directory=True)
+    for rel in ("d/e/f.png", "l1", "l2", "ld/e/f.png", "ld/up/l2", "d/e", "ld"):
+        p = str(tmp_path / rel)
+        got = _open_resolved(p)
+        assert got is not None and got[0] == os.path.realpath(p), rel
+        assert (got[1].st_ino, got[1].st_size) == (os.stat(p).st_ino, os.stat(p).st_size), rel
+    assert _open_resolved(str(tmp_path / "missing")) is None
+    assert f.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ before any pixel is decoded, and one well-defined conversion of every mode to 8-
 
 from __future__ import annotations
 
+import functools
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -37,8 +39,8 @@ def resolve_media_path(root: PathLike, rel: str, follow_symlinks: bool = True) -
     checked when it is probed.
     Raises DataError ``path_escapes_root``, ``missing_file`` or ``empty_file`` (0-byte file).
     """
-    root_abs = os.path.normpath(os.path.abspath(root))
-    root_resolved = Path(root).resolve()
+    root = os.fspath(root)
+    root_abs, root_resolved = _root_forms(root, "" if os.path.isabs(root) else os.getcwd())
     joined = os.path.normpath(os.path.join(root_abs, rel))  # an absolute rel replaces root_abs here
 
     def inside(path: str | Path, top: str | Path) -> bool:
@@ -51,7 +53,8 @@ def resolve_media_path(root: PathLike, rel: str, follow_symlinks: bool = True) -
             f"{rel!r} lies outside the data root {root_abs}",
             path=rel,
         )
-    target = Path(joined).resolve()
+    found = _open_resolved(joined)
+    target = Path(found[0]) if found is not None else Path(joined).resolve()
     if not follow_symlinks and not inside(target, root_resolved):
         raise DataError(
             "path_escapes_root",
@@ -60,24 +63,66 @@ def resolve_media_path(root: PathLike, rel: str, follow_symlinks: bool = True) -
             path=rel,
         )
     try:
-        st = target.stat()
+        st = found[1] if found is not None else target.stat()
     except FileNotFoundError:
         raise DataError("missing_file", f"no such file under {root_abs}", path=str(target)) from None
-    if not target.is_dir() and st.st_size == 0:
+    if not stat.S_ISDIR(st.st_mode) and st.st_size == 0:
         raise DataError("empty_file", "file is 0 bytes", path=str(target))
     return target
 
 
+@functools.lru_cache(maxsize=64)
+def _root_forms(root: str, cwd: str) -> tuple[str, Path]:
+    """A media root as written (absolute, normalised) and resolved: once per root (and working directory, for a
+    relative one) and process, not per record (resolving it was 26 us of a 170 us image cost)."""
+    return os.path.normpath(os.path.abspath(root)), Path(root).resolve()
+
+
+_PROC_FD = "/proc/self/fd/"
+_O_PATH = getattr(
+    os, "O_PATH", None
+)  # Linux: a handle that reads nothing, never blocks (a FIFO) nor needs read access
+
+
+def _open_resolved(path: str) -> tuple[str, os.stat_result] | None:
+    """``(os.path.realpath(path), os.stat(path))`` in three system calls: the kernel resolves the path once when it
+    opens it (``O_PATH``) and ``/proc/self/fd`` names what it opened (7 us against realpath's 19 us and a stat:
+    realpath ``lstat``s every component, links followed included). None where that cannot be done (no
+    ``O_PATH`` or ``/proc``, a path that does not open): the caller resolves it the portable way."""
+    if _O_PATH is None:
+        return None
+    try:
+        fd = os.open(path, _O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        resolved = os.readlink(_PROC_FD + str(fd))
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if not resolved.startswith("/") or resolved.endswith(" (deleted)"):
+        return None
+    return resolved, st
+
+
 def check_file(path: PathLike) -> str:
     """Existence / emptiness check shared by the readers; returns the path as str."""
+    return stat_file(path)[0]
+
+
+def stat_file(path: PathLike) -> tuple[str, bool]:
+    """:func:`check_file`, and whether the path is a directory (one ``stat``)."""
     p = str(path)
     try:
-        size = os.stat(p).st_size
+        st = os.stat(p)
     except FileNotFoundError:
         raise DataError("missing_file", "no such file", path=p) from None
-    if not os.path.isdir(p) and size == 0:
+    is_dir = stat.S_ISDIR(st.st_mode)
+    if not is_dir and st.st_size == 0:
         raise DataError("empty_file", "file is 0 bytes", path=p)
-    return p
+    return p, is_dir
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -97,9 +142,10 @@ _EXIF_TRANSPOSE = {
 _PIL_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
-def _open_image(path: str, max_pixels: int) -> Image.Image:
-    """Open lazily (header only) and apply the pixel guard before anything is decoded."""
-    if os.path.isdir(path):
+def _open_image(path: str, max_pixels: int, is_dir: bool | None = None) -> Image.Image:
+    """Open lazily (header only) and apply the pixel guard before anything is decoded. ``is_dir``: whether the
+    path is a directory, when the caller has stat'ed it already."""
+    if os.path.isdir(path) if is_dir is None else is_dir:
         raise DataError(
             "unsupported_image_folder",
             "an image path names a folder. The official code reads a folder under 'image' as one image per file "
@@ -149,8 +195,8 @@ def probe_image(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tupl
 
     Raises DataError ``missing_file``, ``empty_file``, ``corrupt_image`` (unreadable header) or ``image_too_large``.
     """
-    p = check_file(path)
-    with _open_image(p, max_pixels) as img:
+    p, is_dir = stat_file(path)
+    with _open_image(p, max_pixels, is_dir) as img:
         w, h = img.size
         try:
             orientation = _orientation(img)
