@@ -181,8 +181,8 @@ def run_child(tree: Path, *args: str) -> dict:
     raise RuntimeError(f"child {args[0]} under {tree} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
-def _tree_rss(proc) -> tuple[float, list[float]]:
-    """RSS (MB) of ``proc`` and of each of its descendants."""
+def _tree_rss(proc) -> tuple[float, dict[int, float]]:
+    """RSS (MB) of ``proc`` and of each of its descendants (by pid)."""
     import psutil
 
     try:
@@ -190,16 +190,21 @@ def _tree_rss(proc) -> tuple[float, list[float]]:
         kids = p.children(recursive=True)
         main = p.memory_info().rss / 2**20
     except psutil.Error:
-        return 0.0, []
-    out = []
+        return 0.0, {}
+    out = {}
     for k in kids:
         with contextlib.suppress(psutil.Error):  # a worker that exited between the listing and the read
-            out.append(k.memory_info().rss / 2**20)
+            out[k.pid] = k.memory_info().rss / 2**20
     return main, out
 
 
-def run_train(tree: Path, ann: Path, out: Path, cold: bool) -> dict:
-    """``train`` to one optimizer step; cold removes the cost tables and uses a fresh Arrow cache."""
+def run_train(tree: Path, ann: Path, out: Path, cold: bool, rss_cap_mb: float | None = None) -> dict:
+    """``train`` to one optimizer step; cold removes the cost tables and uses a fresh Arrow cache.
+
+    Peak RSS is sampled every 0.2 s per process: the main process; the loader workers (its descendants alive when
+    the first step is seen, the cost pass's workers having exited by then); the cost pass's workers (the others).
+    ``rss_cap_mb``: the run is killed when the main process passes it (the machine is shared), and reported so.
+    """
     if cold:
         for f in ann.parent.glob(f".{ann.name}.*"):
             f.unlink()
@@ -215,28 +220,53 @@ def run_train(tree: Path, ann: Path, out: Path, cold: bool) -> dict:
     ]
     log_path = Path(run_dir + ".log")
     t0 = time.perf_counter()
-    first_step, peak_main, peak_worker = None, 0.0, 0.0
+    first_step, peak_main, capped = None, 0.0, None
+    peaks: dict[int, float] = {}  # descendant pid -> peak RSS (MB)
+    loader: set[int] = set()  # descendants alive at the first step
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(tree, hf), cwd=tree)
         while proc.poll() is None:
             main, kids = _tree_rss(proc)
             peak_main = max(peak_main, main)
-            peak_worker = max([peak_worker, *kids])
+            for pid, rss in kids.items():
+                peaks[pid] = max(peaks.get(pid, 0.0), rss)
             if first_step is None and _stepped(log_path):
                 first_step = time.perf_counter() - t0
+                loader = set(kids)
+            if rss_cap_mb is not None and main > rss_cap_mb:
+                capped = time.perf_counter() - t0
+                _kill_tree(proc)
+                break
             time.sleep(0.2)
+        proc.wait()
     total = time.perf_counter() - t0
-    if first_step is None and _stepped(log_path):
+    if first_step is None and capped is None and _stepped(log_path):
         first_step = total
     text = log_path.read_text()
-    if proc.returncode != 0:
+    if proc.returncode != 0 and capped is None:
         raise RuntimeError(f"train under {tree} failed:\n{text[-4000:]}")
     return {
         "first_step_s": first_step,
         "exit_s": total,
         "main_rss_mb": peak_main,
-        "worker_rss_mb": peak_worker,
+        "worker_rss_mb": max([peaks[p] for p in loader if p in peaks], default=0.0),
+        "loader_workers": len(loader),
+        "cost_worker_rss_mb": max([v for p, v in peaks.items() if p not in loader], default=0.0),
+        "killed_over_rss_cap_at_s": capped,
+        "log": str(log_path),
     }
+
+
+def _kill_tree(proc) -> None:
+    """SIGKILL ``proc`` and its descendants (the run this benchmark started)."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        p = psutil.Process(proc.pid)
+        for k in p.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                k.kill()
+        p.kill()
 
 
 def _stepped(log_path: Path) -> bool:
@@ -248,7 +278,15 @@ def _stepped(log_path: Path) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    ap.add_argument("--base", type=Path, help="worktree of today's code (git worktree add /tmp/base 992ef60)")
+    ap.add_argument(
+        "--base",
+        action="append",
+        default=[],
+        metavar="NAME=DIR[:PHASE,...]",
+        help="a worktree of older code (git worktree add /tmp/base-today 674b7ae), named; repeat for several; "
+        "PHASEs: the phases it runs (default all), e.g. issue=/tmp/base-issue:cost",
+    )
+    ap.add_argument("--rss-cap-mb", type=float, default=3000, help="kill a train run whose main process passes it")
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000])
     ap.add_argument("--workers", type=int, default=2, help="cost-pass processes (= cores used)")
     ap.add_argument("--only", nargs="+", default=["arrow", "cost", "plan", "train"])
@@ -262,7 +300,13 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from startup_data import make_dataset
 
-    trees = {"new": REPO} if args.new_only or args.base is None else {"today": args.base, "new": REPO}
+    trees, phases_of = {}, {}
+    for spec in [] if args.new_only else args.base:
+        name, _, rest = spec.partition("=")
+        tree, _, phases = rest.partition(":")
+        trees[name or "today"] = Path(tree)
+        phases_of[name or "today"] = set(phases.split(",")) if phases else None
+    trees["new"] = REPO
     for n in args.sizes:
         t = time.perf_counter()
         ann, counts = make_dataset(args.cache_dir, n)
@@ -271,6 +315,8 @@ def main() -> None:
         rows: dict[str, dict] = {k: {"code": k, "N": n, "mix": counts} for k in trees}
         for phase in args.only:
             for name, tree in trees.items():
+                if phases_of.get(name) is not None and phase not in phases_of[name]:
+                    continue
                 table = str(work / f"costs_{name}.npy")
                 if phase == "arrow":
                     rows[name]["arrow"] = run_child(tree, "arrow", str(ann), str(work))
@@ -285,20 +331,24 @@ def main() -> None:
                         )
                     rows[name]["plan"] = run_child(tree, "plan", str(ann), table)
                 elif phase == "train":
-                    rows[name]["train_cold"] = run_train(tree, ann, work, cold=True)
-                    rows[name]["train_warm"] = run_train(tree, ann, work, cold=False)
+                    rows[name]["train_cold"] = run_train(tree, ann, work, True, args.rss_cap_mb)
+                    rows[name]["train_warm"] = run_train(tree, ann, work, False, args.rss_cap_mb)
                 print(
                     name, phase, json.dumps(rows[name].get(phase, rows[name].get("train_warm"))), flush=True
                 )
-            if phase == "cost" and len(trees) == 2:
+            costed = [k for k in trees if (work / f"costs_{k}.npy").exists()]
+            if phase == "cost" and len(costed) > 1:
                 import numpy as np
 
-                a, b = (np.load(work / f"costs_{k}.npy") for k in trees)
-                if not np.array_equal(a, b):
-                    raise SystemExit(
-                        f"N={n}: the new cost table differs from today's ({(a != b).any(1).sum()} rows)"
-                    )
-                print(f"N={n}: cost tables equal ({len(a)} rows)", flush=True)
+                # tokens and patches (a newer table has more columns after them)
+                new = np.load(work / "costs_new.npy")[:, :2]
+                for k in costed[:-1]:
+                    old = np.load(work / f"costs_{k}.npy")[:, :2]
+                    if not np.array_equal(old, new):
+                        raise SystemExit(
+                            f"N={n}: the new cost table differs from {k}'s ({(old != new).any(1).sum()} rows)"
+                        )
+                print(f"N={n}: cost tables equal ({len(new)} rows; {', '.join(costed)})", flush=True)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "a") as f:
             for row in rows.values():
