@@ -286,7 +286,9 @@ def main() -> None:
         help="a worktree of older code (git worktree add /tmp/base-today 674b7ae), named; repeat for several; "
         "PHASEs: the phases it runs (default all), e.g. issue=/tmp/base-issue:cost",
     )
-    ap.add_argument("--rss-cap-mb", type=float, default=3000, help="kill a train run whose main process passes it")
+    ap.add_argument(
+        "--rss-cap-mb", type=float, default=3000, help="kill a train run whose main process passes it"
+    )
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000])
     ap.add_argument("--workers", type=int, default=2, help="cost-pass processes (= cores used)")
     ap.add_argument("--only", nargs="+", default=["arrow", "cost", "plan", "train"])
