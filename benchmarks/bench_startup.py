@@ -181,20 +181,34 @@ def run_child(tree: Path, *args: str) -> dict:
     raise RuntimeError(f"child {args[0]} under {tree} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
-def _tree_rss(proc) -> tuple[float, dict[int, float]]:
-    """RSS (MB) of ``proc`` and of each of its descendants (by pid)."""
+def _rss(pid: int) -> tuple[float, float]:
+    """``(RSS, RssAnon)`` of a process in MB: all its resident pages, and those that are its own (heap, not the
+    shared libraries' or a memory-mapped file's pages, which the page cache holds and any process may share)."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "RssAnon:")):
+                out[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return out.get("VmRSS", 0.0), out.get("RssAnon", 0.0)
+
+
+def _tree_rss(proc) -> tuple[tuple[float, float], dict[int, tuple[float, float]]]:
+    """:func:`_rss` of ``proc`` and of each of its descendants (by pid) but multiprocessing's resource tracker."""
     import psutil
 
     try:
         p = psutil.Process(proc.pid)
         kids = p.children(recursive=True)
-        main = p.memory_info().rss / 2**20
-    except psutil.Error:
-        return 0.0, {}
+        main = _rss(proc.pid)
+    except (psutil.Error, OSError):
+        return (0.0, 0.0), {}
     out = {}
     for k in kids:
-        with contextlib.suppress(psutil.Error):  # a worker that exited between the listing and the read
-            out[k.pid] = k.memory_info().rss / 2**20
+        with contextlib.suppress(
+            psutil.Error, OSError
+        ):  # a worker that exited between the listing and the read
+            if "resource_tracker" not in " ".join(k.cmdline()):
+                out[k.pid] = _rss(k.pid)
     return main, out
 
 
@@ -220,16 +234,17 @@ def run_train(tree: Path, ann: Path, out: Path, cold: bool, rss_cap_mb: float | 
     ]
     log_path = Path(run_dir + ".log")
     t0 = time.perf_counter()
-    first_step, peak_main, capped = None, 0.0, None
-    peaks: dict[int, float] = {}  # descendant pid -> peak RSS (MB)
+    first_step, peak_main, peak_main_anon, capped = None, 0.0, 0.0, None
+    peaks: dict[int, tuple[float, float]] = {}  # descendant pid -> peak (RSS, RssAnon) (MB)
     loader: set[int] = set()  # descendants alive at the first step
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(tree, hf), cwd=tree)
         while proc.poll() is None:
-            main, kids = _tree_rss(proc)
-            peak_main = max(peak_main, main)
-            for pid, rss in kids.items():
-                peaks[pid] = max(peaks.get(pid, 0.0), rss)
+            (main, main_anon), kids = _tree_rss(proc)
+            peak_main, peak_main_anon = max(peak_main, main), max(peak_main_anon, main_anon)
+            for pid, (rss, anon) in kids.items():
+                old = peaks.get(pid, (0.0, 0.0))
+                peaks[pid] = (max(old[0], rss), max(old[1], anon))
             if first_step is None and _stepped(log_path):
                 first_step = time.perf_counter() - t0
                 loader = set(kids)
@@ -249,9 +264,11 @@ def run_train(tree: Path, ann: Path, out: Path, cold: bool, rss_cap_mb: float | 
         "first_step_s": first_step,
         "exit_s": total,
         "main_rss_mb": peak_main,
-        "worker_rss_mb": max([peaks[p] for p in loader if p in peaks], default=0.0),
+        "main_anon_mb": peak_main_anon,
+        "worker_rss_mb": max([peaks[p][0] for p in loader if p in peaks], default=0.0),
+        "worker_anon_mb": max([peaks[p][1] for p in loader if p in peaks], default=0.0),
         "loader_workers": len(loader),
-        "cost_worker_rss_mb": max([v for p, v in peaks.items() if p not in loader], default=0.0),
+        "cost_worker_rss_mb": max([v[0] for p, v in peaks.items() if p not in loader], default=0.0),
         "killed_over_rss_cap_at_s": capped,
         "log": str(log_path),
     }

@@ -281,7 +281,10 @@ def test_prepare_command_line(video, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout[proc.stdout.index("{") :])["written"] == 1
     assert fc.cached_size(tmp_path / "c", fc.cache_key(video, **SAMPLING)) == (32, 48)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "c"]
+    # nothing but the cache, and training's cost table beside the annotations (prepare.cost_table)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert [n for n in names if ".costs.npy" not in n] == ["a.jsonl", "c"]
+    assert any(n.startswith(".a.jsonl.") and n.endswith(".costs.npy") for n in names)
     with pytest.raises(ValueError, match="encode.frame_cache_dir"):
         compose("prepare", overrides)  # the cache folder is required
 

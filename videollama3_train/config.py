@@ -191,6 +191,9 @@ class PrepareOptions:
     # fixed cap on the pixels (width x height) of every stored frame; None = the largest frame the stage's
     # encode budget can ask for (a video alone in its sample), so training never upsamples a cached frame
     max_pixels_per_frame: int | None = None
+    # also run training's cost pre-pass into its shared cost table (data.cost_cache_dir, else beside the
+    # annotations), so the first training run after prepare starts with every record costed
+    cost_table: bool = True
 
     def __post_init__(self):
         if self.workers is not None and self.workers < 0:

@@ -177,8 +177,28 @@ def prepare_command(cfg) -> int:
         counts = prepare_data(
             cfg.data, cfg.encode, workers=opts.workers, max_pixels_per_frame=opts.max_pixels_per_frame
         )
+        if opts.cost_table:
+            counts.update(_cost_table(cfg))
     print(json.dumps(counts, indent=2, sort_keys=True))
     return 0
+
+
+def _cost_table(cfg) -> dict[str, int]:
+    """Training's cost pre-pass (``data.build.load_costed``: the same tables, keys and shared cache), run by
+    ``prepare`` so that training finds it done; counts of the records costed and of those that failed."""
+    from .data.build import load_costed
+    from .data.errors import UnusableDataError
+
+    processor = build_stage_processor(build_tokenizer_for(cfg), cfg.encode)
+    try:
+        _, records, _, failures = load_costed(cfg.data, cfg.encode, processor, is_main=True)
+    except UnusableDataError as e:  # the table is written; training will stop on it, prepare says so and ends
+        log.warning("prepare: %s", e)
+        return {"cost_table_unusable": 1}
+    return {
+        "cost_table_records": sum(len(r) for r in records),
+        "cost_table_failed": sum(n for reasons in failures.values() for n in reasons.values()),
+    }
 
 
 def stage_folders(root: Path, stages: list[str] | None) -> list[str]:

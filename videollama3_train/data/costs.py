@@ -275,6 +275,20 @@ def _gather_table(
     return t.cpu().numpy(), dict(sorted(merged.items()))
 
 
+def load_cost_table(
+    cache_path: str | os.PathLike, key: str | None, n: int, columns: int = 2
+) -> CostTable | None:
+    """The cached table of :func:`cost_cache`'s ``(cache_path, key)`` for ``n`` records, or None (absent, stale or
+    unreadable): how a command other than training (the doctor) reads the table training shares."""
+    return _load_cache(Path(cache_path), key, n, columns)
+
+
+def save_cost_table(cache_path: str | os.PathLike, key: str | None, table: CostTable) -> None:
+    """Write ``table`` where :func:`compute_costs` would (atomically; a read-only folder is logged, not fatal), so
+    that a later training run with the same key reads it instead of costing again."""
+    _save_cache(Path(cache_path), key, table)
+
+
 def _sidecar(cache_path: Path) -> Path:
     return cache_path.with_name(cache_path.name + ".json")
 

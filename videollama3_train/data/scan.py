@@ -115,6 +115,9 @@ class _Job:
     cost_configs: list[Any]  # distinct cost-relevant EncodeConfigs over the stages; cost column k = config k
     decode: bool
     specs: list[Any] = field(default_factory=list)  # per dataset: its DatasetConfig (for its media clocks)
+    # per dataset, per cost config: whether training's shared cost table holds it already (not costed again);
+    # None for a dataset training would not load (no table is read or written for it)
+    cached: list[list[bool] | None] = field(default_factory=list)
 
 
 _JOB: dict[str, _Job] = {}
@@ -145,12 +148,43 @@ def _open_media(m, config) -> None:
         media.decode_video(m.paths[0], m.times[:1], size=m.size, info=m.info)
 
 
+def _table_rows(job: _Job, d: int, raw: dict[str, Any]) -> list[Any]:
+    """Per cost config, the record's row of training's cost table as training's pass makes it (``data.build``):
+    the cost row, or the failure ``(reason, message, error)``; None where the shared table holds it already."""
+    from .encode import estimate_cost_row
+
+    rows: list[Any] = []
+    for c, cached in zip(job.cost_configs, job.cached[d]):
+        if cached:
+            rows.append(None)
+            continue
+        config = job.specs[d].encode_config(c)
+        try:
+            rows.append(
+                tuple(
+                    estimate_cost_row(
+                        raw,
+                        data_root=job.roots[d],
+                        processor=job.processor,
+                        config=config,
+                        dataset=job.names[d],
+                    )
+                )
+            )
+        except DataError as e:
+            rows.append((e.reason, str(e), e))
+    return rows
+
+
 def _check_record(job: _Job, d: int, i: int) -> dict[str, Any]:
     from .encode import estimate_cost_row, plan_record
 
     out: dict[str, Any] = {"d": d, "i": i, "media": []}
     try:
         raw = _raw_record(job, d, i)
+        table = _table_rows(job, d, raw) if job.cached and job.cached[d] is not None else None
+        if table is not None:
+            out["table"] = [r if r is None or not isinstance(r[0], str) else r[:2] for r in table]
         # The plan (header / metadata reads only) gives the per-item sizes behind the cost: resolutions, durations
         # and the text/visual split that the cost's totals do not.
         spec = job.specs[d] if job.specs else None
@@ -170,15 +204,21 @@ def _check_record(job: _Job, d: int, i: int) -> dict[str, Any]:
                     if not e.path:
                         e.path = str(m.paths[0])
                     raise
-        out["costs"] = [  # the rows training's cost pass gives (data.build), so both plan alike
-            estimate_cost_row(
-                raw,
-                data_root=job.roots[d],
-                processor=job.processor,
-                config=spec.encode_config(c) if spec is not None else c,
-            )
-            for c in job.cost_configs
-        ]
+        if table is not None:  # the rows training's cost pass gives (data.build), so both plan alike
+            for r in table:
+                if r is not None and isinstance(r[0], str):
+                    raise r[2]
+            out["costs"] = table  # None: in the shared table (scan_data fills it in)
+        else:
+            out["costs"] = [
+                estimate_cost_row(
+                    raw,
+                    data_root=job.roots[d],
+                    processor=job.processor,
+                    config=spec.encode_config(c) if spec is not None else c,
+                )
+                for c in job.cost_configs
+            ]
         out["tokens"] = plan.cost[0]
         out["visual_tokens"] = max(0, out["tokens"] - plan.text_tokens)
     except DataError as e:
@@ -246,8 +286,11 @@ def scan_data(
         stage_col[s] = keys.index(k)
 
     names, sources, roots, paths, specs, file_errors = _read_sources(data)
-    job = _Job(sources, roots, names, paths, processor, encode, cost_configs, opts.decode, specs)
     sizes = [len(s) for s in sources]
+    shared = _SharedTables(data, processor, cost_configs, paths, specs, sources)
+    job = _Job(
+        sources, roots, names, paths, processor, encode, cost_configs, opts.decode, specs, shared.cached
+    )
     spans = [
         (d, s, min(s + opts.chunk_size, n)) for d, n in enumerate(sizes) for s in range(0, n, opts.chunk_size)
     ]
@@ -268,12 +311,73 @@ def scan_data(
     tally = _Tally(opts.examples, names, paths, roots, sizes, len(keys))
     for r in (r for rows in chunks for r in rows):
         tally.add(r)
+        shared.add(r)
+    shared.finish(tally)
     tally.add_file_errors(file_errors, data)
     estimates = {
         s: _stage_estimate(plan, [c[:, stage_col[s], :] for c in tally.costs], specs, opts.num_ranks)
         for s, plan in stages.items()
     }
     return tally.report(threshold, estimates), tally.series()
+
+
+class _SharedTables:
+    """Training's cost tables (``data.cost_cache_dir``, keyed by ``costs.cost_cache``), shared with the doctor:
+    a table already there is read instead of costing its records again, and the doctor writes the ones it costs,
+    so a training run after it starts with its cost pass done. Only for datasets training loads (an Arrow-readable
+    file) and with ``data.cost_cache``; the doctor's own failures (a frame that does not decode) are not in the
+    table: training's pass does not decode either."""
+
+    def __init__(self, data: DataConfig, processor, cost_configs, paths, specs, sources):
+        from .costs import cost_cache, load_cost_table
+
+        self.where: list[list[tuple[Any, str]] | None] = []
+        self.cached: list[list[bool] | None] = []
+        self.loaded: dict[tuple[int, int], Any] = {}
+        self.rows: dict[tuple[int, int], Any] = {}
+        for d, (path, spec, src) in enumerate(zip(paths, specs, sources)):
+            if not data.cost_cache or isinstance(src, list):  # a file training refuses: no table of its own
+                self.where.append(None)
+                self.cached.append(None)
+                continue
+            where = [
+                cost_cache(path, spec.encode_config(c), processor.tokenizer, cache_dir=data.cost_cache_dir)
+                for c in cost_configs
+            ]
+            self.where.append(where)
+            flags = []
+            for k, (cache, key) in enumerate(where):
+                table = load_cost_table(cache, key, len(src), COST_COLUMNS)
+                if table is not None:
+                    self.loaded[(d, k)] = table
+                flags.append(table is not None)
+            self.cached.append(flags)
+
+    def add(self, r: dict[str, Any]) -> None:
+        for k, row in enumerate(r.get("table") or ()):
+            if row is not None:
+                self.rows.setdefault((r["d"], k), {})[r["i"]] = row
+
+    def finish(self, tally: _Tally) -> None:
+        """Write the tables the scan costed; fill the columns read from the shared tables into ``tally``."""
+        from .costs import CostTable, save_cost_table
+
+        for (d, k), table in self.loaded.items():
+            ok = tally.ok[d]
+            tally.costs[d][ok, k] = table.costs[ok]
+        for (d, k), rows in self.rows.items():
+            n = len(tally.ok[d])
+            if len(rows) != n:  # a record was not costed: no table rather than a wrong one
+                continue
+            costs = np.full((n, COST_COLUMNS), -1, dtype=np.int64)
+            failures = {}
+            for i in range(n):
+                row = rows[i]
+                if isinstance(row[0], str):
+                    failures[i] = (row[0], row[1])
+                else:
+                    costs[i] = row
+            save_cost_table(*self.where[d][k], CostTable(costs, failures))
 
 
 def _read_sources(data: DataConfig):
@@ -302,6 +406,7 @@ class _Tally:
     def __init__(self, examples: int, names, paths, roots, sizes, columns: int):
         self.examples, self.names = examples, names
         self.costs = [np.full((n, columns, COST_COLUMNS), -1, dtype=np.int64) for n in sizes]
+        self.ok = [np.zeros(n, dtype=bool) for n in sizes]  # records that passed every check
         self.reasons: dict[str, dict[str, Any]] = {}
         self.per_dataset: dict[str, dict[str, Any]] = {
             name: {"path": paths[d], "root": roots[d], "records": sizes[d], "failed": 0, "reasons": {}}
@@ -333,7 +438,10 @@ class _Tally:
             entry["failed"] += 1
             entry["reasons"][reason] = entry["reasons"].get(reason, 0) + 1
             return
-        self.costs[r["d"]][r["i"]] = np.asarray(r["costs"], dtype=np.int64)
+        for k, row in enumerate(r["costs"]):
+            if row is not None:  # None: a column of the shared cost table, filled in after the scan
+                self.costs[r["d"]][r["i"], k] = row
+        self.ok[r["d"]][r["i"]] = True
         self.tokens.append(r["tokens"])
         self.visual.append(r["visual_tokens"])
 
