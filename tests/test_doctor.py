@@ -88,9 +88,14 @@ def test_doctor_reports_every_catalogue_item(mixture, tmp_path):
     for s in stages.values():
         assert s["optimizer_steps_per_epoch"] >= 1 and 0 < s["fill_ratio"] <= 1
         assert s["samples_failed"] == len(expected)  # a bad record is left out of every stage's plan
+        # the predicted activation peak per row: distribution, the bound (tiny preset: far from binding), worst row
+        mem = s["memory"]
+        assert mem["row_peak_gb"]["max"] == mem["worst_row"]["peak_gb"] <= mem["bound_gb"]
+        assert mem["samples_over_memory"] == 0 and mem["worst_row"]["top"]
 
     md = (out / "report.md").read_text()
     assert "TOO MANY" not in md and "| `corrupt_video` | 1 |" in md
+    assert "## Activation memory per row" in md and "Worst row of multitask_sft" in md
     for png in report["plots"]:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {"tokens_per_sample.png", "video_durations.png", "image_resolutions.png"} <= set(report["plots"])
@@ -161,3 +166,30 @@ def test_doctor_follows_symlinks_inside_the_root_unless_told(tmp_path):
         failures[follow] = {ex["record"]: r for r, e in report["reasons"].items() for ex in e["examples"]}
     assert failures["true"] == {1: "path_escapes_root"}
     assert failures["false"] == {0: "path_escapes_root", 1: "path_escapes_root"}
+
+
+def test_memory_report_names_the_worst_row_and_the_samples_that_drive_it():
+    """The doctor's peak per row is the activation model's sum over the row's samples (plus the largest attention
+    workspace once and the base); the worst row is the one holding the large video, which leads its samples."""
+    import numpy as np
+
+    from videollama3_train.data.config import DatasetConfig
+    from videollama3_train.data.cost_model import ActivationModel, FlopsShape
+    from videollama3_train.data.packing import PackPlan
+    from videollama3_train.data.scan import memory_report
+    from videollama3_train.reports import memory_lines
+
+    costs = np.array([[500, 0], [800, 0], [3000, 9000], [400, 100], [1000, 0]])
+    entries = [(0, 0), (0, 1), (1, 0), (1, 1), (0, 2)]
+    plan = PackPlan.from_slots([[[0, 1], [4]], [[3, 2], []]], costs, 16384, 65536, entries=entries)
+    shape = FlopsShape(d=1536, nq=12, nkv=2, hd=128, ff=8960, Ll=28, V=151936, dv=1152, ffv=4304, Lv=27)
+    model = ActivationModel(shape, 16, attention="sdpa")
+    rep = memory_report(plan, model, 40.0, [DatasetConfig(name="a"), DatasetConfig(name="b")])
+    b = model.bound(costs, 0)
+    by_hand = {tuple(r): b.base + int(b.add[r].sum()) + int(b.peak[r].max()) for r in ([0, 1], [4], [3, 2])}
+    assert rep["row_peak_gb"]["max"] == pytest.approx(by_hand[(3, 2)] / 1e9) == rep["worst_row"]["peak_gb"]
+    assert rep["row_peak_gb"]["median"] == pytest.approx(sorted(by_hand.values())[1] / 1e9)
+    top = rep["worst_row"]["top"]
+    assert [(d["dataset"], d["record"]) for d in top] == [("b", 0), ("b", 1)] and top[0]["patches"] == 9000
+    lines = "\n".join(memory_lines({"s": {"memory": rep}}))
+    assert "Worst row of s" in lines and "b record 0: 3000 tokens, 9000 patches" in lines

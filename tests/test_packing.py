@@ -334,6 +334,84 @@ def test_same_rows_as_todays_packer_when_one_buffer_holds_the_epoch(max_tokens, 
     assert sorted(new.row(r).tolist() for r in range(len(new))) == sorted(old)
 
 
+# the 2B preset's dimensions (docs/reference.md §1), for the activation-memory model
+SHAPE_2B = dict(d=1536, nq=12, nkv=2, hd=128, ff=8960, Ll=28, V=151936, dv=1152, ffv=4304, Lv=27)
+
+
+def _oracle_peak(bound, ids) -> int:
+    """A row's predicted peak, summed in Python from the per-sample terms: base + sum(add) + max(peak)."""
+    return (
+        bound.base + sum(int(bound.add[i]) for i in ids) + max((int(bound.peak[i]) for i in ids), default=0)
+    )
+
+
+@pytest.mark.parametrize("attention", ["flash", "eager"])
+def test_memory_bound_no_row_over_it_and_every_sample_accounted(attention):
+    """Under data.max_activation_gb no row's predicted peak is over the bound; a sample over it on its own is
+    reported (oversized and over_memory, counted), never packed nor dropped; the bound binds (without it, rows
+    would be over)."""
+    from videollama3_train.data.cost_model import ActivationModel, FlopsShape
+
+    costs = realistic_costs(3000, seed=11)
+    costs[7] = (-1, -1)  # failed in the pre-pass
+    model = ActivationModel(FlopsShape(**SHAPE_2B), 16, attention=attention)
+    free = model.bound(costs, 0)
+    alone = free.base + free.add + free.peak
+    limit = int(np.percentile(alone, 98))  # ~2% of the samples over the bound on their own
+    bound = model.bound(costs, limit)
+    order = np.random.default_rng(4).permutation(len(costs))
+    kw = dict(max_tokens=16384, max_patches=40000, buffer_size=512)
+    rows = bin_pack(costs, order, memory=bound, **kw)
+    peaks = [_oracle_peak(bound, rows.row(r)) for r in range(len(rows))]
+    assert max(peaks) <= limit
+    np.testing.assert_array_equal(rows.peak, peaks)
+    over = set(np.flatnonzero((alone > limit) & (costs[:, 0] >= 0)).tolist())
+    assert over and set(rows.over_memory.tolist()) == over and over <= set(rows.oversized.tolist())
+    assert rows.failed.tolist() == [7]
+    assert sorted(rows.ids.tolist() + rows.oversized.tolist() + rows.failed.tolist()) == list(
+        range(len(costs))
+    )
+    unbounded = bin_pack(costs, order, **kw)
+    assert max(_oracle_peak(bound, unbounded.row(r)) for r in range(len(unbounded))) > limit
+
+
+def test_the_largest_attention_workspace_counts_once_per_row():
+    """A row's peak holds the largest per-sample attention workspace once (the tower runs one segment at a time), not
+    the sum: two samples whose workspaces alone fill most of the bound share a row when their linear parts fit."""
+    from videollama3_train.data.binpack import MemoryBound
+
+    costs = np.array([[100, 0]] * 3)
+    bound = MemoryBound(add=np.array([10, 10, 45]), peak=np.array([600, 600, 500]), base=50, limit=700)
+    rows = bin_pack(costs, [0, 1, 2], max_tokens=1000, max_patches=10, memory=bound)
+    # 50 + 10 + 10 + max(600, 600) = 670 <= 700; with sample 2 too: 50 + 65 + 600 = 715 > 700
+    assert sorted(sorted(rows.row(r).tolist()) for r in range(len(rows))) == [[0, 1], [2]]
+    assert sorted(rows.peak.tolist()) == [595, 670]
+
+
+def test_epoch_planner_counts_samples_over_the_memory_bound():
+    from videollama3_train.data.cost_model import ActivationModel, FlopsShape
+
+    costs = [realistic_costs(2000, seed=2)]
+    model = ActivationModel(FlopsShape(**SHAPE_2B), 16)
+    free = model.bound(costs[0], 0)
+    limit = int(np.percentile(free.base + free.add + free.peak, 95))
+    kw = dict(seed=0, max_tokens=16384, max_patches=40000, grad_accum=4)
+    plan = EpochPlanner(
+        [DatasetConfig(name="a")], costs, activation=model, max_activation_bytes=limit, **kw
+    ).plan(0)
+    stats = plan.stats()
+    assert (
+        stats["samples_over_memory"]
+        == stats["samples_oversized"]
+        == int((free.base + free.add + free.peak > limit).sum())
+    )
+    assert stats["samples_packed"] + stats["samples_oversized"] == 2000 and plan.rows.peak.max() <= limit
+    off = EpochPlanner([DatasetConfig(name="a")], costs, activation=model, max_activation_bytes=0, **kw).plan(
+        0
+    )
+    assert off.stats()["samples_oversized"] == 0 and off.rows.peak is None  # 0: no bound
+
+
 def test_per_rank_follows_the_loaders_slots_and_balance_helpers():
     slot = np.arange(1, 7, dtype=np.int64).reshape(1, 6)  # one step, G = 6 slots
     np.testing.assert_array_equal(per_rank(slot, 4), [[1 + 5, 2 + 6, 3, 4]])  # slots r, r + W

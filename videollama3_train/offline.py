@@ -5,6 +5,7 @@ only declare the command and call one of these."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from .config import DoctorConfig, ExportConfig, compose_stage
 from .console import UserError, log_file, relative_hint
-from .run import build_stage_processor, build_tokenizer_for
+from .run import activation_budget, build_stage_processor, build_tokenizer_for
 
 log = logging.getLogger("videollama3_train")
 
@@ -43,8 +44,12 @@ def run_doctor(cfg: DoctorConfig, overrides: Sequence[str], *, progress: bool = 
     for s in cfg.doctor.stages:
         scfg = compose_stage(s, overrides, config_name="doctor")
         t = scfg.trainer  # the packing rule and global batch training runs (data.build.plan_training)
+        # the activation model and the bound per row training plans with (0: no bound; the predicted peak of
+        # every row is reported all the same)
+        activation, gb = activation_budget(scfg, cfg.doctor.num_ranks, t.sequence_parallel)
+        data = dataclasses.replace(scfg.data, max_activation_gb=gb)
         stages[s] = StagePlan(
-            scfg.encode, scfg.data, t.grad_accum, t.global_batch_samples, t.sequence_parallel
+            scfg.encode, data, t.grad_accum, t.global_batch_samples, t.sequence_parallel, activation
         )
     with log_file(out_dir / "doctor.log"):
         processor = build_stage_processor(build_tokenizer_for(cfg), cfg.encode)

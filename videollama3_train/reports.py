@@ -507,6 +507,7 @@ def _markdown(r: dict[str, Any]) -> str:
             f"| {e.get('optimizer_steps_per_epoch', '-')} | {_num(e.get('fill_ratio', '-'))} "
             f"| {e.get('samples_oversized', '-')} |"
         )
+    lines += memory_lines(r["stages"])
     lines += [
         "",
         f"Steps assume {next(iter(r['stages'].values()), {}).get('num_ranks', 1)} data-parallel rank(s) "
@@ -521,9 +522,47 @@ def _markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def memory_lines(stages: Mapping[str, Any]) -> list[str]:
+    """The predicted activation peak per packed row of each stage (``data.scan.memory_report``): distribution,
+    bound, the worst row and the samples that drive it."""
+    rows = [(s, e["memory"]) for s, e in stages.items() if "memory" in e]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Activation memory per row (predicted, GB)",
+        "",
+        "| stage | bound | median | p95 | worst row | samples over the bound |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s, m in rows:
+        p = m["row_peak_gb"]
+        bound = _num(m["bound_gb"]) if m["bound_gb"] else "none"
+        lines.append(
+            f"| {s} | {bound} | {_num(p.get('median', '-'))} | {_num(p.get('p95', '-'))} | {_num(p.get('max', '-'))} "
+            f"| {m['samples_over_memory']} |"
+        )
+    for s, m in rows:
+        w = m.get("worst_row")
+        if not w:
+            continue
+        lines += [
+            "",
+            f"Worst row of {s}: {_num(w['peak_gb'])} GB, {w['samples']} samples; the largest shares:",
+            "",
+        ]
+        for d in w["top"]:
+            lines.append(
+                f"- {d['dataset']} record {d['record']}: {d['tokens']} tokens, {d['patches']} patches, "
+                f"{_num(d['add_gb'])} GB (+ {_num(d['peak_gb'])} GB attention workspace)"
+            )
+    return lines
+
+
 __all__ = [
     "REASONS",
     "plot_losses",
+    "memory_lines",
     "read_metrics",
     "render_markdown",
     "stage_summary",

@@ -322,6 +322,49 @@ def _check_global_batch(out_dir: Path, rows_per_step: int, world_size: int, *, r
         raise UserError(why)
 
 
+def activation_budget(cfg: RunConfig, world_size: int, sp: int = 1):
+    """``(ActivationModel | None, GB)``: the packer's model of a row's activation memory
+    (``data.cost_model.ActivationModel``, from the model's dimensions and ``trainer.gradient_checkpointing``,
+    ``checkpoint_every_n_layers``, ``loss_chunk_size``, ``precision`` and ``model.attn_implementation``) and the bound
+    per row: ``data.max_activation_gb``, or when None ``cost_model.default_activation_gb`` (an 80 GB device less
+    10% and one rank's model states under ``trainer.backend`` over ``world_size`` ranks). A sequence-parallel group
+    of ``sp`` ranks shares a row (each holds about 1/sp of its activations): the bound is ``sp`` times one rank's.
+    GB is 0 when the bound is off (``data.max_activation_gb=0``, or a default that leaves nothing); the model is
+    returned all the same (the doctor reports each row's predicted peak)."""
+    from .data.cost_model import ActivationModel, FlopsShape, default_activation_gb
+    from .model.api import flops_dimensions, memory_dimensions
+    from .model.core import model_config_for
+
+    gb = cfg.data.max_activation_gb
+    config = model_config_for(cfg.model)
+    shape, mem, t = FlopsShape(**flops_dimensions(config)), memory_dimensions(config), cfg.trainer
+    attn = cfg.model.attn_implementation
+    model = ActivationModel(
+        shape,
+        mem["vision_heads"],
+        llm_checkpointed=t.gradient_checkpointing in ("llm", "both"),
+        vision_checkpointed=t.gradient_checkpointing in ("vision", "both"),
+        every_n_layers=t.checkpoint_every_n_layers,
+        loss_chunk=t.loss_chunk_size,
+        # auto picks a varlen / flash kernel on a GPU, the device the bound is about
+        attention=attn if attn in ("sdpa", "eager") else "flash",
+        act_bytes=4 if t.precision == "fp32" else 2,
+        max_tokens=cfg.data.max_tokens * sp,
+        merge=cfg.encode.image_merge_size,
+    )
+    if gb is None:
+        gb = default_activation_gb(shape, tied=mem["tied"], backend=t.backend, world_size=world_size)
+        if gb <= 0:
+            log.warning(
+                "the model states of one rank alone exceed the 80 GB device data.max_activation_gb assumes by default "
+                "(trainer.backend=%s over %d ranks): no activation bound; shard more or set data.max_activation_gb",
+                t.backend,
+                world_size,
+            )
+            return model, 0.0
+    return model, sp * gb
+
+
 def build_stage_data(cfg: RunConfig, processor, dims: ParallelDims, *, is_main: bool):
     """This rank's training data (``data.build.build_train_data``) for the ranks as ``dims`` divides them: a
     sequence-parallel group of N ranks shares its rows, so the loader deals rows to the groups, each N times the
@@ -331,8 +374,12 @@ def build_stage_data(cfg: RunConfig, processor, dims: ParallelDims, *, is_main: 
     from .data.errors import UnusableDataError
 
     n = dims.sp_size
+    activation, gb = activation_budget(cfg, dims.dp_size * n, n)
     data_cfg = dataclasses.replace(
-        cfg.data, max_tokens=cfg.data.max_tokens * n, max_patches=cfg.data.max_patches * n
+        cfg.data,
+        max_tokens=cfg.data.max_tokens * n,
+        max_patches=cfg.data.max_patches * n,
+        max_activation_gb=gb,
     )
     try:
         return build_train_data(
@@ -344,6 +391,7 @@ def build_stage_data(cfg: RunConfig, processor, dims: ParallelDims, *, is_main: 
             world_size=dims.dp_size,
             is_main=is_main,
             global_batch_samples=cfg.trainer.global_batch_samples,
+            activation=activation,
         )
     except UnusableDataError as e:
         raise UserError(str(e)) from e

@@ -296,7 +296,7 @@ def _split_unpackable(c: np.ndarray, order: np.ndarray, max_tokens: int, max_pat
             int(over.sum()),
             max_tokens,
             max_patches,
-            f" / {memory.limit / 2**30:.1f} GiB of predicted activations ({int(over_mem.sum())} of them)"
+            f" / {memory.limit / 1e9:.1f} GB of predicted activations ({int(over_mem.sum())} of them)"
             if memory is not None
             else "",
         )

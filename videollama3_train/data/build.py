@@ -115,9 +115,13 @@ def plan_training(
     global_batch_samples: int | None,
     grad_accum: int,
     world_size: int,
+    activation=None,
 ) -> EpochPlanner:
     """The packing rule training runs (:class:`~.packing.EpochPlanner`) from the data config: the doctor calls
-    this too, so it reports the steps training will run."""
+    this too, so it reports the steps training will run. ``activation``: the model's
+    :class:`~.cost_model.ActivationModel`, which with ``data.max_activation_gb`` (resolved by the caller: None or
+    0 here = no bound) bounds each row's predicted activation peak."""
+    limit = int((dcfg.max_activation_gb or 0) * 1e9) if activation is not None else 0
     return EpochPlanner(
         specs,
         costs,
@@ -128,6 +132,8 @@ def plan_training(
         global_batch_samples=global_batch_samples,
         grad_accum=grad_accum,
         world_size=world_size,
+        activation=activation,
+        max_activation_bytes=limit,
     )
 
 
@@ -142,12 +148,13 @@ def build_train_data(
     is_main: bool,
     global_batch_samples: int | None = None,
     run_dir: str | None = None,
+    activation=None,
 ) -> DataBundle:
     """Annotations -> cost pre-pass (cached) -> mixture + global packing plan per epoch -> this rank's loader.
 
     The plan of each epoch is global (``G`` rows per optimizer step, :func:`plan_training`), independent of the
     world size; the loader deals each step's rows to the ranks (``grad_accum = ceil(G / world_size)`` each; the
-    trainer takes it from the loader)."""
+    trainer takes it from the loader). ``activation``: see :func:`plan_training`."""
     from .loader import DatasetEncoder, PackedLoader
 
     datasets, records, costs, failures = load_costed(dcfg, enc, processor, is_main=is_main, run_dir=run_dir)
@@ -160,6 +167,7 @@ def build_train_data(
         global_batch_samples=global_batch_samples,
         grad_accum=grad_accum,
         world_size=world_size,
+        activation=activation,
     )
     encoder = DatasetEncoder(
         records, roots, names, partial(_encode_per_dataset, configs=configs), processor=processor
@@ -184,11 +192,14 @@ def _epoch0_stats(dcfg: DataConfig, loader, records: int, *, is_main: bool) -> d
     plan0, rows, world = loader.plan(0), loader.rows_per_step, loader.world_size
     if len(plan0.oversized) and is_main:
         log.warning(
-            "%d samples exceed the packing budget (data.max_tokens=%d, data.max_patches=%d) and are left out; "
+            "%d samples exceed the packing budget (data.max_tokens=%d, data.max_patches=%d, "
+            "data.max_activation_gb=%s: %d of them by their predicted activation memory) and are left out; "
             "lower encode.max_visual_tokens / encode.max_length or raise the budget",
             len(plan0.oversized),
             dcfg.max_tokens,
             dcfg.max_patches,
+            dcfg.max_activation_gb,
+            len(plan0.rows.over_memory),
         )
     if plan0.steps == 0:
         raise UnusableDataError(

@@ -131,6 +131,11 @@ class DataConfig:
     heldout_max_samples: int = 64  # held-out records evaluated per evaluation
     max_tokens: int = 16384  # packing budget: LLM tokens per micro-batch (one packed row)
     max_patches: int = 65536  # packing budget: vision-tower patches per micro-batch
+    # packing budget: predicted activation memory of one packed row in GB (1e9 bytes; data/cost_model.py
+    # ActivationModel, docs/packing.md "Memory"); a sample over it alone is reported oversized. None = derived from
+    # the model's dimensions, trainer.gradient_checkpointing and the backend: an 80 GB device less 10% and the
+    # model states of one rank; 0 = no bound
+    max_activation_gb: float | None = None
     buffer_size: int = 2048  # samples per shuffle buffer of the best-fit-decreasing packer
     seed: int = 0  # mixture and packing order (same seed -> same micro-batches)
     num_workers: int = 2  # decoding worker processes per rank (0 = in the main process)
@@ -151,6 +156,10 @@ class DataConfig:
             raise ValueError("no data: set data.path (and data.root) or data.datasets")
         if self.max_tokens < 16 or self.max_patches < 4:
             raise ValueError("data.max_tokens / data.max_patches are far too small")
+        if self.max_activation_gb is not None and not self.max_activation_gb >= 0:
+            raise ValueError(
+                f"data.max_activation_gb must be >= 0 GB (0 = no bound) or None (derived), got {self.max_activation_gb}"
+            )
         if not 0 <= self.max_bad_fraction <= 1:
             raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         for key, d in self.datasets.items():

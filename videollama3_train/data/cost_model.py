@@ -21,7 +21,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FlopsShape", "SampleCostModel", "training_flops"]
+__all__ = [
+    "ActivationModel",
+    "FlopsShape",
+    "SampleCostModel",
+    "default_activation_gb",
+    "parameter_count",
+    "training_flops",
+]
 
 
 @dataclass(frozen=True)
@@ -138,3 +145,192 @@ class SampleCostModel:
             vision_trains=self.vision_trains,
         )
         return sum(terms.values())
+
+
+# ============================================================================================================
+# Activation memory of a packed row (docs/packing.md, "Memory")
+# ============================================================================================================
+
+ATTENTION_KINDS = ("flash", "sdpa", "eager")  # how the attention workspace grows: linear / per-segment square
+
+
+@dataclass(frozen=True)
+class ActivationModel:
+    """Predicted activation memory of one packed row in a training step (forward + backward), in bytes, from the
+    model's dimensions and how it trains: ``peak = base + sum over samples of add_i + max over samples of peak_i``.
+
+    ``add_i`` is linear in the sample's tokens, visual tokens, patches and tower ``sum P_f^2``: what its tokens and
+    patches keep alive for the backward (every layer's input under checkpointing, every saved tensor of a layer
+    without) plus one layer's recompute and backward workspace. ``peak_i``: the vision tower's attention workspace
+    of its largest segment under ``sdpa`` / ``eager`` (the tower runs one segment at a time there), 0 with flash /
+    varlen attention (linear, in ``add_i``). ``base``: what every row holds whatever its samples: the chunked
+    loss's logits chunk and the output layer's fp32 weight gradient, and under ``sdpa`` / ``eager`` the LLM's
+    ``(L, L)`` attention mask / scores at the row's token budget. The derivation, term by term: docs/packing.md.
+
+    ``vision_heads``: the tower's attention heads. ``llm_checkpointed`` / ``vision_checkpointed`` /
+    ``every_n_layers``: ``trainer.gradient_checkpointing`` and ``trainer.checkpoint_every_n_layers``.
+    ``loss_chunk``: ``trainer.loss_chunk_size`` (label tokens per logits chunk). ``attention``: ``flash`` (varlen /
+    FlashAttention), ``sdpa`` or ``eager``. ``act_bytes``: 2 for bf16 activations, 4 for fp32. ``max_tokens``: the
+    row's token budget. ``merge``: the merge assumed where a sample's visual tokens are not known.
+    """
+
+    shape: FlopsShape
+    vision_heads: int
+    llm_checkpointed: bool = True
+    vision_checkpointed: bool = True
+    every_n_layers: int = 1
+    loss_chunk: int = 4096
+    attention: str = "flash"
+    act_bytes: int = 2
+    max_tokens: int = 16384
+    merge: int = 1
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+
+    # --- per token / patch coefficients (bytes) -------------------------------------------------------------
+    def llm_layer_elements(self) -> int:
+        """Elements one LLM layer saves per token for its backward (bf16 unless noted): the two RMSNorms upcast to
+        fp32 (input, normalised copy, ~6d in bf16 units each), the normed inputs of q/k/v and of the MLP (2d), q and
+        k before and after RoPE with the rotated halves (4(nq + nkv)hd, v and the attention output included), the
+        MLP's gate, SiLU(gate), up and their product (4ff)."""
+        s = self.shape
+        return 14 * s.d + 4 * (s.nq + s.nkv) * s.hd + 4 * s.ff
+
+    def vision_layer_elements(self) -> int:
+        """Elements one tower layer saves per patch: LayerNorms in fp32 (4dv), q/k/v input (dv), q and k around the
+        2D RoPE (4dv), q, k, v and the attention output (4dv), fc1 input (dv), fc1 output, tanh-GELU's internals
+        and output (3ffv)."""
+        s = self.shape
+        return 14 * s.dv + 3 * s.ffv
+
+    def _stored_layers(self, layers: int, checkpointed: bool) -> tuple[int, int]:
+        """``(layers keeping only their input, layers keeping everything)``: checkpointed layers are 0, n, 2n..."""
+        ck = -(-layers // self.every_n_layers) if checkpointed else 0
+        return ck, layers - ck
+
+    def per_token(self) -> int:
+        """Bytes per LLM token: stored layer inputs / activations, one layer recomputed and back-propagated, the
+        final norm and the hidden state handed to the loss (8d), the loss's fp32 logsumexp and token loss."""
+        s, b = self.shape, self.act_bytes
+        ck, full = self._stored_layers(s.Ll, self.llm_checkpointed)
+        work = self.llm_layer_elements() * (
+            2 if ck else 1
+        )  # recompute (when checkpointed) + backward buffers
+        return b * (ck * s.d + full * self.llm_layer_elements() + work + 8 * s.d) + 8
+
+    def per_patch(self) -> int:
+        """Bytes per tower patch: its fp32 pixels (4 x channels x patch^2), the patch embedding's input, stored layer
+        inputs / activations, one layer recomputed and back-propagated, the post-LayerNorm (fp32 input)."""
+        s, b = self.shape, self.act_bytes
+        ck, full = self._stored_layers(s.Lv, self.vision_checkpointed)
+        work = self.vision_layer_elements() * (2 if ck else 1)
+        pix = s.channels * s.patch * s.patch
+        return 4 * pix + b * (pix + ck * s.dv + full * self.vision_layer_elements() + work + 3 * s.dv)
+
+    def per_visual_token(self) -> int:
+        """Bytes per visual LLM token in the projector (its input and the GELU's input and output)."""
+        return self.act_bytes * (self.shape.dv + 2 * self.shape.d)
+
+    def per_segment_sq(self) -> int:
+        """Bytes per unit of ``sum P_f^2`` kept for the backward: eager saves each layer's attention probabilities
+        (heads x P_f^2, bf16) in every layer that keeps its activations, plus the recomputed one."""
+        if self.attention != "eager":
+            return 0
+        ck, full = self._stored_layers(self.shape.Lv, self.vision_checkpointed)
+        return self.vision_heads * self.act_bytes * (full + (1 if ck else 0))
+
+    def base(self) -> int:
+        """Bytes every row holds whatever its samples: one logits chunk (bf16 matmul output and its fp32 copy), the
+        output layer's fp32 weight gradient, and under sdpa / eager the LLM's attention over the whole packed row
+        (a bool (L, L) mask; eager: fp32 scores and softmax, bf16 probabilities saved per layer) at L = max_tokens."""
+        s = self.shape
+        chunk = min(self.loss_chunk, self.max_tokens)
+        out = chunk * s.V * (self.act_bytes + 4) + s.V * s.d * 4
+        sq = self.max_tokens * self.max_tokens
+        if self.attention == "sdpa":
+            out += sq
+        elif self.attention == "eager":
+            ck, full = self._stored_layers(s.Ll, self.llm_checkpointed)
+            out += sq + s.nq * sq * (8 + self.act_bytes * (full + (1 if ck else 0)))
+        return int(out)
+
+    def sample_memory(
+        self,
+        costs: np.ndarray,
+        *,
+        visual_tokens: np.ndarray | None = None,
+        patches_sq: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(add, peak)``, int64 ``(N,)`` bytes of each sample of ``costs`` (``(N, 2)``: tokens, patches; failed rows
+        ``-1`` count 0); ``visual_tokens`` / ``patches_sq`` per sample where known (negative: not known), else
+        estimated as for the FLOPs (visual ``patches / merge^2``, one tower segment). The largest segment's
+        ``P_f^2`` is bounded by ``sum P_f^2`` (exact for one image, above it for several images or frames)."""
+        c = np.maximum(np.asarray(costs, dtype=np.float64)[:, :2], 0.0)
+        tokens, patches = c[:, 0], c[:, 1]
+        visual = patches / self.merge**2
+        if visual_tokens is not None:
+            given = np.asarray(visual_tokens, dtype=np.float64)
+            visual = np.where(given >= 0, given, visual)
+        sq = patches * patches
+        if patches_sq is not None:
+            given = np.asarray(patches_sq, dtype=np.float64)
+            sq = np.where(given >= 0, given, sq)
+        add = (
+            tokens * self.per_token()
+            + np.minimum(visual, tokens) * self.per_visual_token()
+            + patches * self.per_patch()
+            + sq * self.per_segment_sq()
+        )
+        # one segment's attention at a time in the tower under sdpa / eager: fp32 scores and softmax
+        peak = sq * self.vision_heads * 8 if self.attention != "flash" else np.zeros_like(sq)
+        return np.ceil(add).astype(np.int64), np.ceil(peak).astype(np.int64)
+
+    def bound(self, table: np.ndarray, limit_bytes: int):
+        """The packer's :class:`~.binpack.MemoryBound` of the samples of ``table`` (a cost table: tokens, patches
+        and, when present, the visual-token and ``sum P_f^2`` columns) under ``limit_bytes`` per row."""
+        from .binpack import MemoryBound
+        from .costs import PATCHES_SQ, VISUAL_TOKENS
+
+        extra = {}
+        if table.shape[1] > PATCHES_SQ:
+            extra = {"visual_tokens": table[:, VISUAL_TOKENS], "patches_sq": table[:, PATCHES_SQ]}
+        add, peak = self.sample_memory(table[:, :2], **extra)
+        return MemoryBound(add, peak, self.base(), int(limit_bytes))
+
+
+def parameter_count(shape: FlopsShape, *, tied: bool = True) -> int:
+    """Parameters of a model of ``shape``: LLM layers (weights, q/k/v biases, two norms), final norm, embeddings
+    (and an untied output layer), tower layers (weights, biases, two LayerNorms), patch embedding, post-LayerNorm,
+    projector."""
+    s = shape
+    layers = s.Ll * (s.llm_layer_weights() + (s.nq + 2 * s.nkv) * s.hd + 2 * s.d)
+    llm = layers + s.d + s.V * s.d * (1 if tied else 2)
+    vit = s.tower_weights() + s.Lv * (4 * s.dv + s.ffv + s.dv + 4 * s.dv) + 3 * s.dv
+    projector = s.dv * s.d + s.d * s.d + 2 * s.d
+    return int(llm + vit + projector)
+
+
+# bytes per parameter of the model states a rank holds: fp32 weights, fp32 gradients, AdamW's two fp32 moments
+_WEIGHTS, _GRADS, _ADAM = 4, 4, 8
+# which of them each backend shards over the data-parallel ranks
+_SHARDED = {"ddp": (), "zero1": ("adam",), "zero2": ("adam", "grads"), "zero3": ("adam", "grads", "weights")}
+_SHARDED["fsdp2"] = _SHARDED["zero3"]
+
+
+def default_activation_gb(
+    shape: FlopsShape, *, tied: bool, backend: str, world_size: int, device_gb: float = 80.0
+) -> float:
+    """The default bound on a row's predicted activation peak (GB, 1e9 bytes): ``device_gb`` (80: an H100 / A100
+    80GB, the recipes' device) less 10% kept free (CUDA context, allocator fragmentation, communication buffers)
+    less the model states one rank holds under ``backend`` over ``world_size`` ranks (fp32 weights, gradients and
+    AdamW moments of every parameter, trainable or not: an upper bound for a stage that freezes a tower). At most 0
+    when the states alone do not fit (then every sample is reported over the bound: shard more)."""
+    n = parameter_count(shape, tied=tied)
+    sharded = _SHARDED.get(backend, ())
+    per_param = sum(
+        size / (world_size if name in sharded else 1)
+        for name, size in (("weights", _WEIGHTS), ("grads", _GRADS), ("adam", _ADAM))
+    )
+    return max(0.0, 0.9 * device_gb - n * per_param / 1e9)

@@ -32,7 +32,7 @@ import numpy as np
 
 from .binpack import MemoryBound, Rows, bin_pack, row_sums
 from .config import DatasetConfig
-from .cost_model import SampleCostModel
+from .cost_model import ActivationModel, SampleCostModel
 from .costs import PATCHES, PATCHES_SQ, TOKENS, VISUAL_TOKENS
 from .mixture import mixture_table
 
@@ -238,6 +238,7 @@ class PackPlan:
             "samples_packed": int(len(self.rows.ids)),
             "samples_oversized": int(len(self.oversized)),
             "samples_failed": int(len(self.failed)),
+            "samples_over_memory": int(len(self.rows.over_memory)),
             "fill_ratio": self.fill_ratio(),
             **{f"balance_{k}": v for k, v in self.balance().items()},
         }
@@ -400,7 +401,9 @@ class EpochPlanner:
     its number of packed rows, known by bin packing alone (no dealing, nothing kept), so the schedule of every
     epoch is exact without holding their plans. ``world_size`` (data-parallel ranks, or sequence-parallel groups)
     only decides :attr:`grad_accum`; the plans do not depend on it. With a ``cost_model`` the rows of a step are
-    matched on predicted training FLOPs (:mod:`.cost_model`) instead of patches and tokens.
+    matched on predicted training FLOPs (:mod:`.cost_model`) instead of patches and tokens. With ``activation``
+    (:class:`~.cost_model.ActivationModel`) and ``max_activation_bytes`` > 0 no row's predicted activation peak
+    exceeds that bound (a sample over it alone is reported oversized).
     """
 
     def __init__(
@@ -416,9 +419,13 @@ class EpochPlanner:
         grad_accum: int = 1,
         world_size: int = 1,
         cost_model: SampleCostModel | None = None,
+        activation: ActivationModel | None = None,
+        max_activation_bytes: int = 0,
     ):
         self.specs, self.costs = list(specs), [np.asarray(c, dtype=np.int64) for c in costs]
         self.cost_model = cost_model
+        self.activation = activation if max_activation_bytes > 0 else None
+        self.max_activation_bytes = int(max_activation_bytes)
         self.seed, self.max_tokens, self.max_patches, self.buffer_size = (
             seed,
             max_tokens,
@@ -440,12 +447,16 @@ class EpochPlanner:
 
     def _pack(self, epoch: int) -> tuple[np.ndarray, np.ndarray, Rows]:
         entries, table = epoch_samples(self.specs, self.costs, self.seed, epoch)
+        memory = None
+        if self.activation is not None:
+            memory = self.activation.bound(table, self.max_activation_bytes)
         rows = bin_pack(
             table,
             np.arange(len(entries)),
             max_tokens=self.max_tokens,
             max_patches=self.max_patches,
             buffer_size=self.buffer_size,
+            memory=memory,
         )
         return entries, table, rows
 

@@ -31,7 +31,7 @@ from .errors import DataError
 
 log = logging.getLogger("videollama3_train")
 
-__all__ = ["ScanConfig", "StagePlan", "read_annotations", "scan_data"]
+__all__ = ["ScanConfig", "StagePlan", "memory_report", "read_annotations", "scan_data"]
 
 
 @dataclass
@@ -67,6 +67,9 @@ class StagePlan:
     grad_accum: int  # trainer.grad_accum: rows per rank per step when global_batch_samples is None
     global_batch_samples: int | None = None  # trainer.global_batch_samples: the recipe's global batch
     sequence_parallel: int = 1  # trainer.sequence_parallel: ranks sharing each row (budgets x N, ranks / N)
+    # the model's activation-memory model (run.activation_budget); ``data.max_activation_gb`` is then the resolved
+    # bound per row (x N already), 0 = none: the predicted peak of every row is reported either way
+    activation: Any = None
 
 
 # ================================================================================================================
@@ -533,8 +536,12 @@ def _stage_estimate(plan: StagePlan, table: list[np.ndarray], specs, num_ranks: 
         global_batch_samples=plan.global_batch_samples,
         grad_accum=plan.grad_accum,
         world_size=groups,
+        activation=plan.activation,
     )
-    st = planner.plan(0).stats()
+    plan0 = planner.plan(0)
+    st = plan0.stats()
+    if plan.activation is not None:
+        entry["memory"] = memory_report(plan0, plan.activation, data.max_activation_gb or 0.0, specs)
     entry.update(
         rows_per_step=planner.rows_per_step,
         grad_accum=planner.grad_accum,
@@ -545,8 +552,43 @@ def _stage_estimate(plan: StagePlan, table: list[np.ndarray], specs, num_ranks: 
         samples_packed=st["samples_packed"],
         samples_failed=st["samples_failed"],
         samples_oversized=st["samples_oversized"],
+        samples_over_memory=st["samples_over_memory"],
     )
     return entry
+
+
+def memory_report(plan, activation, bound_gb: float, specs, top: int = 5) -> dict[str, Any]:
+    """The predicted activation peak of every row of ``plan`` (``cost_model.ActivationModel``; GB = 1e9 bytes): its
+    distribution, the bound, and the worst row with the samples that drive it (largest share of its peak first:
+    ``add`` their linear part, ``peak`` their largest-segment attention term, which counts once per row)."""
+    bound = activation.bound(plan.costs, 0)
+    rows = plan.rows
+    peaks = bound.row_peak(rows.ids, rows.offsets) / 1e9
+    out: dict[str, Any] = {
+        "bound_gb": float(bound_gb),
+        "base_gb": bound.base / 1e9,
+        "row_peak_gb": _summary(peaks),
+        "samples_over_memory": int(len(rows.over_memory)),
+    }
+    if len(rows):
+        worst = int(np.argmax(peaks))
+        ids = rows.row(worst)
+        share = bound.add[ids] + bound.peak[ids]
+        drivers = []
+        for i in ids[np.argsort(-share, kind="stable")][:top]:
+            d, r = plan.keys(np.array([i]))[0]
+            drivers.append(
+                {
+                    "dataset": specs[d].name if d < len(specs) else d,
+                    "record": r,
+                    "tokens": int(plan.costs[i, 0]),
+                    "patches": int(plan.costs[i, 1]),
+                    "add_gb": float(bound.add[i] / 1e9),
+                    "peak_gb": float(bound.peak[i] / 1e9),
+                }
+            )
+        out["worst_row"] = {"row": worst, "peak_gb": float(peaks[worst]), "samples": len(ids), "top": drivers}
+    return out
 
 
 def _verdict(over: dict[str, float], threshold: float) -> str:

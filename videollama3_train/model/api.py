@@ -112,6 +112,17 @@ def flops_dimensions(config: Any) -> dict[str, int]:
     }
 
 
+def memory_dimensions(config: Any) -> dict[str, Any]:
+    """What the activation-memory model needs beyond :func:`flops_dimensions`: the tower's attention heads and
+    whether the output layer shares the input embedding (one (V, d) matrix of parameters instead of two)."""
+    return {
+        "vision_heads": int(config.vision_config.num_attention_heads),
+        "tied": bool(
+            getattr(config, "tie_word_embeddings", getattr(config.text_config, "tie_word_embeddings", True))
+        ),
+    }
+
+
 def uniform_backward(model: nn.Module) -> None:
     """Make the LLM's input embeddings always require grad, so that backward runs through every LLM layer on every
     rank, whatever the micro-batch holds.
@@ -166,6 +177,7 @@ __all__ = [
     "base_model",
     "flops_dimensions",
     "hidden_states",
+    "memory_dimensions",
     "output_layer",
     "patch_dim",
     "visual_features",

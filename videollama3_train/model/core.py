@@ -167,6 +167,24 @@ def assemble_config(vision_dir: str | Path, llm_dir: str | Path, *, image_token_
     )
 
 
+def model_config_for(cfg: ModelConfig) -> VideoLlama3Config:
+    """The config ``build_model`` makes for ``cfg``, without weights or tokenizer: for its dimensions (the data
+    planner's activation-memory model is built before the model). Media token ids are placeholders (the Qwen2 ones,
+    or 0 and 1 for a random preset, whose vocabulary may be the tiny tokenizer's) and a random preset keeps its own
+    vocabulary: no dimension the planner reads changes but, by a few entries, the vocabulary."""
+    kind = cfg.init_kind
+    if kind == "auto":
+        kind = "random" if cfg.init_from is None else detect_init_kind(cfg.init_from)
+    ids = {"image_token_id": 151655, "video_token_id": 151656}
+    if kind == "native":
+        return VideoLlama3Config.from_pretrained(cfg.init_from, local_files_only=True)
+    if kind == "official":
+        return official_config(json.loads((Path(cfg.init_from) / "config.json").read_text()), **ids)
+    if kind == "assemble":
+        return assemble_config(cfg.vision_from, cfg.llm_from, **ids)
+    return build_model_config(cfg.preset, image_token_id=0, video_token_id=1)
+
+
 def init_projector(model: VideoLlama3ForConditionalGeneration, std: float = 0.02) -> None:
     for m in model.model.projector.modules():
         if isinstance(m, nn.Linear):
