@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -343,3 +346,35 @@ def test_data_workers_survive_the_sigterm_meant_for_the_trainer():
         os.kill(w.pid, signal.SIGTERM)
     rest = [ids_of(b) for b in it]
     assert first + rest == [[i for i in mb if i not in BAD] for mb in plan.micro_batches[0]]
+
+
+class _Finalised:
+    """A reference cycle (freed only by the garbage collector) that writes the pid of the process freeing it."""
+
+    def __init__(self, path) -> None:
+        self.path, self.cycle = path, self
+
+    def __del__(self) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def encode_collecting(dataset: int, record: int) -> dict:
+    gc.collect()  # what a worker's collector does sooner or later
+    return encode(dataset, record)
+
+
+def test_workers_never_free_the_trainers_garbage(tmp_path):
+    """Garbage of the trainer at the moment the workers fork is freed in the trainer, never in a worker (a worker
+    freeing the trainer's PyAV filter graph hangs in pthread_cond_destroy: loader._start)."""
+    log = tmp_path / "freed_by"
+    enabled = gc.isenabled()
+    gc.disable()  # the cycle must still be garbage when the workers fork
+    try:
+        _Finalised(log)
+        batches = list(PackedLoader(make_plan(), 0, encode_collecting, num_workers=1))
+    finally:
+        if enabled:
+            gc.enable()
+    assert batches
+    assert log.read_text().split() == [str(os.getpid())]

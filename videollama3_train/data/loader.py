@@ -42,6 +42,7 @@ Design:
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import random
 import signal
@@ -172,6 +173,26 @@ def _ignore_sigterm(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's work
     the trainer's to handle: it finishes the step, checkpoints and exits 0, with the workers still needed until
     then (a killed worker would abort the run). The workers end with the loader, or when their parent is gone."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _start(loader: DataLoader) -> Iterator[dict[str, Any]]:
+    """``iter(loader)``, with the trainer's garbage collected before worker processes fork (the first ``iter()`` of
+    a loader with workers forks them) and nothing the trainer holds collectable in them.
+
+    A forked worker that frees an FFmpeg object the trainer made hangs for ever: a held-out evaluation decodes
+    videos in the trainer, its PyAV filter graphs (unreachable cycles, freed by the collector) own swscale
+    worker threads, and freeing one in the worker waits in ``pthread_cond_destroy`` for threads that exist only
+    in the trainer (seen: the tiny pipeline stopped for 25 minutes at the start of stage 3, the worker in
+    ``avfilter_graph_free`` called from the collector). So: collect in the trainer, where the threads live, and
+    freeze what is left so that a worker's collector never visits it."""
+    if not loader.num_workers:
+        return iter(loader)
+    gc.collect()
+    gc.freeze()
+    try:
+        return iter(loader)
+    finally:
+        gc.unfreeze()
 
 
 class PackedLoader:
@@ -349,7 +370,7 @@ class PackedLoader:
                 )
         self._sampler.tasks = tasks
         self._sampler.start = self._position
-        for item in self._loader:
+        for item in _start(self._loader):
             self._position = item["index"] + 1
             self._count_skips(item["skipped"])
             batch = item["batch"]
