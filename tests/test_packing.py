@@ -375,6 +375,26 @@ def test_memory_bound_no_row_over_it_and_every_sample_accounted(attention):
     assert max(_oracle_peak(bound, unbounded.row(r)) for r in range(len(unbounded))) > limit
 
 
+@pytest.mark.parametrize("attention", ["flash", "sdpa"])
+def test_a_bound_that_cannot_bind_leaves_the_rows_as_they_are(attention):
+    """The model's upper bound of any row's peak under the token and patch budgets is above every row packed without
+    the bound; with the bound at it, the packer leaves memory out of its loop: the same rows, their peaks reported."""
+    from videollama3_train.data.cost_model import ActivationModel, FlopsShape
+
+    costs = realistic_costs(2000, seed=12)
+    model = ActivationModel(FlopsShape(**SHAPE_2B), 16, attention=attention)
+    kw = dict(max_tokens=16384, max_patches=40000, buffer_size=256)
+    order = np.random.default_rng(5).permutation(len(costs))
+    free = bin_pack(costs, order, **kw)
+    cap = model.bound(costs, 0, (16384, 40000)).row_cap
+    assert max(_oracle_peak(model.bound(costs, 0), free.row(r)) for r in range(len(free))) <= cap
+    bound = model.bound(costs, cap, (16384, 40000))
+    assert not bound.binds
+    rows = bin_pack(costs, order, memory=bound, **kw)
+    np.testing.assert_array_equal(rows.ids, free.ids)
+    assert rows.peak.max() <= cap and len(rows.oversized) == 0
+
+
 def test_the_largest_attention_workspace_counts_once_per_row():
     """A row's peak holds the largest per-sample attention workspace once (the tower runs one segment at a time), not
     the sum: two samples whose workspaces alone fill most of the bound share a row when their linear parts fit."""

@@ -287,9 +287,11 @@ class ActivationModel:
         peak = sq * self.vision_heads * 8 if self.attention != "flash" else np.zeros_like(sq)
         return np.ceil(add).astype(np.int64), np.ceil(peak).astype(np.int64)
 
-    def bound(self, table: np.ndarray, limit_bytes: int):
+    def bound(self, table: np.ndarray, limit_bytes: int, budgets: tuple[int, int] | None = None):
         """The packer's :class:`~.binpack.MemoryBound` of the samples of ``table`` (a cost table: tokens, patches
-        and, when present, the visual-token and ``sum P_f^2`` columns) under ``limit_bytes`` per row."""
+        and, when present, the visual-token and ``sum P_f^2`` columns) under ``limit_bytes`` per row. With
+        ``budgets`` (the row's tokens and patches) it carries an upper bound of any row's peak: every token visual,
+        ``sum P_f^2 <= (sum P)^2``, the largest workspace of all samples."""
         from .binpack import MemoryBound
         from .costs import PATCHES_SQ, VISUAL_TOKENS
 
@@ -297,7 +299,12 @@ class ActivationModel:
         if table.shape[1] > PATCHES_SQ:
             extra = {"visual_tokens": table[:, VISUAL_TOKENS], "patches_sq": table[:, PATCHES_SQ]}
         add, peak = self.sample_memory(table[:, :2], **extra)
-        return MemoryBound(add, peak, self.base(), int(limit_bytes))
+        cap = None
+        if budgets is not None:
+            t, p = budgets
+            cap = self.base() + t * (self.per_token() + self.per_visual_token()) + p * self.per_patch()
+            cap += self.per_segment_sq() * p * p + int(peak.max(initial=0))
+        return MemoryBound(add, peak, self.base(), int(limit_bytes), cap)
 
 
 def parameter_count(shape: FlopsShape, *, tied: bool = True) -> int:

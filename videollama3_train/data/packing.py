@@ -449,7 +449,8 @@ class EpochPlanner:
         entries, table = epoch_samples(self.specs, self.costs, self.seed, epoch)
         memory = None
         if self.activation is not None:
-            memory = self.activation.bound(table, self.max_activation_bytes)
+            budgets = (self.max_tokens, self.max_patches)
+            memory = self.activation.bound(table, self.max_activation_bytes, budgets)
         rows = bin_pack(
             table,
             np.arange(len(entries)),
