@@ -3,22 +3,26 @@
 For each size N a dataset of the stated mix is generated (``startup_data.py``: 50% single JPEGs 200-1200 px a
 side, 5% 30-s 320x240 H.264 clips, 45% text-only; every record its own media path, symlinked onto a small pool;
 under ``--cache-dir``, never in the repository). Each measurement runs in a fresh subprocess that imports one
-code tree through ``PYTHONPATH`` (``--base``: a worktree of the old commit; the new: this checkout), the two
-interleaved phase by phase so both see the same machine load:
+code tree through ``PYTHONPATH`` (``--base NAME=DIR``: a worktree of an older commit, several allowed; the new:
+this checkout), the trees interleaved phase by phase so all see the same machine load:
 
 * ``arrow``: ``load_annotations`` (annotations -> memory-mapped Arrow) into a fresh cache;
 * ``cost``: the cost pre-pass (``compute_costs`` with ``_cost_of``, ``--workers`` processes, no cache): records/s
   (wall), and records per CPU-second of the pass's processes (what one core does, robust to a shared machine's
   load); and per modality, 1 process on the first records of each kind (records per CPU-second);
-  the two tables must be equal (checked here, the run stops otherwise);
+  the tables' token and patch columns must be equal (checked here, the run stops otherwise);
 * ``plan``: one epoch's plan (``packing.build_epoch_plan``, the packer's public entry point, as each tree has it);
 * ``train``: ``train model=tiny stage=multitask_sft trainer.max_steps=1`` on the dataset, cold (no cost table,
   fresh Arrow cache) and warm (both cached): seconds to the first optimizer step (the train progress bar's
-  first step), to the process exit, and the peak RSS of the main process and of each loader worker (the process
-  tree sampled every 0.2 s).
+  first step) and to the process exit; the process tree is sampled every 0.2 s for the peak RSS (and RssAnon:
+  the process's own pages, not a memory-mapped file's) of the main process, of the loader workers (descendants
+  alive at the first step) and of the cost pass's workers (``model=tiny``: 1 cost process, the main one, and 1
+  loader worker); a run whose main process passes ``--rss-cap-mb`` is killed and reported so (shared machine).
 
-    nice -n 10 python benchmarks/bench_startup.py --base /tmp/base-startup --sizes 100000
-    nice -n 10 python benchmarks/bench_startup.py --base /tmp/base-startup --sizes 1000000 --only cost plan --new-only
+    git worktree add /tmp/base-today 674b7ae; git worktree add /tmp/base-issue 992ef60
+    nice -n 5 python benchmarks/bench_startup.py --base issue=/tmp/base-issue:cost --base today=/tmp/base-today \
+        --sizes 10000 100000
+    nice -n 5 python benchmarks/bench_startup.py --base today=/tmp/base-today --sizes 1000000
 """
 
 from __future__ import annotations
@@ -212,7 +216,9 @@ def _tree_rss(proc) -> tuple[tuple[float, float], dict[int, tuple[float, float]]
     return main, out
 
 
-def run_train(tree: Path, ann: Path, out: Path, cold: bool, rss_cap_mb: float | None = None) -> dict:
+def run_train(
+    tree: Path, ann: Path, out: Path, cold: bool, rss_cap_mb: float | None = None, extra: tuple[str, ...] = ()
+) -> dict:
     """``train`` to one optimizer step; cold removes the cost tables and uses a fresh Arrow cache.
 
     Peak RSS is sampled every 0.2 s per process: the main process; the loader workers (its descendants alive when
@@ -231,6 +237,7 @@ def run_train(tree: Path, ann: Path, out: Path, cold: bool, rss_cap_mb: float | 
         f"data.path={ann}",
         f"data.root={ann.parent}",
         f"output_dir={run_dir}",
+        *extra,
     ]
     log_path = Path(run_dir + ".log")
     t0 = time.perf_counter()
@@ -307,6 +314,7 @@ def main() -> None:
         "--rss-cap-mb", type=float, default=3000, help="kill a train run whose main process passes it"
     )
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000])
+    ap.add_argument("--train-args", nargs="*", default=[], help="overrides added to the train runs")
     ap.add_argument("--workers", type=int, default=2, help="cost-pass processes (= cores used)")
     ap.add_argument("--only", nargs="+", default=["arrow", "cost", "plan", "train"])
     ap.add_argument("--new-only", action="store_true", help="measure the new code only (large sizes)")
@@ -350,8 +358,10 @@ def main() -> None:
                         )
                     rows[name]["plan"] = run_child(tree, "plan", str(ann), table)
                 elif phase == "train":
-                    rows[name]["train_cold"] = run_train(tree, ann, work, True, args.rss_cap_mb)
-                    rows[name]["train_warm"] = run_train(tree, ann, work, False, args.rss_cap_mb)
+                    extra = tuple(args.train_args)
+                    rows[name]["train_args"] = list(extra)
+                    rows[name]["train_cold"] = run_train(tree, ann, work, True, args.rss_cap_mb, extra)
+                    rows[name]["train_warm"] = run_train(tree, ann, work, False, args.rss_cap_mb, extra)
                 print(
                     name, phase, json.dumps(rows[name].get(phase, rows[name].get("train_warm"))), flush=True
                 )
