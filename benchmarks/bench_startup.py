@@ -217,9 +217,16 @@ def _tree_rss(proc) -> tuple[tuple[float, float], dict[int, tuple[float, float]]
 
 
 def run_train(
-    tree: Path, ann: Path, out: Path, cold: bool, rss_cap_mb: float | None = None, extra: tuple[str, ...] = ()
+    tree: Path,
+    ann: Path,
+    out: Path,
+    hf: str,
+    cold: bool,
+    rss_cap_mb: float | None = None,
+    extra: tuple[str, ...] = (),
 ) -> dict:
-    """``train`` to one optimizer step; cold removes the cost tables and uses a fresh Arrow cache.
+    """``train`` to one optimizer step with the Arrow cache ``hf``; cold removes the cost tables first (and is
+    given a fresh ``hf``), warm finds both where its cold run left them.
 
     Peak RSS is sampled every 0.2 s per process: the main process; the loader workers (its descendants alive when
     the first step is seen, the cost pass's workers having exited by then); the cost pass's workers (the others).
@@ -228,7 +235,6 @@ def run_train(
     if cold:
         for f in ann.parent.glob(f".{ann.name}.*"):
             f.unlink()
-    hf = tempfile.mkdtemp(dir=out) if cold else str(out / "hf_warm")
     run_dir = tempfile.mkdtemp(dir=out)
     cmd = [sys.executable, "-m", "videollama3_train.train", "model=tiny", "stage=multitask_sft"]
     cmd += [
@@ -360,8 +366,9 @@ def main() -> None:
                 elif phase == "train":
                     extra = tuple(args.train_args)
                     rows[name]["train_args"] = list(extra)
-                    rows[name]["train_cold"] = run_train(tree, ann, work, True, args.rss_cap_mb, extra)
-                    rows[name]["train_warm"] = run_train(tree, ann, work, False, args.rss_cap_mb, extra)
+                    hf = tempfile.mkdtemp(dir=work)  # this tree's Arrow cache: filled cold, read warm
+                    rows[name]["train_cold"] = run_train(tree, ann, work, hf, True, args.rss_cap_mb, extra)
+                    rows[name]["train_warm"] = run_train(tree, ann, work, hf, False, args.rss_cap_mb, extra)
                 print(
                     name, phase, json.dumps(rows[name].get(phase, rows[name].get("train_warm"))), flush=True
                 )
