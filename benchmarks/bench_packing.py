@@ -111,7 +111,15 @@ def child(args: argparse.Namespace) -> dict:
     new = "rows_per_step" in inspect.signature(packing.build_epoch_plan).parameters
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0, c0 = time.perf_counter(), time.process_time()
-    if args.impl == "new-compute":  # rows dealt by predicted compute (the cost model sees every column)
+    if args.impl == "new-memory":  # under the activation bound training derives for the 2B preset (DDP)
+        from videollama3_train.data.cost_model import ActivationModel, FlopsShape
+
+        planner = packing.EpochPlanner(
+            specs, full, seed=args.seed, max_tokens=max_tokens, max_patches=max_patches, grad_accum=args.rows,
+            world_size=1, activation=ActivationModel(FlopsShape(**SHAPE_2B), 16), max_activation_bytes=int(40.6e9),
+        )  # fmt: skip
+        plan = planner.plan(0)
+    elif args.impl == "new-compute":  # rows dealt by predicted compute (the cost model sees every column)
         planner = packing.EpochPlanner(
             specs, full, seed=args.seed, max_tokens=max_tokens, max_patches=max_patches,
             grad_accum=args.rows, world_size=1, cost_model=model,
@@ -204,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for n, m, ranks in ((n, m, k) for n in args.samples for m in args.mix for k in args.ranks):
         if True:
-            impls = [("new", here), ("new-compute", here)]
+            impls = [("new", here), ("new-compute", here), ("new-memory", here)]
             impls += [("today", args.today)] if args.today and n <= args.today_max else []
             for impl, root in impls:
                 cmd = [sys.executable, __file__, "--child", "--impl", impl, "--samples", str(n), "--mix", m]

@@ -199,13 +199,11 @@ def _best_fit_decreasing(
     ts, ps = size[:, :, TOKENS].astype(room[0]), size[:, :, PATCHES].astype(room[1])
     # the smallest size still to come in each buffer, per dimension (padding excluded): rows with less room close
     suffix_min = [
-        np.minimum.accumulate(np.where(valid, a.astype(np.int64), np.iinfo(np.int64).max)[:, ::-1], axis=1)[
-            :, ::-1
-        ]
+        np.minimum.accumulate(np.where(valid, a, np.iinfo(a.dtype).max)[:, ::-1], axis=1)[:, ::-1]
         for a in ((ts, ps) if mem is None else (ts, ps, mem[0]))
     ]
     nbins = np.zeros(nbuf, dtype=np.int64)
-    where = np.full((nbuf, length), -1, dtype=np.int64)
+    where = np.full((nbuf, length), -1, dtype=np.int32)  # a row's number inside its buffer
     peaks = mem is not None and bool(mem[1].any())
     for k in range(length):
         if k and k % _COMPACT == 0:
@@ -256,29 +254,44 @@ def _pack_buffers(
     buffer_size = min(buffer_size, n)  # one buffer holds them all: no iteration over padding
     nbuf = -(-n // buffer_size)
     pad = nbuf * buffer_size - n
-    valid = np.concatenate([np.ones(n, dtype=bool), np.zeros(pad, dtype=bool)]).reshape(nbuf, buffer_size)
+    valid = np.concatenate([np.ones(n, dtype=bool), np.zeros(pad, dtype=bool)])
     padded = np.concatenate([ids, np.zeros(pad, dtype=np.int64)])
-    s = costs[padded] * valid.reshape(-1, 1)
-    # by normalised size (t / T + p / P, scaled to exact integers), then patches, decreasing; padding (0) last
+    c = costs[padded]
+    c[n:] = 0  # padding: size 0, sorted last
+    # by normalised size (t / T + p / P, scaled to exact integers), then patches, decreasing; in place, as the
+    # temporaries of a million samples are 8 MB each
     wt, wp, _ = _score_weights(*budget)
-    key = (s[:, TOKENS] * wt + s[:, PATCHES] * wp).reshape(nbuf, buffer_size)
-    patches = s[:, PATCHES].reshape(nbuf, buffer_size)
     top = budget[TOKENS] * wt + budget[PATCHES] * wp
+    key = c[:, TOKENS] * wt
+    key += c[:, PATCHES] * wp
     if (top + 1) * (budget[PATCHES] + 1) * buffer_size < 2**62:
         # one int64 key (size, patches, position): a plain argsort, ~8x faster than lexsort, same order
-        one = ((top - key) * (budget[PATCHES] + 1) + (budget[PATCHES] - patches)) * buffer_size
-        order = np.argsort(one + np.arange(buffer_size), axis=-1)
+        np.subtract(top, key, out=key)
+        key *= budget[PATCHES] + 1
+        key += budget[PATCHES]
+        key -= c[:, PATCHES]
+        key *= buffer_size
+        key = key.reshape(nbuf, buffer_size)
+        key += np.arange(buffer_size)
+        order = np.argsort(key, axis=-1)
     else:
-        order = np.lexsort((-patches, -key), axis=-1)
-    flat = (order + (np.arange(nbuf) * buffer_size)[:, None]).ravel()  # sorted position -> padded position
+        order = np.lexsort(
+            (-c[:, PATCHES].reshape(nbuf, buffer_size), -key.reshape(nbuf, buffer_size)), axis=-1
+        )
+    del key
+    order += (np.arange(nbuf) * buffer_size)[:, None]
+    flat = order.ravel()  # sorted position -> padded position
     sorted_ids = padded[flat]
-    valid = valid.ravel()[flat].reshape(nbuf, buffer_size)
+    valid = valid[flat].reshape(nbuf, buffer_size)
+    size = c[flat].reshape(nbuf, buffer_size, 2)
+    del c, padded, order, flat
     mem = None
     if memory is not None:
         add = (memory.add[sorted_ids] * valid.ravel()).reshape(nbuf, buffer_size)
         peak = (memory.peak[sorted_ids] * valid.ravel()).reshape(nbuf, buffer_size)
         mem = (add, peak, memory.limit - memory.base)
-    where, nbins = _best_fit_decreasing(s[flat].reshape(nbuf, buffer_size, 2), valid, budget, mem)
+    where, nbins = _best_fit_decreasing(size, valid, budget, mem)
+    del size, mem
     first = np.concatenate([[0], np.cumsum(nbins)[:-1]])
     gbin = (first[:, None] + where).ravel()[valid.ravel()]  # global row of every sample, in sorted order
     grouped = np.argsort(gbin, kind="stable")
