@@ -81,6 +81,39 @@ def child_arrow(ann: str, out: str) -> dict:
         return {"seconds": time.perf_counter() - t, "records": len(ds)}
 
 
+def _modality_rows(ds, counts: dict[str, int]) -> dict[str, list[dict]]:
+    """The first ``counts[kind]`` records of each kind (image / video / text-only) as the cost pass reads them."""
+    kinds: dict[str, list[int]] = {k: [] for k in counts}
+    for i, rec in enumerate(ds.select(range(min(len(ds), 200_000)))["record"]):
+        k = "image" if '"image"' in rec else "video" if '"video"' in rec else "text"
+        if len(kinds[k]) < counts[k]:
+            kinds[k].append(i)
+    return {k: [{"record": r} for r in ds.select(idx)["record"]] for k, idx in kinds.items()}
+
+
+def child_modality(ann: str, out: str, scale: int) -> dict:
+    """Records per CPU-second per kind, 1 process, ``scale`` x the cost phase's counts (a steadier figure)."""
+    from functools import partial
+
+    from videollama3_train.data.annotations import load_annotations
+    from videollama3_train.data.build import _cost_of
+
+    processor, enc = _processor(), _encode_config()
+    with tempfile.TemporaryDirectory(dir=out) as cache:
+        ds = load_annotations(ann, cache_dir=cache)
+        fn = partial(_cost_of, root=str(Path(ann).parent), processor=processor, config=enc, dataset="b8")
+        rows = _modality_rows(ds, {k: v * scale for k, v in PER_MODALITY.items()})
+        for r in rows["text"][:50]:
+            fn(r)  # warm: imports, the token counter's first words
+        res = {}
+        for k, rs in rows.items():
+            t = time.process_time()
+            for r in rs:
+                fn(r)
+            res[k] = len(rs) / (time.process_time() - t)
+    return {"modality_per_core": res, "records": {k: len(v) for k, v in rows.items()}}
+
+
 def child_cost(ann: str, out: str, workers: int, table: str) -> dict:
     from functools import partial
 
@@ -95,16 +128,10 @@ def child_cost(ann: str, out: str, workers: int, table: str) -> dict:
     with tempfile.TemporaryDirectory(dir=out) as cache:
         ds = load_annotations(ann, cache_dir=cache)
         fn = partial(_cost_of, root=root, processor=processor, config=enc, dataset="b8")
-        # per modality, 1 process: the first records of each kind
-        kinds: dict[str, list[int]] = {k: [] for k in PER_MODALITY}
-        for i, rec in enumerate(ds.select(range(min(len(ds), 40_000)))["record"]):
-            k = "image" if '"image"' in rec else "video" if '"video"' in rec else "text"
-            if len(kinds[k]) < PER_MODALITY[k]:
-                kinds[k].append(i)
-        # records per CPU-second (this process's CPU time): what a core does, whatever else runs on the machine
+        # per modality, 1 process: the first records of each kind; records per CPU-second (this process's CPU
+        # time): what a core does, whatever else runs on the machine
         modality = {}
-        for k, idx in kinds.items():
-            rows = [{"record": r} for r in ds.select(idx)["record"]]
+        for k, rows in _modality_rows(ds, PER_MODALITY).items():
             t = time.process_time()
             for r in rows:
                 fn(r)
@@ -157,6 +184,8 @@ def child(args: list[str]) -> None:
     phase, rest = args[0], args[1:]
     if phase == "arrow":
         res = child_arrow(*rest)
+    elif phase == "modality":
+        res = child_modality(rest[0], rest[1], int(rest[2]))
     elif phase == "cost":
         res = child_cost(rest[0], rest[1], int(rest[2]), rest[3])
     else:
@@ -321,6 +350,9 @@ def main() -> None:
     )
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000])
     ap.add_argument("--train-args", nargs="*", default=[], help="overrides added to the train runs")
+    ap.add_argument(
+        "--modality-scale", type=int, default=4, help="modality phase: x the cost phase's records"
+    )
     ap.add_argument("--workers", type=int, default=2, help="cost-pass processes (= cores used)")
     ap.add_argument("--only", nargs="+", default=["arrow", "cost", "plan", "train"])
     ap.add_argument("--new-only", action="store_true", help="measure the new code only (large sizes)")
@@ -353,6 +385,10 @@ def main() -> None:
                 table = str(work / f"costs_{name}.npy")
                 if phase == "arrow":
                     rows[name]["arrow"] = run_child(tree, "arrow", str(ann), str(work))
+                elif phase == "modality":  # interleaved rounds: tree A, tree B, tree A, ...
+                    rows[name].setdefault("modality", []).append(
+                        run_child(tree, "modality", str(ann), str(work), str(args.modality_scale))
+                    )
                 elif phase == "cost":
                     rows[name]["cost"] = run_child(
                         tree, "cost", str(ann), str(work), str(args.workers), table
