@@ -1,15 +1,16 @@
 """The run's parallel layout and the backend strategies' facts: decided once, in one place each.
 
 * :class:`~videollama3_train.contract.ParallelDims` against an independent enumeration of the world's ranks;
-* every backend's facts on its strategy (shards parameters, may evaluate mid-run, reshards), its config check
+* every backend's facts on its strategy (shards parameters, reshards), its config check
   reading the config without writing it, and no backend named outside ``trainer/``;
-* the evaluator's cadence, which asks the backend;
+* the evaluator's cadence, and every evaluation inside the backend's ``whole_model``;
 * the checkpoint's reader beside its writer (the export's key rule).
 """
 
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -55,11 +56,6 @@ def test_every_backend_fact_is_on_its_strategy() -> None:
     for name in BACKENDS:
         cls = backend_class(name)
         assert (cls.shards_parameters, cls.reshards) == (shards[name], reshards[name]), name
-        for world in (1, 2):
-            backend = cls.__new__(cls)
-            backend.accelerator = SimpleNamespace(num_processes=world)
-            # rank 0 may run the model alone mid-run unless the parameters are sharded over several ranks
-            assert backend.may_evaluate_mid_run == (not shards[name] or world == 1), (name, world)
     with pytest.raises(ValueError, match="trainer.backend must be one of"):
         backend_class("zero9")
 
@@ -96,22 +92,29 @@ def test_no_backend_is_named_outside_the_trainer() -> None:
 
 
 class _Backend:
-    def __init__(self, may: bool):
-        self.may_evaluate_mid_run = may
+    def __init__(self):
         self.accelerator = SimpleNamespace(device="cpu", is_main_process=True)
+        self.entered = 0
+
+    @contextmanager
+    def whole_model(self, model):
+        self.entered += 1
+        yield model
 
 
-def test_the_evaluator_owns_its_cadence_and_asks_the_backend() -> None:
+def test_the_evaluator_owns_its_cadence_and_runs_inside_whole_model() -> None:
+    """Every evaluation, mid-run too, runs inside ``backend.whole_model`` (a sharding backend gathers the weights
+    there: rank 0 then needs nothing from the other ranks); tests/test_sharded_eval.py runs it on 2 processes."""
     from videollama3_train.config import compose
     from videollama3_train.evaluator import Evaluator
 
     cfg = compose("train", ["output_dir=o", "eval.every=3"])
     kwargs = {"bad_records": 0, "baseline_answers": None, "tokenizer": None, "writer": None}
-    free = Evaluator(cfg, [], backend=_Backend(True), **kwargs)
-    assert [s for s in range(1, 10) if free.should_run(s)] == [3, 6, 9]
-    sharded = Evaluator(cfg, [], backend=_Backend(False), **kwargs)
-    assert not any(sharded.should_run(s) for s in range(1, 10))
-    assert free.run("step 3", model=None, step=3) is None  # no held-out set: nothing to evaluate
+    backend = _Backend()
+    ev = Evaluator(cfg, [], backend=backend, **kwargs)
+    assert [s for s in range(1, 10) if ev.should_run(s)] == [3, 6, 9]
+    assert ev.during(model=None, step=3) == {}  # no held-out set: nothing to evaluate
+    assert backend.entered == 1
 
 
 def test_the_export_reads_the_layout_its_writer_wrote() -> None:

@@ -95,8 +95,8 @@ class BenchmarkConfig:
 
 @dataclass
 class EvalConfig:
-    # optimizer steps between held-out evaluations during training; 0 = only before and after the stage
-    # (ignored under multi-process ZeRO-3: partitioned weights cannot generate, so it runs at the end only)
+    # optimizer steps between held-out evaluations during training; 0 = only before and after the stage (under
+    # ZeRO-3 / FSDP2 each one gathers the whole model: on every rank for ZeRO-3, on rank 0 for FSDP2)
     every: int = 0
     max_new_tokens: int = 8  # tokens generated per held-out record for the exact-match accuracy
     log_generations: int = 4  # generations (with their references) printed per evaluation

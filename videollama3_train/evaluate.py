@@ -279,6 +279,9 @@ def greedy_answer(
         num_beams=1,
         eos_token_id=stops,
         pad_token_id=pad if pad is not None else stops[0],
+        # one process generates alone (the other ranks wait outside any collective): transformers' default under
+        # ZeRO-3 or FSDP with several processes is an all-reduce per new token to keep ranks in step - a hang here
+        synced_gpus=False,
     )
     new = [int(t) for t in out[0, cut:]]
     end = next((i for i, t in enumerate(new) if t in stops), None)

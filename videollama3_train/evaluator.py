@@ -5,10 +5,13 @@
 it runs and on which rank, as the checkpointer does (``should_save``):
 
 * ``before(model)`` -- once, before the first step of a new run (``eval.before``), when there is a held-out set;
-* ``should_run(step)`` -- every ``eval.every`` steps, unless the backend keeps parameters sharded over several
-  ranks (``backend.may_evaluate_mid_run``: generation needs them whole and rank 0 alone would wait for the others'
-  shards; then held-out runs at the end only, and a warning says so);
+* ``should_run(step)`` -- every ``eval.every`` steps;
 * ``after(model)`` -- once, on the whole model at the end (inside ``backend.whole_model``).
+
+Rank 0 evaluates alone while the other ranks wait outside any collective (``trainer.liveness.main_only``), so the
+model it runs must need nothing from them: under a sharding backend (ZeRO-3, FSDP2) every evaluation runs inside
+``backend.whole_model``, entered by every rank (the weights are gathered collectively first; ZeRO-3's hooks, which
+would all-gather from inside rank 0's forward, are off), mid-run too.
 
 ``eval.benchmarks`` (``benchmark.BenchmarkSuite``) run at the same three moments, on rank 0.
 
@@ -58,15 +61,8 @@ class Evaluator:
         self.baseline_answers, self.tokenizer, self.writer = baseline_answers, tokenizer, writer
         self.device = backend.accelerator.device
         self.is_main = backend.accelerator.is_main_process
+        self.whole_model = backend.whole_model  # collective: the weights whole where rank 0 runs them alone
         self.every = cfg.eval.every
-        if self.every > 0 and not backend.may_evaluate_mid_run:
-            if self.is_main:
-                log.warning(
-                    "eval.every is ignored under trainer.backend=%s (parameters are sharded); held-out runs at the "
-                    "end",
-                    cfg.trainer.backend,
-                )
-            self.every = 0
 
     def run(self, tag: str, model, step: int | None = None) -> dict[str, Any] | None:  # noqa: ARG002
         """Evaluate ``model`` now, on this rank alone (``tag``: ``before``, ``step N``, ``after``; ``step``: the
@@ -116,16 +112,18 @@ class Evaluator:
             del first
 
     def should_run(self, step: int) -> bool:
-        """Whether to evaluate after optimizer step ``step`` (every ``eval.every`` steps the backend allows)."""
+        """Whether to evaluate after optimizer step ``step`` (every ``eval.every`` steps)."""
         return self.every > 0 and step % self.every == 0
 
     def during(self, model, step: int) -> dict[str, float]:
-        """The mid-run evaluation the loop logs as ``eval/<name>``: every rank calls it, rank 0 works (the others
-        wait outside any collective); empty off rank 0."""
-        with main_only(f"held-out evaluation at step {step}") as main:
-            r = self.run(f"step {step}", model, step) if main else None
-            if main and self.benchmarks is not None:
-                self.benchmarks.at_step(model, self.writer, step)
+        """The mid-run evaluation the loop logs as ``eval/<name>``: every rank calls it (the whole model is gathered
+        collectively), rank 0 works (the others wait outside any collective); empty off rank 0."""
+        r = None
+        with self.whole_model(model) as whole, main_only(f"held-out evaluation at step {step}") as main:
+            if main:
+                r = self.run(f"step {step}", whole, step)
+                if self.benchmarks is not None:
+                    self.benchmarks.at_step(whole, self.writer, step)
         if r is None:
             return {}
         return {

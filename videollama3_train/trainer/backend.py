@@ -29,7 +29,7 @@ update (accelerate's scheduler wrapper would step it once per process).
 Every fact of a backend is on its strategy, declared on :class:`Backend`: how it is built from the config
 (``from_config``, ``build_accelerator``, ``drives``, ``check_config``: checks that read the config and write
 nothing), whether it shards parameters (``shards_parameters``: then only ``whole_model`` may run the model on one
-rank, and evaluation waits for the end: ``may_evaluate_mid_run``), whether it reshards a checkpoint of another
+rank: an export, every evaluation), whether it reshards a checkpoint of another
 world size (``reshards``, ``why_no_reshard``), ``prepare`` (wrap the loss module: it is the root whose
 ``forward`` the loop calls), ``sync`` / ``backward`` / ``clip`` / ``step`` where they differ, ``save_state`` /
 ``load_state``, and ``whole_model`` for an export. Nothing outside ``trainer/`` names a backend.
@@ -118,7 +118,7 @@ class Backend:
     reshards = False
     why_no_reshard = ""
     # whether each rank holds only a shard of each parameter: then the model runs on one rank alone only through
-    # whole_model, and not mid-run (rank 0 would wait for the others' shards)
+    # whole_model (rank 0 alone would wait for the others' shards)
     shards_parameters = False
 
     def __init__(self, accelerator: Accelerator, cfg: TrainConfig):
@@ -158,12 +158,6 @@ class Backend:
         """Micro-batches per rank per optimizer step, when the loader settled it after this backend was built
         (before :meth:`prepare`)."""
         self.cfg = dataclasses.replace(self.cfg, grad_accum=grad_accum)
-
-    @property
-    def may_evaluate_mid_run(self) -> bool:
-        """Whether rank 0 may run the model alone between steps (an evaluation): not while parameters are sharded
-        over several ranks."""
-        return not self.shards_parameters or self.accelerator.num_processes == 1
 
     def prepare(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
         """Wrap the loss module (:class:`~videollama3_train.trainer.step.LossModule`) and the optimizer for this
@@ -498,7 +492,9 @@ def _fsdp2_whole(model: nn.Module) -> Iterator[nn.Module]:
 
 @contextmanager
 def _zero3_whole(model: nn.Module) -> Iterator[nn.Module]:
-    with ds.gathered(model):
+    """``model`` gathered in place on every rank (collective on entry and exit), without the engine's hooks: any
+    rank may then run it alone (``ds.hooks_off`` says which collectives the hooks would issue)."""
+    with ds.gathered(model), ds.hooks_off(model):
         yield model
 
 

@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO building blocks: the engine's JSON config, the checks on it, resharding ZeRO-1/2 optimizer
-partitions, and gathering ZeRO-3 parameters for an export.
+partitions, and gathering ZeRO-3 parameters for an export or an evaluation on one rank.
 
 The strategies that use them (:class:`~videollama3_train.trainer.backend.DeepSpeedBackend` for ZeRO-1/2,
 :class:`~videollama3_train.trainer.backend.ZeRO3Backend`) live with the other strategies in ``backend.py``; this
@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -120,6 +121,33 @@ def gathered(model: nn.Module) -> AbstractContextManager:
     return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
+@contextmanager
+def hooks_off(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with the ZeRO-3 engine's forward hooks taken off every module (put back, in their order, on exit),
+    so that one rank may run a gathered model alone.
+
+    The engine hooks every module: before its forward it fetches the module's parameters and prefetches the next
+    ones along the recorded trace, after it releases them (re-partitions, gathered ones included) - each an
+    all-gather that every rank must enter. Rank 0 evaluating alone inside :func:`gathered` would release the
+    gathered weights and all-gather for them again while the other ranks wait outside any collective: a hang
+    (seen at the end of a run with a held-out set). The hooks are the engine's own closures, recognised by
+    their module (``deepspeed.``); ours and transformers' stay."""
+    saved = []
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            ours = [k for k, h in hooks.items() if getattr(h, "__module__", "").startswith("deepspeed.")]
+            if ours:
+                saved.append((hooks, dict(hooks)))
+                for k in ours:
+                    del hooks[k]
+    try:
+        yield model
+    finally:
+        for hooks, before in saved:
+            hooks.clear()
+            hooks.update(before)
+
+
 def load_zero12_resharded(engine, tag_dir: str | os.PathLike) -> None:
     """Load the ZeRO-1/2 optimizer state that ``tag_dir`` (the engine's checkpoint folder, e.g.
     ``step-.../pytorch_model``) holds for N data-parallel ranks into ``engine``, which runs on another number of
@@ -188,6 +216,7 @@ __all__ = [
     "config_path",
     "deepspeed_config",
     "gathered",
+    "hooks_off",
     "load_zero12_resharded",
     "register_external_parameters",
     "saved_zero_world_size",
