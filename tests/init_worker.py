@@ -6,7 +6,8 @@ oracle: the whole-model construction of today (random init) or the checkpoint's 
         --case fsdp2:random --case fsdp2:native --case zero3:random --case zero3:native
 
 Every case in turn in one launch (``native``: from ``--init-from``), each after ``CASE <backend>:<init> START``
-(rank 0): prints ``WEIGHTS EQUAL <n> tensors`` on rank 0, or fails with the first differing name.
+(rank 0): prints ``WEIGHTS EQUAL <n> tensors`` on rank 0, or fails with the first differing name. Tensors above
+16 KB stream as row blocks (``weights.Rows``), as the 2B preset's embedding does above 256 MB.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ def main() -> int:
     mcfg = ModelConfig(preset="tiny", attn_implementation="sdpa", seed=3)
     # the oracle first: once a ZeRO-3 accelerator exists, transformers would partition a plain construction too
     whole_built = _whole_construction(mcfg, tok)
+    from videollama3_train.model import weights
+
+    # large tensors by row blocks (the 2B embedding's path): the tiny embedding and the bias-free linear layers
+    # come in blocks of 16 KB, scattered block by block
+    weights.ROW_BLOCK_BYTES = 16 * 2**10
     for i, case in enumerate(a.case):
         backend, init = case.split(":")
         if i:

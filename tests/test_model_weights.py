@@ -57,3 +57,54 @@ def test_deferred_weights_stay_on_meta_and_stream_the_same_values(tiny_tokenizer
     assert sorted(streamed) == sorted(names)  # every parameter once, a tied one under its first name
     for k, v in streamed.items():
         assert torch.equal(v, want[k]), k
+
+
+def _collect(source, block_bytes: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A weight source's tensors (row blocks joined, each checked: in order, at most ``block_bytes`` or 16 rows)
+    and the names that came as row blocks."""
+    from videollama3_train.model.weights import Rows
+
+    out, blocked = {}, []
+    for name, value in source:  # each block consumed before the next item, as the loaders do
+        if isinstance(value, Rows):
+            got = [(start, b.clone()) for start, b in value]
+            rows = got[0][1].shape[0]
+            assert [s for s, _ in got] == list(range(0, value.shape[0], rows)), name
+            assert rows == 16 or rows * got[0][1][0].numel() * value.element_size() <= block_bytes, name
+            value = torch.cat([b for _, b in got])
+            blocked.append(name)
+        out[name] = value
+    return out, blocked
+
+
+def test_large_tensors_stream_by_row_blocks_with_the_same_values(tiny_tokenizer, monkeypatch, tmp_path):
+    """Above ``ROW_BLOCK_BYTES`` a tensor streams as row blocks (the 2B embedding: 0.9 GiB never whole): the random
+    init draws it block by block with the same values as the whole construction, a checkpoint reads it by
+    slices, and the built model is today's."""
+    from safetensors.torch import save_file
+
+    from videollama3_train.model import weights
+
+    cfg = ModelConfig(preset="tiny", attn_implementation="sdpa", seed=5)
+    want = _whole_construction(cfg, tiny_tokenizer).state_dict()
+    block = 16 * 2**10  # the tiny embedding, 640 x 128 fp32 = 320 KB, in 20 blocks
+    monkeypatch.setattr(weights, "ROW_BLOCK_BYTES", block)
+    streamed, blocked = _collect(build_model(cfg, tiny_tokenizer, defer_weights=True).initial_weights, block)
+    assert "model.language_model.embed_tokens.weight" in blocked
+    assert any(".mlp." in n for n in blocked)  # bias-free linear layers too (an untied output layer's path)
+    for k, v in streamed.items():
+        assert torch.equal(v, want[k]), k
+    rng = torch.get_rng_state()
+    _whole_construction(cfg, tiny_tokenizer)
+    after_whole = torch.get_rng_state()
+    torch.set_rng_state(rng)
+    model = build_model(cfg, tiny_tokenizer)  # materialised block by block
+    assert torch.equal(torch.get_rng_state(), after_whole)  # the same draws in all (LoRA adapters draw next)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    file = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in want.items() if k != "lm_head.weight"}, str(file))
+    read, blocked = _collect(weights.CheckpointWeights([([file], lambda k: k)], dtype=torch.bfloat16), block)
+    assert "model.language_model.embed_tokens.weight" in blocked
+    for k, v in read.items():
+        assert torch.equal(v, want[k].to(torch.bfloat16)), k

@@ -16,14 +16,23 @@ yields ``(native name, tensor)`` pairs in a fixed order:
   whole-model construction (tests/test_model_weights.py) while at most one module (the 2B preset's embedding,
   0.9 GiB) is in memory.
 
+A tensor larger than :data:`ROW_BLOCK_BYTES` (the 2B preset's embedding: 151,936 x 1,536, 0.9 GiB in fp32; an
+untied output layer) comes as :class:`Rows`, consecutive blocks of rows, so that no process ever holds it whole:
+the random init draws it block by block (bit-identical: CPU ``normal_`` and ``uniform_`` draw one uniform per
+element in order, and ``normal_`` transforms them in groups of 16 - a block's element count is a multiple of 16,
+and the last group of the tensor is redrawn the same way), a checkpoint reads it with ``safe_open``'s
+``get_slice``.
+
 Who consumes a source: :func:`materialize` (one process, DDP, ZeRO-1/2: each tensor copied into its parameter),
-FSDP2 (rank 0 reads, ``set_model_state_dict(broadcast_from_rank0=True)`` scatters the shards: trainer/fsdp2.py),
-ZeRO-3 (each partitioned parameter gathered, written by rank 0, repartitioned).
+FSDP2 (rank 0 reads, ``set_model_state_dict(broadcast_from_rank0=True)`` scatters the shards, a :class:`Rows`
+tensor block by block: trainer/fsdp2.py), ZeRO-3 (rank 0 broadcasts each tensor or block, every rank keeps its
+partition: trainer/sharded_init.py).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,9 +77,58 @@ def meta_model(factory: Callable[[], nn.Module]) -> nn.Module:
         hf_deepspeed._hf_deepspeed_config_weak_ref = registered
 
 
+# Bytes above which a source yields a tensor as Rows blocks of at most this size (and at least 16 rows): one such
+# block is what a rank holds of it in flight. 256 MiB: the 2B preset's embedding in 4 blocks.
+ROW_BLOCK_BYTES = 256 * 2**20
+
+
+class Rows:
+    """A tensor of ``shape`` and ``dtype`` given as consecutive blocks along its first dimension: iterating yields
+    ``(first row, block)`` in order, once. A source's consumer iterates it before asking the source for its next
+    item (the random init draws the blocks then)."""
+
+    def __init__(
+        self, shape: tuple[int, ...], dtype: torch.dtype, blocks: Iterator[tuple[int, torch.Tensor]]
+    ):
+        self.shape, self.dtype, self._blocks = torch.Size(shape), dtype, blocks
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
+        return self._blocks
+
+    def to(self, dtype: torch.dtype) -> Rows:
+        return self if dtype == self.dtype else Rows(self.shape, dtype, _cast(self._blocks, dtype))
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def whole(self) -> torch.Tensor:
+        """The blocks concatenated (for checks on small tensors: it defeats the purpose otherwise)."""
+        return torch.cat([b for _, b in self])
+
+
+def _cast(
+    blocks: Iterator[tuple[int, torch.Tensor]], dtype: torch.dtype
+) -> Iterator[tuple[int, torch.Tensor]]:
+    for i, b in blocks:
+        b = b.to(dtype)
+        yield i, b
+        del b  # before the next block is made: one in memory at a time
+
+
+def block_rows(shape: tuple[int, ...], element_size: int) -> int | None:
+    """Rows per :class:`Rows` block for a tensor of ``shape``, a multiple of 16; None when it goes whole."""
+    row = max(1, math.prod(shape[1:])) * element_size
+    if len(shape) < 2 or row * shape[0] <= ROW_BLOCK_BYTES or shape[0] <= 16:
+        return None
+    return max(16, ROW_BLOCK_BYTES // row // 16 * 16)
+
+
 class WeightSource:
     """``(native name, tensor)`` pairs for every parameter of a model (tied parameters once, under their first
-    name in ``named_parameters``); tensors are CPU, in ``dtype``."""
+    name in ``named_parameters``); tensors are CPU, in ``dtype``, and :class:`Rows` above :data:`ROW_BLOCK_BYTES`."""
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
@@ -102,6 +160,8 @@ class RandomWeights(WeightSource):
                 p = module._parameters[leaf]
                 if names.get(id(p)) is not None and id(p) not in projector:
                     yield names.pop(id(p)), value.to(self.dtype)
+                elif isinstance(value, Rows):
+                    drain(value)  # its draws still happen, in their place
         for name, module in model.model.projector.named_modules():  # init_projector, last
             if isinstance(module, nn.Linear):
                 c = _fresh(module)
@@ -127,6 +187,53 @@ def _fresh(module: nn.Module) -> nn.Module:
     return c
 
 
+def drain(value: torch.Tensor | Rows) -> None:
+    """Consume a value that is not used (a :class:`Rows` of the random init must still draw its blocks)."""
+    if isinstance(value, Rows):
+        blocks = iter(value)
+        while next(blocks, None) is not None:  # no block kept while the next one is drawn
+            pass
+
+
+def _row_blocked(module: nn.Module) -> int | None:
+    """Rows per block when ``module``'s initialisation is replayed block by block: a module whose one parameter is
+    a large ``weight`` whose rows are drawn independently (an embedding, a linear layer without bias; their
+    initialisers depend on the row length only), else None."""
+    if not isinstance(module, (nn.Embedding, nn.Linear)) or [
+        n for n, p in module._parameters.items() if p is not None
+    ] != ["weight"]:
+        return None
+    w = module._parameters["weight"]
+    return block_rows(tuple(w.shape), torch.empty((), dtype=torch.get_default_dtype()).element_size())
+
+
+def _block_of(module: nn.Module, start: int, stop: int) -> nn.Module:
+    """A fresh copy of ``module`` (an embedding or a linear layer) holding rows ``[start, stop)`` of its weight."""
+    c = copy.copy(module)
+    shape = (stop - start, *module._parameters["weight"].shape[1:])
+    weight = nn.Parameter(torch.empty(shape), module._parameters["weight"].requires_grad)
+    c._parameters = {**dict.fromkeys(module._parameters), "weight": weight}  # bias stays None
+    c._modules, c._is_hf_initialized = {}, False
+    if isinstance(module, nn.Embedding):
+        c.num_embeddings = stop - start
+        pad = module.padding_idx
+        c.padding_idx = pad - start if pad is not None and start <= pad < stop else None
+    else:
+        c.out_features = stop - start
+    return c
+
+
+def _blocks(
+    module: nn.Module, rows: int, init: Callable[[nn.Module], None]
+) -> Iterator[tuple[int, torch.Tensor]]:
+    n = module._parameters["weight"].shape[0]
+    for start in range(0, n, rows):
+        c = _block_of(module, start, min(n, start + rows))
+        init(c)
+        yield start, c._parameters["weight"].detach()
+        del c  # before the next block is made: one in memory at a time (the consumer drops its own reference)
+
+
 def _simulate(model: PreTrainedModel, done: set[int]) -> Iterator[tuple[nn.Module, dict[str, torch.Tensor]]]:
     """The random draws of constructing ``model`` (a PreTrainedModel), in order; yields each module whose
     ``post_init`` values are final, with those values."""
@@ -141,7 +248,12 @@ def _construct(module: nn.Module, done: set[int]) -> Iterator[tuple[nn.Module, d
         else:
             yield from _construct(child, done)
     if module._parameters and hasattr(module, "reset_parameters") and not isinstance(module, PreTrainedModel):
-        _fresh(module).reset_parameters()  # the constructor's draws (overwritten by post_init, but drawn)
+        # the constructor's draws (overwritten by post_init, but drawn)
+        rows = _row_blocked(module)
+        if rows is None:
+            _fresh(module).reset_parameters()
+        else:
+            drain(Rows((), torch.float32, _blocks(module, rows, lambda c: c.reset_parameters())))
 
 
 def _post_init(
@@ -158,6 +270,19 @@ def _post_init(
     if id(module) in done:
         return
     done.add(id(module))
+    rows = _row_blocked(module)
+    if rows is not None:  # drawn block by block while the consumer iterates it
+
+        def guarded(c: nn.Module) -> None:
+            with torch.no_grad(), initialization.guard_torch_init_functions():
+                init(c)
+
+        w = module._parameters["weight"]
+        yield (
+            module,
+            {"weight": Rows(tuple(w.shape), torch.get_default_dtype(), _blocks(module, rows, guarded))},
+        )
+        return
     c = _fresh(module)
     with torch.no_grad(), initialization.guard_torch_init_functions():
         init(c)
@@ -187,11 +312,24 @@ class CheckpointWeights(WeightSource):
                     for key in handle.keys():  # noqa: SIM118 - safe_open handles are not mappings
                         name = mapping(key)
                         if name is not None:
-                            yield name, handle.get_tensor(key).to(self.dtype)
+                            yield name, _read(handle, key, self.dtype)
         if self.fill is not None:
             for name, value in self.fill:
                 if name.startswith(self.fill_names):
                     yield name, value
+                else:
+                    drain(value)
+
+
+def _read(handle, key: str, dtype: torch.dtype) -> torch.Tensor | Rows:
+    """One tensor of an open safetensors file in ``dtype``; a large one as :class:`Rows` read slice by slice."""
+    part = handle.get_slice(key)
+    shape = tuple(part.get_shape())
+    probe = part[:1] if shape else handle.get_tensor(key)
+    rows = block_rows(shape, probe.element_size()) if shape else None
+    if rows is None:
+        return handle.get_tensor(key).to(dtype)
+    return Rows(shape, dtype, _cast(((i, part[i : i + rows]) for i in range(0, shape[0], rows)), dtype))
 
 
 def safetensors_files(path: str | Path) -> list[Path]:
@@ -240,6 +378,12 @@ def materialize(
         if p is None or p.shape != value.shape:
             got = "no such parameter" if p is None else f"shape {tuple(value.shape)} for {tuple(p.shape)}"
             raise ValueError(f"weights from {label}: {name}: {got}")
-        p.copy_(value)
+        if isinstance(value, Rows):
+            blocks = iter(value)
+            while (item := next(blocks, None)) is not None:
+                p[item[0] : item[0] + item[1].shape[0]].copy_(item[1])
+                item = None  # before the next block is made
+        else:
+            p.copy_(value)
         seen.add(first[id(p)])
     check_coverage(model, seen, source=label)

@@ -114,9 +114,10 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-# Bytes of full tensors rank 0 hands to one ``set_model_state_dict`` call (a larger tensor goes alone): each call
-# also copies every local shard into itself (non-strict load), so a few hundred MB keeps both rank 0's extra memory
-# and that overhead small (2B preset: 30 calls).
+# Bytes of full tensors rank 0 hands to one ``set_model_state_dict`` call (a larger tensor goes alone; one larger
+# than model/weights.py's ROW_BLOCK_BYTES comes as row blocks and is scattered block by block): each call also copies
+# every local shard into itself (non-strict load), so a few hundred MB keeps both rank 0's extra memory and that
+# overhead small (2B preset: 30 calls).
 LOAD_CHUNK_BYTES = 256 * 2**20
 
 
@@ -124,13 +125,14 @@ LOAD_CHUNK_BYTES = 256 * 2**20
 def load_initial_weights(model: nn.Module, root: nn.Module, device: torch.device) -> None:
     """Fill a model sharded while its parameters were on meta (``build_model(defer_weights=True)``): every rank
     gives its shards memory, rank 0 reads the weights from ``model.initial_weights`` tensor by tensor and
-    ``set_model_state_dict(broadcast_from_rank0=True)`` scatters each to its shards (collective). No rank holds
-    the whole model: rank 0 holds its shards plus one chunk of full tensors, the others their shards plus one full
-    tensor in flight."""
+    ``set_model_state_dict(broadcast_from_rank0=True)`` scatters each to its shards (collective); a tensor that
+    comes as row blocks (``Rows``: the embedding of a large vocabulary) is broadcast block by block, each rank
+    keeping the rows of its shard. No rank holds the whole model, nor a whole large tensor: rank 0 holds its shards
+    plus one chunk of tensors, the others their shards plus one tensor or block in flight."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from videollama3_train.trainer.sharded_init import check_loaded
+    from videollama3_train.trainer.sharded_init import check_loaded, is_rows
 
     buffers = {n: b for n, b in root.named_buffers()}
     root.to_empty(device=device)
@@ -138,29 +140,78 @@ def load_initial_weights(model: nn.Module, root: nn.Module, device: torch.device
         owner, _, leaf = name.rpartition(".")
         root.get_submodule(owner)._buffers[leaf] = b.to(device)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    params = dict(model.named_parameters())
     source = iter(model.initial_weights) if dist.get_rank() == 0 else None
     seen: set[str] = set()
-    pending: tuple[str, torch.Tensor] | None = None  # the tensor that did not fit the last chunk
+    pending: tuple[str, Any] | None = None  # the item that did not fit the last chunk
     while True:
         chunk: dict[str, torch.Tensor] = {}
+        rows = None  # (name, Rows) sent on its own
         if source is not None:
             size = 0
             while (item := pending or next(source, None)) is not None:
                 name, value = item
                 nbytes = value.numel() * value.element_size()
-                if chunk and size + nbytes > LOAD_CHUNK_BYTES:
+                if chunk and (is_rows(value) or size + nbytes > LOAD_CHUNK_BYTES):
                     pending = item
                     break
                 pending = None
+                if is_rows(value):
+                    rows = item
+                    break
                 chunk[name] = value
                 size += nbytes
-        flag = [bool(chunk)]
-        dist.broadcast_object_list(flag, src=0)
-        if not flag[0]:
+        # what comes next: a chunk (""), a parameter by row blocks (its name), or the end (None)
+        head = [rows[0] if rows is not None else ("" if chunk else None)]
+        dist.broadcast_object_list(head, src=0)
+        if head[0] is None:
             break
+        if head[0]:
+            if head[0] not in params:
+                raise ValueError(f"initial weights: {head[0]}: no such parameter")
+            scatter_rows(params[head[0]], rows[1] if rows is not None else None)
+            seen.add(head[0])
+            continue
         seen.update(chunk)
         set_model_state_dict(model, chunk, options=options)
         chunk.clear()
     if dist.get_rank() == 0:
         check_loaded(model, seen)
     del model.initial_weights
+
+
+def scatter_rows(param: nn.Parameter, rows) -> None:
+    """Rank 0's row blocks of a sharded parameter (``rows``: model/weights.py's ``Rows``; None on the other ranks)
+    to every rank, one block in flight, each rank copying the rows its shard holds (collective)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if isinstance(param, DTensor):
+        local = param.to_local()
+        shape, offset = compute_local_shape_and_global_offset(
+            param.shape, param.device_mesh, param.placements
+        )
+        lo, hi = offset[0], offset[0] + shape[0]
+    else:  # a world of one: the parameter is whole
+        local, lo, hi = param.data, 0, param.shape[0]
+    # NCCL moves device tensors only; gloo CPU ones
+    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else local.device
+    blocks = iter(rows) if rows is not None else None
+    while True:
+        item = next(blocks, None) if blocks is not None else None
+        head = [None if item is None else (item[0], tuple(item[1].shape))]
+        dist.broadcast_object_list(head, src=0)
+        if head[0] is None:
+            return
+        start, shape_ = head[0]
+        block = (
+            item[1].to(comm, local.dtype)
+            if item is not None
+            else torch.empty(shape_, dtype=local.dtype, device=comm)
+        )
+        dist.broadcast(block, src=0)
+        a, b = max(lo, start), min(hi, start + shape_[0])
+        if a < b:
+            local[a - lo : b - lo].copy_(block[a - start : b - start])
+        item = block = None  # before the next block is made: one in flight

@@ -8,13 +8,14 @@ stream (``model.initial_weights``, model/weights.py). Then, per backend:
   called from ``FSDP2Backend.prepare``).
 * ZeRO-3 (:func:`place`, right after the build): each leaf module gets memory for its parameters and is partitioned
   at once by ``deepspeed.zero.Init(module=...)`` (one module whole at a time), then rank 0 broadcasts each
-  parameter from the stream and every rank copies its own partition out of it.
+  parameter from the stream (a large one by row blocks) and every rank copies its own partition out of it.
 
 Other backends, and one process, build the model whole (materialised tensor by tensor, no second copy).
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,47 +46,93 @@ def _zero3_place(model: nn.Module, accelerator: Accelerator) -> None:
     import torch.distributed as dist
 
     ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    made: dict[int, nn.Parameter] = {}  # meta parameter -> its partitioned replacement
     for module in list(model.modules()):
         own = [n for n, p in module._parameters.items() if p is not None and p.device.type == "meta"]
         if not own:
             continue
         for n in own:  # one module's parameters whole, partitioned right away
             p = module._parameters[n]
-            module._parameters[n] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad)
+            if id(p) in made:  # a tied alias (the output layer): the one partitioned parameter, no second
+                module._parameters[n] = made[id(p)]
+                continue
+            # zero.Init broadcasts it from rank 0 before partitioning: rank 0 sends untouched pages, the other
+            # ranks write theirs (the values come from the stream below)
+            made[id(p)] = module._parameters[n] = nn.Parameter(
+                torch.empty(p.shape, dtype=p.dtype), p.requires_grad
+            )
         deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)
     if hasattr(model, "tie_weights"):
-        model.tie_weights()  # each module got its own parameter above: the tied output layer shares again
+        model.tie_weights()  # a module's own copy of a tied parameter (none expected) shares again
     params = dict(model.named_parameters())
     rank, source = dist.get_rank(), iter(model.initial_weights) if dist.get_rank() == 0 else None
     seen: set[str] = set()
     while True:
         item = next(source, None) if source is not None else None
-        name = [None if item is None else item[0]]
-        dist.broadcast_object_list(name, src=0)
-        if name[0] is None:
+        # the next parameter's name and whether it comes as row blocks (None: the end)
+        head = [None if item is None else (item[0], is_rows(item[1]))]
+        dist.broadcast_object_list(head, src=0)
+        if head[0] is None:
             break
-        if name[0] not in params:
-            raise ValueError(f"initial weights: {name[0]}: no such parameter")
-        p = params[name[0]]
-        # rank 0's tensor to every rank (one parameter whole in flight), each rank keeps its partition: the
-        # flattened parameter's [rank * n, (rank + 1) * n) elements, as DeepSpeed lays them out
-        full = (
-            item[1].contiguous()
-            if item is not None
-            else torch.empty(tuple(p.ds_shape), dtype=p.ds_tensor.dtype)
-        )
-        dist.broadcast(full, src=0)
-        part = p.ds_tensor.ds_numel if hasattr(p.ds_tensor, "ds_numel") else p.ds_tensor.numel()
-        start = part * rank
-        n = max(0, min(part, p.ds_numel - start))
-        if n:
-            p.ds_tensor.data.view(-1)[:n].copy_(full.view(-1)[start : start + n])
-        if p.numel() == p.ds_numel:  # a persistent (small) parameter is also whole on every rank
-            p.data.copy_(full.view(p.data.shape))
-        seen.add(name[0])
+        name, by_rows = head[0]
+        if name not in params:
+            raise ValueError(f"initial weights: {name}: no such parameter")
+        p = params[name]
+        if by_rows:  # one block of rows in flight (the embedding of a large vocabulary)
+            _load_rows(p, item[1] if item is not None else None, rank)
+        else:  # one tensor whole in flight
+            _load_flat(p, 0, item[1] if item is not None else None, tuple(p.ds_shape), rank)
+        seen.add(name)
     if dist.get_rank() == 0:
         check_loaded(model, seen)
     del model.initial_weights
+
+
+def is_rows(value) -> bool:
+    """Whether a weight source's value is a tensor given as row blocks (model/weights.py's ``Rows``) rather than
+    a tensor."""
+    return not isinstance(value, torch.Tensor)
+
+
+def _load_rows(p: nn.Parameter, rows, rank: int) -> None:
+    import torch.distributed as dist
+
+    blocks = iter(rows) if rows is not None else None
+    row = math.prod(p.ds_shape[1:])
+    while True:
+        item = next(blocks, None) if blocks is not None else None
+        head = [None if item is None else (item[0], tuple(item[1].shape))]
+        dist.broadcast_object_list(head, src=0)
+        if head[0] is None:
+            return
+        start, shape = head[0]
+        _load_flat(p, start * row, item[1] if item is not None else None, shape, rank)
+        item = None  # before the next block is made: one in flight
+
+
+def _load_flat(
+    p: nn.Parameter, offset: int, value: torch.Tensor | None, shape: tuple[int, ...], rank: int
+) -> None:
+    """Rank 0's ``value`` (elements ``[offset, offset + numel)`` of the flattened parameter ``p``; None elsewhere,
+    ``shape`` its shape) to every rank, which keeps the part in its partition: the flattened parameter's
+    ``[rank * n, (rank + 1) * n)`` elements, as DeepSpeed lays them out (collective)."""
+    import torch.distributed as dist
+
+    local = p.ds_tensor.data.view(-1)
+    full = (
+        value.to(local.device, local.dtype).contiguous()
+        if value is not None
+        else torch.empty(shape, dtype=local.dtype, device=local.device)
+    )
+    dist.broadcast(full, src=0)
+    flat = full.view(-1)
+    part = p.ds_tensor.ds_numel if hasattr(p.ds_tensor, "ds_numel") else p.ds_tensor.numel()
+    lo, hi = part * rank, min(part * (rank + 1), p.ds_numel)
+    a, b = max(lo, offset), min(hi, offset + flat.numel())
+    if a < b:
+        local[a - lo : b - lo].copy_(flat[a - offset : b - offset])
+    if p.numel() == p.ds_numel:  # a persistent (small) parameter is also whole on every rank
+        p.data.view(-1)[offset : offset + flat.numel()].copy_(flat)
 
 
 def check_loaded(model: nn.Module, names: set[str]) -> None:
