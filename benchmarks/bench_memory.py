@@ -6,7 +6,7 @@ each then reports its peak RSS (``ru_maxrss``) and its RSS just before the model
 torch, transformers, deepspeed imported). The code measured is whatever ``videollama3_train`` the ``PYTHONPATH``
 gives, so today's code and another commit's run in the same invocation:
 
-    git worktree add /tmp/base-modelmem 992ef60
+    git worktree add /tmp/base-modelmem 674b7ae
     python benchmarks/bench_memory.py --preset videollama3_2b --case fsdp2:2 --case zero3:2 \\
         --code new=. --code before=/tmp/base-modelmem --limit-gib 17 --out benchmarks/results/B9_memory
 
