@@ -13,8 +13,8 @@ yields ``(native name, tensor)`` pairs in a fixed order:
   module's constructor init (``reset_parameters``), and at the end of each ``PreTrainedModel``'s constructor its
   ``post_init`` re-initialises the modules not yet initialised (children first); ``init_projector`` draws last.
   The same draws are made here on one module's fresh tensors at a time, so the values are bit-identical to a
-  whole-model construction (tests/test_model_weights.py) while at most one module (the 2B preset's embedding,
-  0.9 GiB) is in memory.
+  whole-model construction (tests/test_model_weights.py) while at most one module, or one block of rows of a
+  large one (below), is in memory.
 
 A tensor larger than :data:`ROW_BLOCK_BYTES` (the 2B preset's embedding: 151,936 x 1,536, 0.9 GiB in fp32; an
 untied output layer) comes as :class:`Rows`, consecutive blocks of rows, so that no process ever holds it whole:
@@ -103,10 +103,6 @@ class Rows:
 
     def element_size(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
-
-    def whole(self) -> torch.Tensor:
-        """The blocks concatenated (for checks on small tensors: it defeats the purpose otherwise)."""
-        return torch.cat([b for _, b in self])
 
 
 def _cast(
@@ -253,7 +249,10 @@ def _construct(module: nn.Module, done: set[int]) -> Iterator[tuple[nn.Module, d
         if rows is None:
             _fresh(module).reset_parameters()
         else:
-            drain(Rows((), torch.float32, _blocks(module, rows, lambda c: c.reset_parameters())))
+            shape = tuple(module._parameters["weight"].shape)
+            drain(
+                Rows(shape, torch.get_default_dtype(), _blocks(module, rows, lambda c: c.reset_parameters()))
+            )
 
 
 def _post_init(
