@@ -1,14 +1,17 @@
 """B3: packing quality and planning cost, today's packer beside the new one on the same inputs.
 
 For each epoch size (``--samples``) the epoch plan (mixture + bin packing + dealing into steps of ``G`` rows) is
-built in a fresh process, once with this checkout's packer and once with another checkout's (``--today``: a path
-whose ``videollama3_train`` is the packer to compare with; both get the same synthetic cost tables), interleaved.
-Each process reports planning wall and CPU time, peak RSS, fill ratio (real tokens / (rows x token budget)) and the
-per-step rank balance (max/mean over ranks of tokens and patches, worst and median step; the padded last step
-left out).
+built in a fresh process, with this checkout's packer as training runs it (``new``: rows dealt by predicted compute,
+tokens and patches, ``data/balance.py``) and with another checkout's (``--today``: a path whose
+``videollama3_train`` is the packer to compare with) both as training ran it (``today``: rows dealt by patches) and
+dealing by compute alone (``today-compute``, when that checkout has a cost model); ``new-memory``: this checkout's
+packer under the activation bound training derives for the 2B preset (rows dealt by patches); all get the same
+synthetic cost tables, interleaved. Each process reports planning wall and CPU time, peak RSS, fill ratio (real tokens / (rows x
+token budget)) and the per-step rank balance (max/mean over ranks of tokens, patches and predicted compute, worst
+and median step; the padded last step left out).
 
-    python benchmarks/bench_packing.py --samples 10000 100000 1000000 --today /tmp/base \\
-        --out benchmarks/results/B3_packing.json
+    python benchmarks/bench_packing.py --samples 10000 100000 1000000 --mix longvideo --ranks 8 64 \\
+        --today /tmp/base --out benchmarks/results/B3_packing.jsonl
 
 ``--child`` runs one measurement (used by the parent).
 """
@@ -111,7 +114,7 @@ def child(args: argparse.Namespace) -> dict:
     new = "rows_per_step" in inspect.signature(packing.build_epoch_plan).parameters
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0, c0 = time.perf_counter(), time.process_time()
-    if args.impl == "new-memory":  # under the activation bound training derives for the 2B preset (DDP)
+    if args.impl == "memory":  # under the activation bound training derives for the 2B preset (DDP)
         from videollama3_train.data.cost_model import ActivationModel, FlopsShape
 
         planner = packing.EpochPlanner(
@@ -119,7 +122,7 @@ def child(args: argparse.Namespace) -> dict:
             world_size=1, activation=ActivationModel(FlopsShape(**SHAPE_2B), 16), max_activation_bytes=int(40.6e9),
         )  # fmt: skip
         plan = planner.plan(0)
-    elif args.impl == "new-compute":  # rows dealt by predicted compute (the cost model sees every column)
+    elif args.impl == "compute":  # rows dealt by predicted compute (the cost model sees every column)
         planner = packing.EpochPlanner(
             specs, full, seed=args.seed, max_tokens=max_tokens, max_patches=max_patches,
             grad_accum=args.rows, world_size=1, cost_model=model,
@@ -164,7 +167,7 @@ def child(args: argparse.Namespace) -> dict:
     mean = ranks.mean(axis=1)
     per_step = np.where(mean > 0, ranks.max(axis=1) / np.maximum(mean, 1e-9), 1.0)
     return {
-        "impl": args.impl,
+        "impl": args.label,
         "mix": args.mix,
         "samples": args.samples,
         "rows_per_step": args.rows,
@@ -201,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write the results (JSON lines) here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--impl", default="new", help=argparse.SUPPRESS)
+    ap.add_argument("--impl", default="compute", help=argparse.SUPPRESS)
+    ap.add_argument("--label", default="new", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         args.samples, args.mix, args.ranks = args.samples[0], args.mix[0], args.ranks[0]
@@ -212,17 +216,19 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for n, m, ranks in ((n, m, k) for n in args.samples for m in args.mix for k in args.ranks):
         if True:
-            impls = [("new", here), ("new-compute", here), ("new-memory", here)]
-            impls += [("today", args.today)] if args.today and n <= args.today_max else []
-            for impl, root in impls:
-                cmd = [sys.executable, __file__, "--child", "--impl", impl, "--samples", str(n), "--mix", m]
+            impls = [("new", here, "compute"), ("new-memory", here, "memory")]
+            if args.today and n <= args.today_max:
+                impls = [("today", args.today, "plain"), ("today-compute", args.today, "compute"), *impls]
+            for label, root, impl in impls:
+                cmd = [sys.executable, __file__, "--child", "--impl", impl, "--label", label]
+                cmd += ["--samples", str(n), "--mix", m]
                 cmd += ["--ranks", str(ranks), "--seed", str(args.seed)]
                 env = {**os.environ, "PYTHONPATH": root}
                 out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
                 r = json.loads(out.strip().splitlines()[-1])
                 results.append(r)
                 print(
-                    f"{m:>9} {n:>8} {ranks:>3} ranks {impl:>11}: cpu {r['cpu_s']:7.2f} s (wall {r['wall_s']:6.2f}) "
+                    f"{m:>9} {n:>8} {ranks:>3} ranks {label:>13}: cpu {r['cpu_s']:7.2f} s (wall {r['wall_s']:6.2f}) "
                     f"{r['samples_per_cpu_s'] / 1e6:5.2f} M samples/cpu-s, peak RSS {r['peak_rss_mb']:6.0f} MB, "
                     f"fill {r['fill']:.4f}, tokens step worst/median {r['tokens_step_worst']:.4f}/"
                     f"{r['tokens_step_median']:.4f}, patches {r['patches_step_worst']:.4f}/"

@@ -96,3 +96,13 @@ def reference_steps(rows, costs, rows_per_step, *, max_tokens, max_patches, seed
         padded[: len(tail)] = np.sort(tail)
         steps += deal(padded)
     return np.array(steps, dtype=np.int64).reshape(-1, g)
+
+
+def patch_order_steps(load, rows_per_step) -> np.ndarray:
+    """The dealing without a cost model as it was when dealing by compute was switched on (frozen): rows by
+    patches then tokens, cut into steps of ``G``; ``(S, G)`` whole steps only (the ``R mod G`` rows with the fewest
+    patches are the partial step)."""
+    load = np.asarray(load)
+    order = np.lexsort((-load[:, 0], -load[:, 1]))
+    keep = (len(load) // rows_per_step) * rows_per_step
+    return order[:keep].reshape(-1, rows_per_step)

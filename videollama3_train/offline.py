@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .config import DoctorConfig, ExportConfig, compose_stage
 from .console import UserError, log_file, relative_hint
-from .run import activation_budget, build_stage_processor, build_tokenizer_for
+from .run import activation_budget, build_cost_model, build_stage_processor, build_tokenizer_for
 
 log = logging.getLogger("videollama3_train")
 
@@ -49,8 +49,9 @@ def run_doctor(cfg: DoctorConfig, overrides: Sequence[str], *, progress: bool = 
         activation, gb = activation_budget(scfg, cfg.doctor.num_ranks, t.sequence_parallel)
         data = dataclasses.replace(scfg.data, max_activation_gb=gb)
         stages[s] = StagePlan(
-            scfg.encode, data, t.grad_accum, t.global_batch_samples, t.sequence_parallel, activation
-        )
+            scfg.encode, data, t.grad_accum, t.global_batch_samples, t.sequence_parallel, activation,
+            build_cost_model(scfg),
+        )  # fmt: skip
     with log_file(out_dir / "doctor.log"):
         processor = build_stage_processor(build_tokenizer_for(cfg), cfg.encode)
         scan, series = scan_data(cfg.data, cfg.encode, processor, cfg.doctor, stages, progress=progress)

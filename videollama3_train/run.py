@@ -67,6 +67,20 @@ def build_stage_processor(tokenizer, enc):
     return build_processor(tokenizer, **processor_settings(enc))
 
 
+def build_cost_model(cfg: RunConfig):
+    """The packer's FLOPs model of a stage (``data.cost_model``): the model preset's dimensions and which towers
+    train (a frozen one costs less). Training and the doctor deal rows by it alike."""
+    from .data.cost_model import FlopsShape, SampleCostModel
+    from .model.api import preset_flops_dimensions
+
+    lrs = cfg.trainer.lrs
+    return SampleCostModel(
+        FlopsShape(**preset_flops_dimensions(cfg.model.preset)),
+        llm_trains=lrs["llm"] is not None,
+        vision_trains=lrs["vision"] is not None,
+    )
+
+
 def set_cpu_threads(world_size: int, num_workers: int, *, on_cpu: bool) -> None:
     """On CPU, give each rank its share of the cores, minus its decoding workers.
 
@@ -392,6 +406,7 @@ def build_stage_data(cfg: RunConfig, processor, dims: ParallelDims, *, is_main: 
             is_main=is_main,
             global_batch_samples=cfg.trainer.global_batch_samples,
             activation=activation,
+            cost_model=build_cost_model(cfg),
         )
     except UnusableDataError as e:
         raise UserError(str(e)) from e

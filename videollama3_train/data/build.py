@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DataConfig, EncodeConfig
+from .cost_model import SampleCostModel
 from .errors import UnusableDataError
 from .packing import EpochPlanner, global_rows_per_step
 
@@ -116,11 +117,13 @@ def plan_training(
     grad_accum: int,
     world_size: int,
     activation=None,
+    cost_model: SampleCostModel | None = None,
 ) -> EpochPlanner:
     """The packing rule training runs (:class:`~.packing.EpochPlanner`) from the data config: the doctor calls
     this too, so it reports the steps training will run. ``activation``: the model's
     :class:`~.cost_model.ActivationModel`, which with ``data.max_activation_gb`` (resolved by the caller: None or
-    0 here = no bound) bounds each row's predicted activation peak."""
+    0 here = no bound) bounds each row's predicted activation peak. ``cost_model`` (the stage's model dimensions):
+    the rows of a step are dealt level on predicted compute as well as tokens and patches."""
     limit = int((dcfg.max_activation_gb or 0) * 1e9) if activation is not None else 0
     return EpochPlanner(
         specs,
@@ -134,6 +137,7 @@ def plan_training(
         world_size=world_size,
         activation=activation,
         max_activation_bytes=limit,
+        cost_model=cost_model,
     )
 
 
@@ -149,6 +153,7 @@ def build_train_data(
     global_batch_samples: int | None = None,
     run_dir: str | None = None,
     activation=None,
+    cost_model: SampleCostModel | None = None,
 ) -> DataBundle:
     """Annotations -> cost pre-pass (cached) -> mixture + global packing plan per epoch -> this rank's loader.
 
@@ -168,6 +173,7 @@ def build_train_data(
         grad_accum=grad_accum,
         world_size=world_size,
         activation=activation,
+        cost_model=cost_model,
     )
     encoder = DatasetEncoder(
         records, roots, names, partial(_encode_per_dataset, configs=configs), processor=processor

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .balance import COMPUTE, level_steps, patch_order
 from .binpack import MemoryBound, Rows, bin_pack, row_sums
 from .config import DatasetConfig
 from .cost_model import ActivationModel, SampleCostModel
@@ -71,68 +72,35 @@ def deal(
 ) -> np.ndarray:
     """The epoch's steps, ``(S, G)``: the row of each step's slot (``-1``: an empty padding row).
 
-    Rows are sorted by ``work`` (each row's predicted work; None: by patches, then tokens — token fill is nearly
-    uniform after packing while patches vary a lot between rows, text against video) and cut into steps of
-    ``G = rows_per_step`` consecutive rows, so a step's rows are alike and whichever ranks run them wait little
-    on each other; inside a step the heaviest row takes slot 0 on even steps and the last slot on odd ones, so a
-    slot's total over the epoch stays level too. The steps are shuffled (seeded by ``seed, epoch``). The
-    ``R mod G`` rows too few for a whole step form the epoch's last step, padded with empty rows, so every packed
-    sample is trained: the lightest ones, or, with ``work``, the run of consecutive rows whose removal leaves the
-    most level worst step (:func:`_leftover_start`: a mix of text-and-image rows and video rows has a gap in
-    predicted compute, and the step straddling it is the worst one).
+    Without ``work`` (each row's predicted compute), rows are sorted by patches, then tokens (token fill is nearly
+    uniform after packing while patches vary a lot between rows, text against video), and cut into steps of
+    ``G = rows_per_step`` consecutive rows, so a step's rows are alike and whichever ranks run them wait little on
+    each other; the ``R mod G`` rows with the fewest patches form the partial step. With ``work``, the steps are
+    level on compute, tokens and patches at once (:func:`.balance.level_steps`: bands of compute sorted by patches,
+    the partial step at a gap in compute, a repair of the worst steps, never worse than the patch order on tokens
+    and patches). Inside a step the heaviest row takes slot 0 on even steps and the last slot on odd ones, so a
+    slot's total over the epoch stays level too. The steps are shuffled (seeded by ``seed, epoch``); the partial
+    step is the epoch's last, padded with empty rows, so every packed sample is trained.
     """
     if rows_per_step < 1:
         raise ValueError(f"rows_per_step must be >= 1, got {rows_per_step}")
-    n, g = len(rows), rows_per_step
+    g = rows_per_step
     if work is None:
-        by_work = np.lexsort((-rows.load[:, TOKENS], -rows.load[:, PATCHES]))
-        start, light = (n // g) * g, 0
+        steps, left = patch_order(rows.load.astype(np.float64), g)
     else:
-        w = np.asarray(work, dtype=np.float64)
-        by_work = np.argsort(-w, kind="stable")
-        # the lightest ``light`` rows (a half-empty row of the last packing round) and a run at a gap
-        best = min(
-            (
-                _leftover_start(w[by_work[: n - light]], g, n % g - light) + (light,)
-                for light in range(min(n % g, 8) + 1)
-            ),
-        )
-        start, light = best[1], best[2]
-    left = np.concatenate([by_work[start : start + n % g - light], by_work[n - light :]])
-    by_work = np.concatenate([by_work[:start], by_work[start + n % g - light : n - light]])
-    steps = by_work.reshape(-1, g)
+        load = np.column_stack([rows.load[:, :2].astype(np.float64), np.asarray(work, dtype=np.float64)])
+        steps, left = level_steps(load, g)
+        # heaviest first inside a step (the patch order already is)
+        heavy = np.argsort(-load[steps, COMPUTE], axis=1, kind="stable")
+        steps = np.take_along_axis(steps, heavy, axis=1)
+    steps = steps.copy()
     steps[1::2] = steps[1::2, ::-1]
     steps = steps[np.random.default_rng([seed, epoch, 0xBA1]).permutation(len(steps))]
     if len(left):
         tail = np.full((1, g), -1, dtype=np.int64)
         tail[0, : len(left)] = np.sort(left)  # in packing order: the same partial step on any world size
         steps = np.concatenate([steps, tail])
-    return steps.astype(np.int64)
-
-
-def _leftover_start(sorted_work: np.ndarray, g: int, left: int) -> tuple[float, int]:
-    """``(worst step, start)``: where a run of ``left`` rows of the partial step starts in ``sorted_work``
-    (decreasing, ``len - left`` a multiple of ``G``): a multiple of ``G`` chosen so that the worst max/mean of the
-    whole steps around it is least (ties: the lightest rows), and that worst max/mean."""
-    n = len(sorted_work)
-    whole = (n - left) // g
-    if whole == 0:
-        return 1.0, 0
-
-    def ratios(w: np.ndarray) -> np.ndarray:
-        groups = w[: (len(w) // g) * g].reshape(-1, g)
-        mean = groups.mean(axis=1)
-        return np.where(mean > 0, groups.max(axis=1) / np.where(mean > 0, mean, 1.0), 1.0)
-
-    before = ratios(sorted_work)  # steps aligned at 0: step k is rows [k g, (k + 1) g)
-    after = ratios(sorted_work[left:])  # aligned after a leftover run at the start: rows [left + k g, ...)
-    worst_before = np.concatenate(
-        [[1.0], np.maximum.accumulate(before[:whole])]
-    )  # [k]: worst of steps 0..k-1
-    worst_after = np.concatenate([np.maximum.accumulate(after[:whole][::-1])[::-1], [1.0]])  # [k]: steps k..
-    cost = np.maximum(worst_before, worst_after)
-    best = np.flatnonzero(cost <= cost.min())[-1]  # the least worst step; the lightest rows on a tie
-    return float(cost[best]), int(best) * g
+    return steps.astype(np.int64).reshape(-1, g)
 
 
 @dataclass

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..contract import STAGES
 from .config import DataConfig, EncodeConfig
+from .cost_model import SampleCostModel
 from .costs import COST_COLUMNS
 from .errors import DataError
 
@@ -70,6 +71,7 @@ class StagePlan:
     # the model's activation-memory model (run.activation_budget); ``data.max_activation_gb`` is then the resolved
     # bound per row (x N already), 0 = none: the predicted peak of every row is reported either way
     activation: Any = None
+    cost_model: SampleCostModel | None = None  # what training deals rows by (run.build_cost_model)
 
 
 # ================================================================================================================
@@ -537,6 +539,7 @@ def _stage_estimate(plan: StagePlan, table: list[np.ndarray], specs, num_ranks: 
         grad_accum=plan.grad_accum,
         world_size=groups,
         activation=plan.activation,
+        cost_model=plan.cost_model,
     )
     plan0 = planner.plan(0)
     st = plan0.stats()

@@ -123,6 +123,19 @@ def memory_dimensions(config: Any) -> dict[str, Any]:
     }
 
 
+def preset_flops_dimensions(preset: str) -> dict[str, int]:
+    """:func:`flops_dimensions` of a model preset (``model.presets.PRESETS``) without building its config: what the
+    packer deals rows by, before any model exists."""
+    from types import SimpleNamespace
+
+    from videollama3_train.model.presets import PRESETS
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    shape = PRESETS[preset]
+    return flops_dimensions(SimpleNamespace(text_config=shape.text, vision_config=shape.vision))
+
+
 def uniform_backward(model: nn.Module) -> None:
     """Make the LLM's input embeddings always require grad, so that backward runs through every LLM layer on every
     rank, whatever the micro-batch holds.
@@ -176,6 +189,7 @@ __all__ = [
     "apply_gradient_checkpointing",
     "base_model",
     "flops_dimensions",
+    "preset_flops_dimensions",
     "hidden_states",
     "memory_dimensions",
     "output_layer",

@@ -1,0 +1,257 @@
+"""Rows to optimizer steps, level on three counts at once: predicted compute, tokens and patches.
+
+A step of ``G`` rows runs as fast as its slowest rank, so the rows of a step should cost alike. Sorting rows by one
+count and cutting the order into steps of ``G`` makes that count level and leaves the others to chance: by patches
+(the rule without a cost model) a step can hold a long-video row beside rows of many short images whose compute is
+30% lower; by predicted compute, a video row beside an image row of the same FLOPs and a quarter of the patches
+(B3: patch balance median 1.02-1.03 instead of 1.0005). :func:`level_steps` keeps all three level:
+
+1. **Bands.** Rows sorted by compute are cut into bands of ``B`` steps; inside a band they are sorted by patches,
+   then cut into steps. Every step's compute then lies within its band's, and its patches within a ``1/B``-th of
+   the band's. ``B`` is the one of ``1, 2, 4, ...`` with the least worst compute step whose median token and patch
+   balance is within ``TOL`` of the patch order's (:func:`patch_order`, the rule without a cost model).
+2. **The partial step.** The ``R mod G`` rows short of a whole step are taken where compute has a gap (a video row
+   beside text-and-image rows, ~240 against ~185 TFLOP at the 2B shape), as :func:`leftover_split` says.
+3. **Repair.** The worst step of each count (compute first, then patches, then tokens) swaps one row with a row of
+   a step nearby in the band order, or of the partial step, while that lowers it, and no swap lets another count's
+   worst step exceed its bound (the patch order's worst or the current one, whichever is higher).
+4. **Guard.** If the result's median token or patch balance is worse than the patch order's by more than ``TOL``
+   (0.1%), or its worst step by more than ``TOL_WORST`` (1%), the patch order is dealt instead (logged): dealing by
+   compute does not cost token or patch balance.
+
+Balance is measured per slot (one rank per row), the finest split: with ``W`` ranks each running ``G / W`` slots of a
+step, a rank's sum is at most ``G / W`` times the largest row and the ranks' mean ``G / W`` times the rows' mean, so
+per-rank max/mean never exceeds per-slot max/mean for any ``W`` dividing ``G``, and nothing here depends on ``W``
+(the plan is the same on every world size, as exact resume at another world size needs). With sequence
+parallelism a row is run by one SP group (``data.loader`` deals slots to groups), so the groups are level alike.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TOL", "TOL_WORST", "level_steps", "patch_order", "leftover_split", "step_ratios", "summary"]
+
+TOKENS, PATCHES, COMPUTE = 0, 1, 2  # columns of ``load``
+# How much worse than the patch order the median / worst token and patch balance of a step may get (max/mean,
+# absolute): 0.1% on the median; 1% on the worst step, below the fill spread the packer itself allows (a row closes at
+# 97% of a budget), so that one row 0.5% short of tokens does not veto a step level in compute.
+TOL = 1e-3
+TOL_WORST = 1e-2
+_REPAIR_ITERS = 300  # swaps per count at most (each scores ~5 x 2048 candidates)
+
+
+def step_ratios(load: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """``(S, 3)``: max/mean over the slots of each step (``steps`` ``(S, G)`` row ids), per column of ``load``."""
+    if len(steps) == 0:
+        return np.ones((0, load.shape[1]))
+    x = load[steps]
+    mean = x.mean(axis=1)
+    return np.where(mean > 0, x.max(axis=1) / np.where(mean > 0, mean, 1.0), 1.0)
+
+
+def summary(ratios: np.ndarray) -> np.ndarray:
+    """``(6,)``: worst tokens, patches, compute, then their medians, over steps."""
+    if len(ratios) == 0:
+        return np.ones(6)
+    return np.concatenate([ratios.max(axis=0), np.median(ratios, axis=0)])
+
+
+def patch_order(load: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, left)``: rows by patches then tokens, cut into steps of ``g``; the last ``R mod g`` rows (the fewest
+    patches) are the partial step. The rule without a cost model."""
+    n = len(load)
+    order = np.lexsort((-load[:, TOKENS], -load[:, PATCHES]))
+    keep = (n // g) * g
+    return order[:keep].reshape(-1, g), order[keep:]
+
+
+def leftover_split(work: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(kept, left)``: the rows of whole steps sorted by decreasing ``work``, and the ``R mod g`` rows of the partial
+    step: the lightest few (a half-empty row of the last packing round) and a run of consecutive rows in ``work``
+    order where the worst whole step of the contiguous cut is least (a gap in compute is where it straddles)."""
+    n = len(work)
+    by_work = np.argsort(-work, kind="stable")
+    best = min(
+        _leftover_start(work[by_work[: n - light]], g, n % g - light) + (light,)
+        for light in range(min(n % g, 8) + 1)
+    )
+    start, light = best[1], best[2]
+    left = np.concatenate([by_work[start : start + n % g - light], by_work[n - light :]])
+    kept = np.concatenate([by_work[:start], by_work[start + n % g - light : n - light]])
+    return kept, left
+
+
+def _leftover_start(sorted_work: np.ndarray, g: int, left: int) -> tuple[float, int]:
+    """``(worst step, start)``: where a run of ``left`` rows starts in ``sorted_work`` (decreasing, ``len - left`` a
+    multiple of ``g``): a multiple of ``g`` chosen so that the worst max/mean of the whole steps around it is least
+    (ties: the lightest rows), and that worst max/mean. O(R) per candidate."""
+    n = len(sorted_work)
+    whole = (n - left) // g
+    if whole == 0:
+        return 1.0, 0
+
+    def ratios(w: np.ndarray) -> np.ndarray:
+        groups = w[: (len(w) // g) * g].reshape(-1, g)
+        mean = groups.mean(axis=1)
+        return np.where(mean > 0, groups.max(axis=1) / np.where(mean > 0, mean, 1.0), 1.0)
+
+    before = ratios(sorted_work)  # steps aligned at 0: step k is rows [k g, (k + 1) g)
+    after = ratios(sorted_work[left:])  # aligned after a leftover run at the start
+    worst_before = np.concatenate(
+        [[1.0], np.maximum.accumulate(before[:whole])]
+    )  # [k]: worst of steps 0..k-1
+    worst_after = np.concatenate([np.maximum.accumulate(after[:whole][::-1])[::-1], [1.0]])  # [k]: steps k..
+    cost = np.maximum(worst_before, worst_after)
+    best = np.flatnonzero(cost <= cost.min())[-1]  # the least worst step; the lightest rows on a tie
+    return float(cost[best]), int(best) * g
+
+
+def _banded(load: np.ndarray, kept: np.ndarray, g: int, band_steps: int) -> np.ndarray:
+    """``kept`` (sorted by decreasing compute) cut into bands of ``band_steps`` steps, each sorted by patches then
+    tokens, cut into steps of ``g``: ``(S, g)``."""
+    band = np.arange(len(kept)) // (band_steps * g)
+    order = np.lexsort((-load[kept, TOKENS], -load[kept, PATCHES], band))
+    return kept[order].reshape(-1, g)
+
+
+def level_steps(load: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, left)``: whole steps ``(S, g)`` of row ids, in band order (the caller shuffles them), and the row
+    ids of the partial step. ``load`` ``(R, 3)``: each row's tokens, patches and predicted compute (module
+    docstring)."""
+    load = np.asarray(load, dtype=np.float64)
+    ref_steps, ref_left = patch_order(load, g)
+    ref = summary(step_ratios(load, ref_steps))
+    kept, left = leftover_split(load[:, COMPUTE], g)
+    s = len(kept) // g
+    if s == 0:
+        return kept.reshape(0, g), left
+    near = np.r_[ref[TOKENS + 3], ref[PATCHES + 3]] + TOL  # the medians allowed
+    tried = []
+    b = 1
+    while True:
+        steps = _banded(load, kept, g, b)
+        got = summary(step_ratios(load, steps))
+        fits = bool((got[[TOKENS + 3, PATCHES + 3]] <= near).all())
+        tried.append((not fits, got[COMPUTE], got[COMPUTE + 3], b, steps))
+        if b >= s:
+            break
+        b = min(2 * b, s)
+    tried.sort(key=lambda t: t[:4])
+    allowed = np.array([TOL_WORST, TOL_WORST, TOL, TOL])
+    bound = ref[:3].copy()
+    bound[COMPUTE] = 1.0  # compute: never above the current worst step
+    for *_, steps in tried[:2]:
+        steps, rest = _Repair(load, steps, left.copy(), bound, np.r_[ref[3:5], np.inf] + TOL).run()
+        got = summary(step_ratios(load, steps))
+        if (got[[TOKENS, PATCHES, TOKENS + 3, PATCHES + 3]] <= ref[[0, 1, 3, 4]] + allowed).all():
+            return steps, rest
+    logger.info(
+        "dealing by compute would cost token or patch balance here (worst/median %s against %s): rows dealt by "
+        "patches",
+        np.round(got, 4).tolist(),
+        np.round(ref, 4).tolist(),
+    )
+    return ref_steps, ref_left
+
+
+class _Repair:
+    """Swaps that lower the worst step of one count at a time (module docstring, step 3). Steps are kept with their
+    per-column sums, largest value (and its slot) and second largest, so a candidate swap is scored without
+    touching the other rows."""
+
+    def __init__(
+        self, load: np.ndarray, steps: np.ndarray, left: np.ndarray, bound: np.ndarray, median: np.ndarray
+    ):
+        self.x, self.steps, self.left = load, steps.copy(), left
+        self.g = steps.shape[1]
+        self.bound = bound - 1.0  # in excess over 1: ratio - 1
+        # a step may go over ``median`` (per column) only while fewer than 45% of the steps are: the median holds
+        self.median = median - 1.0
+        self.room = int(0.45 * len(steps))
+        self.sum = np.zeros((len(steps), 3))
+        self.top = np.zeros((len(steps), 3))
+        self.second = np.zeros((len(steps), 3))
+        self.arg = np.zeros((len(steps), 3), dtype=np.int64)
+        self._update(np.arange(len(steps)))
+
+    def _update(self, which: np.ndarray) -> None:
+        v = self.x[self.steps[which]]  # (k, g, 3)
+        order = np.argsort(-v, axis=1, kind="stable")
+        self.sum[which] = v.sum(axis=1)
+        self.arg[which] = order[:, 0]
+        self.top[which] = np.take_along_axis(v, order[:, :1], axis=1)[:, 0]
+        if self.g > 1:
+            self.second[which] = np.take_along_axis(v, order[:, 1:2], axis=1)[:, 0]
+        self.excess = _excess(self.top, self.sum, self.g)
+
+    def run(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per column, the worst step while a swap lowers it (going on to the next worst steps, tried, lowered the
+        median compute of B3's 10k-sample plan by 0.0004 for 20x the time: not kept). Patches and tokens only
+        while their worst step is over its bound (the patch order's worst), so that they do not spend the compute
+        won."""
+        for d in (COMPUTE, PATCHES, TOKENS):
+            for _ in range(_REPAIR_ITERS):
+                a = int(np.argmax(self.excess[:, d]))
+                if self.excess[a, d] <= (1e-9 if d == COMPUTE else self.bound[d]):
+                    break
+                if self._swap_once(d, a) is None:
+                    break
+        return self.steps, self.left
+
+    def _swap_once(self, d: int, a: int) -> tuple[int, ...] | None:
+        """One swap that lowers step ``a``'s max/mean of column ``d`` without another step's rising to it; the steps
+        changed, or None when there is no such swap."""
+        g, x = self.g, self.x
+        worst = self.excess[a, d]
+        k = max(1, 1024 // g)
+        near = np.r_[max(0, a - k) : a, a + 1 : min(len(self.steps), a + k + 1)]
+        rows = np.concatenate([self.steps[near].ravel(), self.left])
+        owner = np.concatenate([np.repeat(near, g), np.full(len(self.left), -1)])
+        slot = np.concatenate([np.tile(np.arange(g), len(near)), np.arange(len(self.left))])
+        # the rows of step a worth moving: its largest in column d and its four smallest
+        mine = np.unique(np.r_[self.arg[a, d], np.argsort(x[self.steps[a], d], kind="stable")[:4]])
+        xa, xp = x[self.steps[a, mine]], x[rows]  # (m, 3), (M, 3)
+        # step a with its row i replaced by candidate j: (m, M, 3)
+        rest_a = np.where(mine[:, None] == self.arg[a], self.second[a], self.top[a])
+        ea = _excess(np.maximum(rest_a[:, None], xp[None]), self.sum[a] - xa[:, None] + xp[None], g)
+        # the candidate's step with j replaced by row i (the partial step is not measured)
+        b = np.maximum(owner, 0)
+        rest_b = np.where(slot[:, None] == self.arg[b], self.second[b], self.top[b])
+        eb = _excess(np.maximum(rest_b[None], xa[:, None]), self.sum[b][None] - xp[None] + xa[:, None], g)
+        eb[:, owner < 0] = 0.0
+        target = np.maximum(ea[..., d], eb[..., d])
+        ok = target < worst - 1e-9
+        for c in range(3):
+            if c != d:
+                cap = np.maximum(self.bound[c], self.excess[:, c].max())
+                ok &= (ea[..., c] <= cap + 1e-12) & (eb[..., c] <= cap + 1e-12)
+            if c != COMPUTE:
+                over = self.excess[:, c] > self.median[c]
+                now = int(over.sum())
+                after = now - over[a] - np.where(owner >= 0, over[b], False)
+                after = after + (ea[..., c] > self.median[c]) + (eb[..., c] > self.median[c])
+                ok &= after <= max(self.room, now)
+        if not ok.any():
+            return None
+        i, j = np.unravel_index(np.argmin(np.where(ok, target, np.inf)), target.shape)
+        i = mine[i]
+        row_a, row_b, other = self.steps[a, i], rows[j], owner[j]
+        self.steps[a, i] = row_b
+        if other >= 0:
+            self.steps[other, slot[j]] = row_a
+            self._update(np.array([a, other]))
+            return (a, int(other))
+        self.left[slot[j]] = row_a
+        self._update(np.array([a]))
+        return (a,)
+
+
+def _excess(top: np.ndarray, total: np.ndarray, g: int) -> np.ndarray:
+    """max/mean - 1 from the largest value and the sum of ``g`` values (0 where the sum is 0)."""
+    mean = total / g
+    return np.where(mean > 0, top / np.where(mean > 0, mean, 1.0), 1.0) - 1.0
