@@ -369,9 +369,9 @@ class EpochPlanner:
     its number of packed rows, known by bin packing alone (no dealing, nothing kept), so the schedule of every
     epoch is exact without holding their plans. ``world_size`` (data-parallel ranks, or sequence-parallel groups)
     only decides :attr:`grad_accum`; the plans do not depend on it. With a ``cost_model`` the rows of a step are
-    matched on predicted training FLOPs (:mod:`.cost_model`) instead of patches and tokens. With ``activation``
-    (:class:`~.cost_model.ActivationModel`) and ``max_activation_bytes`` > 0 no row's predicted activation peak
-    exceeds that bound (a sample over it alone is reported oversized).
+    level on predicted training FLOPs (:mod:`.cost_model`) as well as tokens and patches (:mod:`.balance`). With
+    ``activation`` (:class:`~.cost_model.ActivationModel`) and ``max_activation_bytes`` > 0 no row's predicted
+    activation peak exceeds that bound (a sample over it alone is reported oversized).
     """
 
     def __init__(
