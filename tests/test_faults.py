@@ -8,13 +8,16 @@ must restore every rank's RNG states, not only weights, optimizer and data posit
 steps, as one plain process and as two DDP processes under ``torch.distributed.run`` (gloo), and compare with an
 uninterrupted run of the same world size: the losses after the resume and the final weights are bit-identical.
 Each interrupted run is its own launch (it is killed or signalled); the restarts and the uninterrupted runs of a
-world size are made one after the other in one launch.
+world size are made one after the other in one launch. The launches of a world size are forked by one
+tests/forkrun.py launcher, which imports everything once (a launch then costs no start-up); the 2-process SIGTERM
+case goes through torchrun, which forwards the signal to its workers.
 Every wait is bounded; a hung process fails the test with its log.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import re
@@ -59,19 +62,20 @@ class _Run:
     def __init__(self, out: Path | None, world: int, *args: str, runs: list[tuple[Path, list[str]]] = ()):
         """One run (``out``, ``args``), or the ``runs`` (output directory, arguments) one after the other in one
         launch (``+++`` between them, :func:`dist_worker.main`)."""
-        runs = list(runs) or [(out, list(args))]
-        script = [str(REPO / "tests" / "dist_worker.py")]
-        for i, (run_out, run_args) in enumerate(runs):
-            script += [*(["+++"] if i else []), "--out", str(run_out), *WORKER_ARGS, *run_args]
+        script = [str(REPO / "tests" / "dist_worker.py"), *worker_argv(list(runs) or [(out, list(args))])]
         if world == 1:
             cmd = [sys.executable, *script]
         else:
             launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(world)]
             cmd = [sys.executable, *launcher, "--master_port", str(free_port()), *script]
+        self._start(cmd)
+
+    def _start(self, cmd: list[str]) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO
-        )
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            cwd=REPO,
+        )  # fmt: skip
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -85,7 +89,9 @@ class _Run:
     def log(self) -> str:
         return "".join(self.lines)[-6000:]
 
-    def wait_for(self, marker: str, timeout: float = TIMEOUT) -> str:
+    def wait_for(self, marker: str | tuple[str, ...], timeout: float = TIMEOUT) -> str:
+        """The first line with ``marker`` (or any of several) in it."""
+        markers = (marker,) if isinstance(marker, str) else marker
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -95,7 +101,7 @@ class _Run:
             if line is None:
                 raise AssertionError(f"exited before {marker!r}:\n{self.log}")
             self.lines.append(line)
-            if marker in line:
+            if any(m in line for m in markers):
                 return line
 
     def finish(self, timeout: float = TIMEOUT) -> int:
@@ -110,13 +116,79 @@ class _Run:
 
     def worker_pids(self) -> list[int]:
         # anywhere in the log, not by line start: the ranks share one pipe and a line may follow another's text
-        return [int(pid) for _, pid in re.findall(r"PID (\d+) (\d+)", "\n".join(self.lines))]
+        return [int(pid) for _, pid in re.findall(r"PID (\d+) (\d+)", "".join(self.lines))]
 
     def kill_all(self) -> None:
         """SIGKILL the workers (torchrun starts each in its own session) and the launcher: no cleanup runs."""
         for pid in [*self.worker_pids(), self.proc.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        self.proc.wait(timeout=60)
+
+
+def worker_argv(runs: list[tuple[Path, list[str]]]) -> list[str]:
+    """tests/dist_worker.py's arguments for ``runs`` (output directory, arguments) one after the other."""
+    argv: list[str] = []
+    for i, (run_out, run_args) in enumerate(runs):
+        argv += [*(["+++"] if i else []), "--out", str(run_out), *WORKER_ARGS, *run_args]
+    return argv
+
+
+class _Launches(_Run):
+    """One tests/forkrun.py launcher for a sequence of launches of ``world`` ranks, each decided by the test after
+    the previous one ended (:meth:`launch`): the ranks are forked from a process that has imported everything, so a
+    launch that the test kills costs no start-up. :meth:`kill_all` kills the ranks of the current launch only."""
+
+    def __init__(self, world: int):
+        self.world, self.launches = world, 0
+        self._start(
+            [sys.executable, str(REPO / "tests" / "forkrun.py"), "--nproc", str(world), "--stdin", "--"]
+        )
+
+    def launch(self, runs: list[tuple[Path, list[str]]]) -> None:
+        """Start the next launch: ``runs`` one after the other (its log starts at ``LAUNCH <i> START``)."""
+        self.proc.stdin.write(json.dumps(worker_argv(runs)) + "\n")
+        self.proc.stdin.flush()
+        self.launches += 1
+        self.wait_for(f"LAUNCH {self.launches - 1} START")
+
+    def wait_in_launch(self, marker: str, timeout: float = TIMEOUT) -> str:
+        """:meth:`wait_for` ``marker`` in the current launch; fails with the log if the launch ends first."""
+        end = f"LAUNCH {self.launches - 1} EXIT"
+        line = self.wait_for((marker, end), timeout)
+        if marker not in line:
+            raise AssertionError(f"the launch ended before {marker!r}:\n{self.current()[-6000:]}")
+        return line
+
+    def current(self) -> str:
+        """The log of the current launch."""
+        text = "".join(self.lines)
+        return text[text.rfind(f"LAUNCH {self.launches - 1} START") :]
+
+    def worker_pids(self) -> list[int]:
+        return [int(pid) for _, pid in re.findall(r"PID (\d+) (\d+)", self.current())]
+
+    def ended(self, timeout: float = TIMEOUT) -> list[int]:
+        """Wait for the current launch to end; the exit code of each rank (-9: killed)."""
+        line = self.wait_for(f"LAUNCH {self.launches - 1} EXIT", timeout)
+        return [int(c) for c in line.split(" EXIT ")[1].split()[: self.world]]
+
+    def kill_all(self) -> None:
+        """SIGKILL the current launch's ranks (children of the launcher, checked: a PID is never reused blindly)."""
+        for pid in self.worker_pids():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                if int(stat[stat.rindex(")") + 2 :].split()[1]) == self.proc.pid:
+                    os.kill(pid, signal.SIGKILL)
+
+    def close(self, timeout: float = TIMEOUT) -> int:
+        self.proc.stdin.close()
+        return self.finish(timeout)
+
+    def abort(self) -> None:
+        self.kill_all()
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
         self.proc.wait(timeout=60)
 
 
@@ -173,23 +245,40 @@ class _World:
         return out
 
 
-def _interrupted(out: Path, world: int, *args: str, marker: str, signal_it: bool = False) -> dict:
-    """Start a run, wait for ``marker``; SIGTERM it (it checkpoints and exits) or SIGKILL every process."""
-    victim = _Run(out, world, *args)
+def _interrupted(
+    launcher: _Launches | None, out: Path, world: int, *args: str, marker: str, signal_it: bool = False
+) -> dict:
+    """Start a run (the next launch of ``launcher``; None: a launch of its own under torchrun, or a plain process),
+    wait for ``marker``; SIGTERM it (it checkpoints and exits) or SIGKILL every process of it."""
+    if launcher is None:
+        victim = _Run(out, world, *args)
+    else:
+        victim = launcher
+        launcher.launch([(out, list(args))])
     try:
-        victim.wait_for(marker)
+        if launcher is None:
+            victim.wait_for(marker)
+        else:
+            launcher.wait_in_launch(marker)
         facts = {"pids": len(victim.worker_pids())}  # each worker prints its PID before training
-        if signal_it:
+        if signal_it and launcher is None:
             victim.proc.send_signal(signal.SIGTERM)
             facts["code"] = victim.finish()
-            facts["exits"] = [_read(out / f"exit_rank{rank}") for rank in range(world)]
+        elif signal_it:
+            for pid in victim.worker_pids():  # what torchrun does with the SIGTERM it gets
+                os.kill(pid, signal.SIGTERM)
+            facts["code"] = max(map(abs, launcher.ended()))
         else:
             victim.kill_all()
+            if launcher is not None:
+                facts["codes"] = launcher.ended()
+        facts["exits"] = [_read(out / f"exit_rank{rank}") for rank in range(world)]
     except BaseException:
         victim.kill_all()
         raise
     latest = find_latest_checkpoint(out)
-    facts |= {"log": victim.log, "latest": latest.name if latest else None}
+    log = victim.log if launcher is None else launcher.current()[-6000:]
+    facts |= {"log": log, "latest": latest.name if latest else None}
     if latest:
         facts["complete"] = (latest / "COMPLETE").is_file()
         facts["loaders"] = sorted(p.name for p in latest.glob("loader_rank*.pt"))
@@ -203,7 +292,7 @@ def _read(path: Path) -> str | None:
 
 
 def _interruptions(world: int):
-    """(name, backend, interrupt(out)) of every interrupted run of ``world`` processes."""
+    """(name, backend, interrupt(launcher, out)) of every interrupted run of ``world`` processes."""
     for w, backend, where, step, _ in SIGKILLS:
         if w == world:
             args = [
@@ -219,51 +308,66 @@ def _interruptions(world: int):
             yield (
                 f"{where}-{backend}",
                 backend,
-                lambda out, a=args, m=marker: _interrupted(out, world, *a, marker=m),
+                lambda launcher, out, a=args, m=marker: _interrupted(launcher, out, world, *a, marker=m),
             )
     yield (
         "save",
         "ddp",
-        lambda out: _interrupted(out, world, "--stall-in-save", "4", marker="STALLING IN SAVE"),
+        lambda launcher, out: _interrupted(
+            launcher, out, world, "--stall-in-save", "4", marker="STALLING IN SAVE"
+        ),
     )
+    # with 2 processes the SIGTERM goes to torchrun, which forwards it to the workers: its own launch
     yield (
         "sigterm",
         "ddp",
-        lambda out: _interrupted(out, world, "--pause-at", "3", marker="PAUSED", signal_it=True),
+        lambda launcher, out: _interrupted(
+            launcher if world == 1 else None, out, world, "--pause-at", "3", marker="PAUSED", signal_it=True
+        ),
     )
 
 
 def _fault_and_restart(root: Path, world: int) -> _World:
     """Every interruption of ``world`` processes (each its own launch: it is killed or signalled), then ONE launch
     that runs, per backend, the uninterrupted run and every restart (DDP first: DeepSpeed runs come after DDP runs
-    in a launch): 10 launches for both world sizes instead of 24."""
+    in a launch). The launches are forked by one tests/forkrun.py launcher (no start-up per launch), except the
+    2-process SIGTERM case, which goes through torchrun."""
     cases: dict[str, _Case] = {}
-    for name, backend, interrupt in _interruptions(world):
-        case = cases[name] = _Case(root / name, backend)
-        try:
-            case.facts = interrupt(case.out)
-        except AssertionError as e:
-            case.error = str(e)
-    runs: list[tuple[Path, list[str]]] = []
-    owners: list[tuple[str, str]] = []  # ("clean", backend) or ("case", name) of each run of the launch
-    for backend in ("ddp", "zero2", "zero3"):
-        names = [n for n, c in cases.items() if c.backend == backend and not c.error]
-        if names:
-            runs.append((root / f"clean_{backend}", _backend(backend)))
-            owners.append(("clean", backend))
-            runs += [(cases[n].out, _backend(backend)) for n in names]
-            owners += [("case", n) for n in names]
-    launch = _Run(None, world, runs=runs)
-    code = launch.finish(timeout=TIMEOUT * len(runs))
-    logs = run_logs("".join(launch.lines))
+    launcher = _Launches(world)
+    try:
+        for name, backend, interrupt in _interruptions(world):
+            case = cases[name] = _Case(root / name, backend)
+            try:
+                case.facts = interrupt(launcher, case.out)
+            except AssertionError as e:
+                case.error = str(e)
+                launcher.abort()  # a launch that went wrong: a fresh launcher for the next ones
+                launcher = _Launches(world)
+        runs: list[tuple[Path, list[str]]] = []
+        owners: list[tuple[str, str]] = []  # ("clean", backend) or ("case", name) of each run of the launch
+        for backend in ("ddp", "zero2", "zero3"):
+            names = [n for n, c in cases.items() if c.backend == backend and not c.error]
+            if names:
+                runs.append((root / f"clean_{backend}", _backend(backend)))
+                owners.append(("clean", backend))
+                runs += [(cases[n].out, _backend(backend)) for n in names]
+                owners += [("case", n) for n in names]
+        launcher.launch(runs)
+        code = max(map(abs, launcher.ended(timeout=TIMEOUT * len(runs))))
+        log = launcher.current()
+        assert launcher.close() == 0, launcher.log
+    except BaseException:
+        launcher.abort()
+        raise
+    logs = run_logs(log)
     clean: dict[str, tuple[Path, str]] = {}
     for i, (kind, name) in enumerate(owners):
-        log = logs[i] if i < len(logs) else ""
+        log_i = logs[i] if i < len(logs) else ""
         if kind == "clean":
-            clean[name] = (runs[i][0], log)
+            clean[name] = (runs[i][0], log_i)
         else:
-            cases[name].log = log
-    return _World(cases, clean, code, launch.log)
+            cases[name].log = log_i
+    return _World(cases, clean, code, log[-6000:])
 
 
 @pytest.fixture(scope="module")
@@ -306,6 +410,7 @@ def test_sigkill_inside_forward_or_backward_resumes_bit_identical(
     case = run.cases[f"{where}-{backend}"]
     assert not case.error, case.error
     assert case.facts["pids"] == world, case.facts["log"]
+    assert case.facts["codes"] == [-signal.SIGKILL] * world, case.facts["log"]  # every rank died by the kill
     assert case.facts["latest"] == f"step-{resumes_at:08d}"
 
     case = _restarted(run, f"{where}-{backend}")
