@@ -2,21 +2,23 @@
 DeepSpeed and the package, then starts every launch's ranks with ``fork`` (pristine processes: nothing has run in
 the launcher but imports), one launch after the other. A launch of one rank is a plain process (no process group);
 the ranks of a launch of several meet through ``env://`` on a fresh port, rank 0 hosting the store (as
-tests/test_lost_rank.py starts them; torchrun itself is covered by tests/test_launch.py and the ``train`` command
-tests). Starting a rank this way costs a fork instead of ~5 CPU-seconds of imports.
+tests/test_lost_rank.py starts them; torchrun itself is covered by tests/test_launch.py, the ``train`` command tests
+and the 2-process SIGTERM test). Starting a rank this way costs a fork instead of ~5 CPU-seconds of imports.
 
-    python tests/forkrun.py --nproc 2 [--stdin] -- WORKER-ARGS [--- WORKER-ARGS ...]
+    python tests/forkrun.py --nproc 2 [--worker dist_worker] [--stdin] -- ARGS [--- ARGS ...]
 
-Each launch's ranks run ``dist_worker.main(WORKER-ARGS)`` (several runs separated by ``+++``, as there). The
-launcher prints ``LAUNCH <i> START`` before a launch and ``LAUNCH <i> EXIT <code of each rank>`` after it (a rank
-ended by signal ``s``: ``-s``); a SIGKILL from the test ends only the ranks it hits, and once every rank of a launch
-is gone the next launch starts. With ``--stdin``, after the launches of the command line the launcher reads more
-from stdin, one JSON list of worker arguments per line, until end of file: a test decides each launch after looking
-at what the previous one left. The launcher exits 0 once every launch has ended.
+Each launch's ranks run ``<worker>.main(ARGS)`` (a module of tests/, or ``train`` for the train command; for
+dist_worker several runs separated by ``+++``, as there). The launcher prints ``LAUNCH <i> START`` before a launch
+and ``LAUNCH <i> EXIT <code of each rank>`` after it (a rank ended by signal ``s``: ``-s``); a SIGKILL from the test
+ends only the ranks it hits, and once every rank of a launch is gone the next launch starts. With ``--stdin``, after
+the launches of the command line the launcher reads more from stdin until end of file, one JSON object per line
+(``{"argv": [...], "nproc": 2, "worker": "dist_worker"}``, the last two defaulting to the command line's): a test
+decides each launch after looking at what the previous one left. The launcher exits 0 once every launch has ended.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -34,7 +36,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(worker, argv: list[str], rank: int, nproc: int, port: int) -> None:
+def _entry(worker: str):
+    """``main(argv)`` of a worker module of tests/, or of the train command."""
+    if worker == "train":
+        from videollama3_train.train import main
+
+        return main
+    return importlib.import_module(worker).main
+
+
+def _rank(main, argv: list[str], rank: int, nproc: int, port: int) -> None:
     """In the forked child: this rank's environment, then the worker; never returns."""
     code = 1
     try:
@@ -44,7 +55,7 @@ def _rank(worker, argv: list[str], rank: int, nproc: int, port: int) -> None:
                 WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0",
             )  # fmt: skip
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        code = worker.main(argv) or 0
+        code = main(argv) or 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:
@@ -58,50 +69,52 @@ def _rank(worker, argv: list[str], rank: int, nproc: int, port: int) -> None:
         os._exit(code)
 
 
-def _launches(given: list[list[str]], from_stdin: bool):
+def _launches(given: list[dict], from_stdin: bool, defaults: dict):
     yield from given
     if from_stdin:
         for line in sys.stdin:
             if line.strip():
-                yield json.loads(line)
+                yield {**defaults, **json.loads(line)}
 
 
 def main(argv: list[str]) -> int:
-    nproc, from_stdin = 1, False
+    defaults, from_stdin = {"nproc": 1, "worker": "dist_worker"}, False
     while argv and argv[0] != "--":
         flag = argv.pop(0)
         if flag == "--nproc":
-            nproc = int(argv.pop(0))
+            defaults["nproc"] = int(argv.pop(0))
+        elif flag == "--worker":
+            defaults["worker"] = argv.pop(0)
         elif flag == "--stdin":
             from_stdin = True
         else:
             raise SystemExit(f"forkrun: unknown flag {flag}")
-    launches: list[list[str]] = [[]] if argv[1:] else []
+    given: list[dict] = [{**defaults, "argv": []}] if argv[1:] else []
     for a in argv[1:]:
         if a == SEPARATOR:
-            launches.append([])
+            given.append({**defaults, "argv": []})
         else:
-            launches[-1].append(a)
+            given[-1]["argv"].append(a)
 
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
     import accelerate  # noqa: F401
     import deepspeed  # noqa: F401
-    import dist_worker
+    import dist_worker  # noqa: F401
     import torch.distributed.checkpoint  # noqa: F401  (FSDP2's checkpoints)
 
     import videollama3_train.trainer  # noqa: F401
     from videollama3_train.model import core  # noqa: F401
 
-    for i, launch in enumerate(_launches(launches, from_stdin)):
-        port = _free_port()
+    for i, launch in enumerate(_launches(given, from_stdin, defaults)):
+        entry, nproc, port = _entry(launch["worker"]), launch["nproc"], _free_port()
         sys.stdout.write(f"LAUNCH {i} START\n")
         sys.stdout.flush()
         pids = []
         for rank in range(nproc):
             pid = os.fork()
             if pid == 0:
-                _rank(dist_worker, launch, rank, nproc, port)
+                _rank(entry, launch["argv"], rank, nproc, port)
             pids.append(pid)
         codes = []
         for pid in pids:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -33,4 +35,30 @@ def torchrun(nproc: int, args: list[str], *, timeout: int = 400, expect_ok: bool
     log = proc.stdout + proc.stderr
     if expect_ok is not None:
         assert (proc.returncode == 0) == expect_ok, log[-6000:]
+    return log
+
+
+def forkrun(launches: list[tuple[int, list[str]]], *, worker: str = "dist_worker", timeout: int = 400) -> str:
+    """``launches`` (number of processes, arguments of ``<worker>.main``) one after the other, their ranks forked by
+    one tests/forkrun.py launcher (the imports paid once); returns the log. Every rank of every launch must exit 0;
+    a hang fails with the log after ``timeout`` seconds."""
+    cmd = [sys.executable, str(REPO / "tests" / "forkrun.py"), "--worker", worker, "--stdin", "--"]
+    stdin = "".join(json.dumps({"nproc": n, "argv": argv}) + "\n" for n, argv in launches)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    try:
+        proc = subprocess.run(
+            cmd, input=stdin, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
+        )
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(
+            f"forkrun did not finish within {timeout}s (hang?):\n{e.stdout}\n{e.stderr}"
+        ) from e
+    log = proc.stdout + proc.stderr
+    exits = re.findall(r"LAUNCH (\d+) EXIT ([-\d ]+)\n", proc.stdout)
+    ok = (
+        proc.returncode == 0
+        and len(exits) == len(launches)
+        and all(set(c.split()) == {"0"} for _, c in exits)
+    )
+    assert ok, log[-6000:]
     return log

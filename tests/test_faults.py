@@ -147,7 +147,7 @@ class _Launches(_Run):
 
     def launch(self, runs: list[tuple[Path, list[str]]]) -> None:
         """Start the next launch: ``runs`` one after the other (its log starts at ``LAUNCH <i> START``)."""
-        self.proc.stdin.write(json.dumps(worker_argv(runs)) + "\n")
+        self.proc.stdin.write(json.dumps({"argv": worker_argv(runs)}) + "\n")
         self.proc.stdin.flush()
         self.launches += 1
         self.wait_for(f"LAUNCH {self.launches - 1} START")
@@ -186,6 +186,9 @@ class _Launches(_Run):
         return self.finish(timeout)
 
     def abort(self) -> None:
+        """Kill the current launch's ranks and the launcher (nothing if the launcher has exited)."""
+        if self.proc.poll() is not None:
+            return
         self.kill_all()
         with contextlib.suppress(ProcessLookupError):
             self.proc.kill()

@@ -17,7 +17,7 @@ import test_world_size
 import torch
 from dist_worker import grad_check_batches, run_logs, tiny_setup
 from helpers import REPO, torchrun
-from test_faults import _assert_same_run, _Run
+from test_faults import _assert_same_run, _Launches
 from test_fit import _adam_first_update, _losses, _reference_grads
 
 from videollama3_train.trainer import find_latest_checkpoint
@@ -34,35 +34,47 @@ def test_sigkill_inside_a_save_a_backward_and_a_forward_resumes_bit_identical(tm
     rank 0 is inside step 6's forward (rank 1 waits in its all-gather): the last restart resumes from step 4 again.
     Steps 3-6 (losses, samples) and the final weights equal the uninterrupted run's bit for bit: DCP restores the
     shards and the optimizer, and every rank's RNG states come back (dropout masks)."""
-    out = tmp_path / "victim"
-    victim = _Run(out, 2, *FSDP2, "--stall-in-save", "4")
-    victim.wait_for("STALLING IN SAVE")
-    assert len(victim.worker_pids()) == 2, victim.log
-    victim.kill_all()
-    assert any((out / "checkpoints" / "step-00000004.tmp").iterdir()), "the kill did not land inside the save"
-    assert find_latest_checkpoint(out).name == "step-00000002"
+    out, clean = tmp_path / "victim", tmp_path / "clean"
+    launcher = _Launches(2)  # every launch of this test forked by one launcher (tests/forkrun.py)
+    try:
+        _kill_in(launcher, out, "STALLING IN SAVE", "--stall-in-save", "4")
+        assert any((out / "checkpoints" / "step-00000004.tmp").iterdir()), (
+            "the kill did not land inside the save"
+        )
+        assert find_latest_checkpoint(out).name == "step-00000002"
 
-    victim = _Run(out, 2, *FSDP2, "--stall-in", "backward", "--stall-step", "5", "--fault-rank", "1")
-    victim.wait_for("STALLING IN BACKWARD")
-    victim.kill_all()
-    assert "at step 2" in victim.log, victim.log
-    assert find_latest_checkpoint(out).name == "step-00000004"
+        log = _kill_in(launcher, out, "STALLING IN BACKWARD", "--stall-in", "backward", "--stall-step", "5",
+                       "--fault-rank", "1")  # fmt: skip
+        assert "at step 2" in log, log
+        assert find_latest_checkpoint(out).name == "step-00000004"
 
-    victim = _Run(out, 2, *FSDP2, "--stall-in", "forward", "--stall-step", "6", "--fault-rank", "0")
-    victim.wait_for("STALLING IN FORWARD")
-    assert len(victim.worker_pids()) == 2, victim.log
-    victim.kill_all()
-    assert "at step 4" in victim.log, victim.log
-    assert max(_losses(out)) == 5, victim.log  # the kill landed in step 6, after step 5 was logged
-    assert find_latest_checkpoint(out).name == "step-00000004"
+        log = _kill_in(launcher, out, "STALLING IN FORWARD", "--stall-in", "forward", "--stall-step", "6",
+                       "--fault-rank", "0")  # fmt: skip
+        assert "at step 4" in log, log
+        assert max(_losses(out)) == 5, log  # the kill landed in step 6, after step 5 was logged
+        assert find_latest_checkpoint(out).name == "step-00000004"
 
-    clean = tmp_path / "clean"  # the uninterrupted run, after the restart in the same launch
-    resumed = _Run(None, 2, runs=[(out, list(FSDP2)), (clean, list(FSDP2))])
-    assert resumed.finish() == 0, resumed.log
-    restart_log, clean_log = run_logs("".join(resumed.lines))
-    assert "at step 4" in restart_log, resumed.log
-    assert "WORKER DONE" in clean_log and "resumed from" not in clean_log, resumed.log
+        # the restart, then the uninterrupted run in the same launch
+        launcher.launch([(out, list(FSDP2)), (clean, list(FSDP2))])
+        assert launcher.ended() == [0, 0], launcher.current()[-6000:]
+        restart_log, clean_log = run_logs(launcher.current())
+        assert launcher.close() == 0, launcher.log
+    finally:
+        launcher.abort()
+    assert "at step 4" in restart_log, restart_log[-6000:]
+    assert "WORKER DONE" in clean_log and "resumed from" not in clean_log, clean_log[-6000:]
     _assert_same_run(clean, out, range(3, 7))
+
+
+def _kill_in(launcher: _Launches, out: Path, marker: str, *args: str) -> str:
+    """The next launch of ``launcher`` runs in ``out`` with ``args``; once ``marker`` is printed, kill -9 both
+    ranks. Returns the launch's log."""
+    launcher.launch([(out, [*FSDP2, *args])])
+    launcher.wait_in_launch(marker)
+    assert len(launcher.worker_pids()) == 2, launcher.current()[-6000:]
+    launcher.kill_all()
+    assert launcher.ended() == [-9, -9], launcher.current()[-6000:]  # both ranks died by the kill
+    return launcher.current()[-6000:]
 
 
 def test_hsdp_2x2_lays_out_replicate_by_shard_and_equals_the_reference(tmp_path: Path) -> None:
