@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -553,6 +554,13 @@ def run_logs(log: str) -> list[str]:
         elif out:
             out[max(out)].append("RUN " + part)
     return ["".join(out[i]) for i in sorted(out)]
+
+
+def launch_logs(log: str) -> list[str]:
+    """The part of a tests/forkrun.py log that belongs to each launch (from its ``LAUNCH <i> START``; stderr, which
+    follows stdout in the log, goes to the last launch)."""
+    starts = [m.start() for m in re.finditer(r"LAUNCH \d+ START\n", log)]
+    return [log[a:b] for a, b in zip(starts, [*starts[1:], len(log)])]
 
 
 def _reset_accelerate() -> None:

@@ -1,7 +1,7 @@
 """A launcher for the multi-process tests that pays the imports once: it imports torch, transformers, accelerate,
 DeepSpeed and the package, then starts every launch's ranks with ``fork`` (pristine processes: nothing has run in
-the launcher but imports), one launch after the other. A launch of one rank is a plain process (no process group);
-the ranks of a launch of several meet through ``env://`` on a fresh port, rank 0 hosting the store (as
+the launcher but imports), one launch after the other. A launch of one rank is a plain process (no process group)
+unless asked otherwise; the ranks of a launch of several meet through ``env://`` on a fresh port, rank 0 hosting the store (as
 tests/test_lost_rank.py starts them; torchrun itself is covered by tests/test_launch.py, the ``train`` command tests
 and the 2-process SIGTERM test). Starting a rank this way costs a fork instead of ~5 CPU-seconds of imports.
 
@@ -12,7 +12,8 @@ dist_worker several runs separated by ``+++``, as there). The launcher prints ``
 and ``LAUNCH <i> EXIT <code of each rank>`` after it (a rank ended by signal ``s``: ``-s``); a SIGKILL from the test
 ends only the ranks it hits, and once every rank of a launch is gone the next launch starts. With ``--stdin``, after
 the launches of the command line the launcher reads more from stdin until end of file, one JSON object per line
-(``{"argv": [...], "nproc": 2, "worker": "dist_worker"}``, the last two defaulting to the command line's): a test
+(``{"argv": [...], "nproc": 2, "worker": "dist_worker", "distributed": true}``, nproc and worker defaulting to the
+command line's; ``distributed``: the torchrun environment even for one rank, default for more than one): a test
 decides each launch after looking at what the previous one left. The launcher exits 0 once every launch has ended.
 """
 
@@ -45,11 +46,11 @@ def _entry(worker: str):
     return importlib.import_module(worker).main
 
 
-def _rank(main, argv: list[str], rank: int, nproc: int, port: int) -> None:
+def _rank(main, argv: list[str], rank: int, nproc: int, port: int, distributed: bool) -> None:
     """In the forked child: this rank's environment, then the worker; never returns."""
     code = 1
     try:
-        if nproc > 1:
+        if distributed:
             os.environ.update(
                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                 WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0",
@@ -114,8 +115,10 @@ def main(argv: list[str]) -> int:
         for rank in range(nproc):
             pid = os.fork()
             if pid == 0:
-                _rank(entry, launch["argv"], rank, nproc, port)
+                _rank(entry, launch["argv"], rank, nproc, port, launch.get("distributed", nproc > 1))
             pids.append(pid)
+            sys.stdout.write(f"LAUNCH {i} RANK {rank} PID {pid}\n")
+            sys.stdout.flush()
         codes = []
         for pid in pids:
             _, status = os.waitpid(pid, 0)

@@ -43,7 +43,10 @@ def forkrun(launches: list[tuple[int, list[str]]], *, worker: str = "dist_worker
     one tests/forkrun.py launcher (the imports paid once); returns the log. Every rank of every launch must exit 0;
     a hang fails with the log after ``timeout`` seconds."""
     cmd = [sys.executable, str(REPO / "tests" / "forkrun.py"), "--worker", worker, "--stdin", "--"]
-    stdin = "".join(json.dumps({"nproc": n, "argv": argv}) + "\n" for n, argv in launches)
+    # the environment torchrun gives even to one rank (DeepSpeed needs it)
+    stdin = "".join(
+        json.dumps({"nproc": n, "argv": argv, "distributed": True}) + "\n" for n, argv in launches
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
     try:
         proc = subprocess.run(

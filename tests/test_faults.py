@@ -147,10 +147,38 @@ class _Launches(_Run):
 
     def launch(self, runs: list[tuple[Path, list[str]]]) -> None:
         """Start the next launch: ``runs`` one after the other (its log starts at ``LAUNCH <i> START``)."""
-        self.proc.stdin.write(json.dumps({"argv": worker_argv(runs)}) + "\n")
+        self.launch_argv(worker_argv(runs))
+
+    def launch_argv(
+        self,
+        argv: list[str],
+        nproc: int | None = None,
+        worker: str = "dist_worker",
+        distributed: bool | None = None,
+    ) -> None:
+        """Start the next launch: ``nproc`` ranks (default: this launcher's) of ``<worker>.main(argv)``;
+        ``distributed``: torchrun's environment even for one rank (default: for more than one)."""
+        launch = {"argv": argv, "nproc": nproc or self.world, "worker": worker}
+        if distributed is not None:
+            launch["distributed"] = distributed
+        self.proc.stdin.write(json.dumps(launch) + "\n")
         self.proc.stdin.flush()
         self.launches += 1
         self.wait_for(f"LAUNCH {self.launches - 1} START")
+        for _ in range(launch["nproc"]):
+            self.wait_for(f"LAUNCH {self.launches - 1} RANK")
+
+    def rank_pids(self) -> list[int]:
+        """The current launch's ranks, as the launcher started them."""
+        return [
+            int(pid) for pid in re.findall(rf"LAUNCH {self.launches - 1} RANK \d+ PID (\d+)", self.current())
+        ]
+
+    def launch_ended(self) -> list[int] | None:
+        """The exit codes of the current launch's ranks if it has ended, else None (does not wait)."""
+        with contextlib.suppress(AssertionError):
+            return self.ended(timeout=0.01)
+        return None
 
     def wait_in_launch(self, marker: str, timeout: float = TIMEOUT) -> str:
         """:meth:`wait_for` ``marker`` in the current launch; fails with the log if the launch ends first."""
@@ -170,16 +198,24 @@ class _Launches(_Run):
 
     def ended(self, timeout: float = TIMEOUT) -> list[int]:
         """Wait for the current launch to end; the exit code of each rank (-9: killed)."""
-        line = self.wait_for(f"LAUNCH {self.launches - 1} EXIT", timeout)
-        return [int(c) for c in line.split(" EXIT ")[1].split()[: self.world]]
+        end = f"LAUNCH {self.launches - 1} EXIT "
+        if end not in self.current():
+            self.wait_for(end, timeout)
+        text = self.current()
+        return [int(c) for c in text[text.index(end) + len(end) :].split("\n")[0].split()]
 
-    def kill_all(self) -> None:
-        """SIGKILL the current launch's ranks (children of the launcher, checked: a PID is never reused blindly)."""
-        for pid in self.worker_pids():
+    def signal_all(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the current launch's ranks (children of the launcher, checked: a PID that has been
+        reused is never signalled)."""
+        for pid in self.rank_pids():
             with contextlib.suppress(OSError):
                 stat = Path(f"/proc/{pid}/stat").read_text()
                 if int(stat[stat.rindex(")") + 2 :].split()[1]) == self.proc.pid:
-                    os.kill(pid, signal.SIGKILL)
+                    os.kill(pid, sig)
+
+    def kill_all(self) -> None:
+        """SIGKILL the current launch's ranks."""
+        self.signal_all(signal.SIGKILL)
 
     def close(self, timeout: float = TIMEOUT) -> int:
         self.proc.stdin.close()
@@ -268,8 +304,7 @@ def _interrupted(
             victim.proc.send_signal(signal.SIGTERM)
             facts["code"] = victim.finish()
         elif signal_it:
-            for pid in victim.worker_pids():  # what torchrun does with the SIGTERM it gets
-                os.kill(pid, signal.SIGTERM)
+            launcher.signal_all(signal.SIGTERM)
             facts["code"] = max(map(abs, launcher.ended()))
         else:
             victim.kill_all()

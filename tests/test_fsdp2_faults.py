@@ -24,7 +24,6 @@ from videollama3_train.trainer import find_latest_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 FSDP2 = ("--backend", "fsdp2")
-references = test_world_size.references  # uninterrupted 2-process runs of the world-size plan (a fixture)
 
 
 def test_sigkill_inside_a_save_a_backward_and_a_forward_resumes_bit_identical(tmp_path: Path) -> None:
@@ -102,7 +101,7 @@ def test_hsdp_2x2_lays_out_replicate_by_shard_and_equals_the_reference(tmp_path:
         torch.testing.assert_close(after[k] - before[k], u, atol=1e-5, rtol=1e-4, msg=k)
 
 
-def test_resume_at_another_world_size_keeps_every_sample_once(tmp_path: Path, references) -> None:
+def test_resume_at_another_world_size_keeps_every_sample_once(tmp_path: Path) -> None:
     """2 processes stop in epoch 1, 1 process resumes (DCP reshards model and optimizer): every step trains on the
     samples of the uninterrupted 2-process run, each sample once per epoch, with its lr, label tokens and loss."""
-    test_world_size.resume_at_another_world_size(tmp_path, "fsdp2", 2, 1, references)
+    test_world_size.resume_at_another_world_size(tmp_path, "fsdp2", 2, 1)
