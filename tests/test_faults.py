@@ -126,6 +126,15 @@ class _Run:
         self.proc.wait(timeout=60)
 
 
+def _ppid(pid: str) -> int | None:
+    """The parent of process ``pid`` (None: gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
 def worker_argv(runs: list[tuple[Path, list[str]]]) -> list[str]:
     """tests/dist_worker.py's arguments for ``runs`` (output directory, arguments) one after the other."""
     argv: list[str] = []
@@ -204,18 +213,25 @@ class _Launches(_Run):
         text = self.current()
         return [int(c) for c in text[text.index(end) + len(end) :].split("\n")[0].split()]
 
-    def signal_all(self, sig: int = signal.SIGKILL) -> None:
+    def signal_all(self, sig: int = signal.SIGKILL, children: bool = False) -> None:
         """Send ``sig`` to the current launch's ranks (children of the launcher, checked: a PID that has been
-        reused is never signalled)."""
-        for pid in self.rank_pids():
-            with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                if int(stat[stat.rindex(")") + 2 :].split()[1]) == self.proc.pid:
-                    os.kill(pid, sig)
+        reused is never signalled), and with ``children`` to their own children (data-loader workers)."""
+        parents = {self.proc.pid: self.rank_pids()}
+        if children:
+            parents |= {rank: [] for rank in parents[self.proc.pid]}
+            for entry in Path("/proc").iterdir():
+                ppid = _ppid(entry.name) if entry.name.isdigit() else None
+                if ppid in parents and ppid != self.proc.pid:
+                    parents[ppid].append(int(entry.name))
+        for parent, pids in parents.items():
+            for pid in pids:
+                if _ppid(str(pid)) == parent:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, sig)
 
     def kill_all(self) -> None:
-        """SIGKILL the current launch's ranks."""
-        self.signal_all(signal.SIGKILL)
+        """SIGKILL the current launch's ranks and their children."""
+        self.signal_all(signal.SIGKILL, children=True)
 
     def close(self, timeout: float = TIMEOUT) -> int:
         self.proc.stdin.close()

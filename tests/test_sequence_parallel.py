@@ -7,7 +7,6 @@ plain loss module on the whole row in one process: loss, per-sample sums and eve
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -79,49 +78,24 @@ def test_two_ranks_equal_one_process_on_a_mixed_row(tmp_path: Path) -> None:
     assert all(f > 0 for f in r["frames_per_rank"])
 
 
-def _train_cmd(out: Path, data: Path, port: int, nproc: int, *extra: str, sp: int = 2) -> list[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_port",
-        str(port),
+def _train_args(out: Path, data: Path, *extra: str, sp: int = 2) -> list[str]:
+    return [
+        "stage=multitask_sft",
+        "model=tiny",
+        "data=file",
+        f"data.path={data / 'train.jsonl'}",
+        f"data.root={data}",
+        f"data.heldout_path={data / 'heldout.jsonl'}",  # rank 0 evaluates alone after training: no Ulysses then
+        "eval.max_new_tokens=2",
+        f"trainer.sequence_parallel={sp}",
+        f"trainer.max_steps={MAX_STEPS}",
+        "trainer.save_every=2",
+        "trainer.log_every=1",
+        "eval.before=false",
+        "logger=disabled",
+        f"output_dir={out}",
+        *extra,
     ]
-    return (
-        cmd
-        + [
-            "-m",
-            "videollama3_train.train",
-            "stage=multitask_sft",
-            "model=tiny",
-            "data=file",
-            f"data.path={data / 'train.jsonl'}",
-            f"data.root={data}",
-            f"data.heldout_path={data / 'heldout.jsonl'}",  # rank 0 evaluates alone after training: no Ulysses then
-            "eval.max_new_tokens=2",
-            f"trainer.sequence_parallel={sp}",
-            f"trainer.max_steps={MAX_STEPS}",
-            "trainer.save_every=2",
-            "trainer.log_every=1",
-            "eval.before=false",
-            "logger=disabled",
-            f"output_dir={out}",
-            *extra,
-        ]
-    )
-
-
-def _pids_with(text: str) -> list[int]:
-    """Processes whose command line contains ``text``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    pids.append(int(entry.name))
-    return pids
 
 
 def _rows(out: Path) -> dict[int, dict]:
@@ -136,60 +110,46 @@ def _losses(out: Path) -> dict[int, float]:
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_sp2_dp2_trains_through_the_train_command_and_resumes_after_sigkill(tmp_path: Path) -> None:
-    """4 processes = 2 data-parallel groups x sequence parallelism 2, the tiny preset through ``train``; SIGKILL
-    after the step-2 checkpoint, mid-run, then the same command again. The oracle runs without sequence parallelism:
-    2 processes (the same 2 data-parallel ranks) with ``data.max_tokens`` and ``data.max_patches`` doubled (the
-    rows a group of 2 shares), uninterrupted. Every step's loss, grad norm and counts equal the oracle's."""
-    import signal
+    """4 processes = 2 data-parallel groups x sequence parallelism 2, the tiny preset through ``train`` (its ranks
+    forked by tests/forkrun.py); SIGKILL after the step-2 checkpoint, mid-run, then the same command again. The
+    oracle runs without sequence parallelism: 2 processes (the same 2 data-parallel ranks) with ``data.max_tokens``
+    and ``data.max_patches`` doubled (the rows a group of 2 shares), uninterrupted. Every step's loss, grad norm and
+    counts equal the oracle's."""
     import time
 
+    from test_faults import _Launches
     from test_sample_data import gen
 
     data = tmp_path / "data"
     gen.generate(data, seed=1, n_train=48, n_heldout=4)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
-    ref = tmp_path / "ref"
+    ref, run = tmp_path / "ref", tmp_path / "run"
     no_sp = ["data.max_tokens=2048", "data.max_patches=8192"]  # the tiny preset's 1024 and 4096, doubled
-    proc = subprocess.run(
-        _train_cmd(ref, data, free_port(), 2, *no_sp, sp=1),
-        capture_output=True,
-        text=True,
-        timeout=700,
-        env=env,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    launcher = _Launches(2)  # the three launches' ranks forked by one launcher (tests/forkrun.py)
+    try:
+        launcher.launch_argv(_train_args(ref, data, *no_sp, sp=1), 2, worker="train")
+        assert launcher.ended(700) == [0, 0], launcher.current()[-6000:]
 
-    run = tmp_path / "run"
-    log = (tmp_path / "killed.log").open("w")
-    killed = subprocess.Popen(
-        _train_cmd(run, data, free_port(), 4),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 600
-    while not (run / "checkpoints" / "step-00000002" / "COMPLETE").is_file():
-        assert killed.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()[
-            -4000:
-        ]
-        time.sleep(0.2)
-    # the launcher and every rank, mid-run (torchrun starts its workers in sessions of their own)
-    for pid in _pids_with(f"output_dir={run}"):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    killed.wait(timeout=60)
-    log.close()
-    # the kill landed mid-run: the killed run logged at least step 2 and never the last step
-    logged = max(_losses(run))
-    assert 2 <= logged < MAX_STEPS, (tmp_path / "killed.log").read_text()[-3000:]
-    resume_step = int(find_latest_checkpoint(run).name.removeprefix("step-"))
-    assert 2 <= resume_step < MAX_STEPS
-    proc = subprocess.run(
-        _train_cmd(run, data, free_port(), 4), capture_output=True, text=True, timeout=700, env=env
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    assert f"at step {resume_step}" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+        launcher.launch_argv(_train_args(run, data), 4, worker="train")
+        deadline = time.monotonic() + 600
+        while not (run / "checkpoints" / "step-00000002" / "COMPLETE").is_file():
+            assert launcher.launch_ended() is None and time.monotonic() < deadline, launcher.current()[-4000:]
+            time.sleep(0.2)
+        launcher.kill_all()  # every rank (and its loader workers), mid-run
+        assert launcher.ended() == [-9] * 4, launcher.current()[-4000:]
+        killed_log = launcher.current()
+        # the kill landed mid-run: the killed run logged at least step 2 and never the last step
+        logged = max(_losses(run))
+        assert 2 <= logged < MAX_STEPS, killed_log[-3000:]
+        resume_step = int(find_latest_checkpoint(run).name.removeprefix("step-"))
+        assert 2 <= resume_step < MAX_STEPS
+
+        launcher.launch_argv(_train_args(run, data), 4, worker="train")
+        assert launcher.ended(700) == [0] * 4, launcher.current()[-6000:]
+        log = launcher.current()
+        assert launcher.close() == 0, launcher.log
+    finally:
+        launcher.abort()
+    assert f"at step {resume_step}" in log, log[-3000:]
     got, want = _rows(run), _rows(ref)
     assert sorted(got) == sorted(want) == list(range(1, MAX_STEPS + 1))
     for step in want:
