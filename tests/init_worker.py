@@ -5,6 +5,8 @@ oracle: the whole-model construction of today (random init) or the checkpoint's 
     python -m torch.distributed.run --nproc_per_node 2 tests/init_worker.py --out DIR --init-from NATIVE \
         --case fsdp2:random --case fsdp2:native --case zero3:random --case zero3:native
 
+(tests/test_sharded_init.py forks its ranks with tests/forkrun.py: ``main(argv)``.)
+
 Every case in turn in one launch (``native``: from ``--init-from``), each after ``CASE <backend>:<init> START``
 (rank 0): prints ``WEIGHTS EQUAL <n> tensors`` on rank 0, or fails with the first differing name. Tensors above
 16 KB stream as row blocks (``weights.Rows``), as the 2B preset's embedding does above 256 MB.
@@ -23,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
     from accelerate.state import AcceleratorState
     from test_model_weights import _whole_construction
@@ -35,7 +37,7 @@ def main() -> int:
     p.add_argument("--case", action="append", required=True, help="<fsdp2|zero3>:<random|native>, repeatable")
     p.add_argument("--init-from", default=None, help="the native directory of the native cases")
     p.add_argument("--out", required=True)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     tok = build_tiny_tokenizer()
     mcfg = ModelConfig(preset="tiny", attn_implementation="sdpa", seed=3)
     # the oracle first: once a ZeRO-3 accelerator exists, transformers would partition a plain construction too
@@ -55,7 +57,10 @@ def main() -> int:
         init_from = a.init_from if init == "native" else None
         out = Path(a.out) / f"{backend}_{init}"
         run_case(backend, dataclasses.replace(mcfg, init_from=init_from), tok, whole_built, out)
-    # leave the process group together (gloo may abort in its teardown at exit otherwise)
+    # leave the process group together (gloo may abort in its teardown at exit otherwise: "terminate called
+    # without an active exception", seen under load when one rank destroyed the group while the other was still in
+    # the last case's collectives)
+    dist.barrier()
     dist.destroy_process_group()
     return 0
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import torchrun
+from helpers import forkrun
 
-REPO = Path(__file__).resolve().parents[1]
 CASES = ["fsdp2:random", "fsdp2:native", "zero3:random", "zero3:native"]
 
 
@@ -29,22 +28,23 @@ def native_dir(tmp_path_factory, tiny_tokenizer, tiny_processor) -> Path:
 @pytest.fixture(scope="module")
 def case_logs(tmp_path_factory, native_dir: Path) -> dict[str, tuple[str, str]]:
     """case -> (its part of the log, the whole log): one launch per backend runs both of its cases (a ZeRO-3 run
-    after an FSDP2 one in the same processes gets a world size of 1 from DeepSpeed)."""
+    after an FSDP2 one in the same processes gets a world size of 1 from DeepSpeed); both launches forked by one
+    launcher (helpers.forkrun: the imports paid once)."""
     logs: dict[str, tuple[str, str]] = {}
+    launches = []
     for backend in ("fsdp2", "zero3"):
-        cases = [c for c in CASES if c.startswith(backend + ":")]
-        args = [str(REPO / "tests" / "init_worker.py"), "--out", str(tmp_path_factory.mktemp(backend))]
-        args += ["--init-from", str(native_dir)]
-        for case in cases:
-            args += ["--case", case]
-        log = torchrun(2, args, timeout=900)  # asserts exit 0
-        last = None
-        for part in log.split("CASE ")[1:]:
-            head, sep, rest = part.partition(" START")
-            if sep and head in cases:
-                logs[last := head] = (rest, log)
-            elif last:  # "CASE " inside a case's own output
-                logs[last] = (logs[last][0] + "CASE " + part, log)
+        args = ["--out", str(tmp_path_factory.mktemp(backend)), "--init-from", str(native_dir)]
+        for case in CASES:
+            args += ["--case", case] if case.startswith(backend + ":") else []
+        launches.append((2, args))
+    log = forkrun(launches, worker="init_worker", timeout=900)  # asserts every rank's exit 0
+    last = None
+    for part in log.split("CASE ")[1:]:
+        head, sep, rest = part.partition(" START")
+        if sep and head in CASES:
+            logs[last := head] = (rest, log)
+        elif last:  # "CASE " inside a case's own output
+            logs[last] = (logs[last][0] + "CASE " + part, log)
     return logs
 
 
