@@ -38,14 +38,16 @@ def torchrun(nproc: int, args: list[str], *, timeout: int = 400, expect_ok: bool
     return log
 
 
-def forkrun(launches: list[tuple[int, list[str]]], *, worker: str = "dist_worker", timeout: int = 400) -> str:
-    """``launches`` (number of processes, arguments of ``<worker>.main``) one after the other, their ranks forked by
-    one tests/forkrun.py launcher (the imports paid once); returns the log. Every rank of every launch must exit 0;
-    a hang fails with the log after ``timeout`` seconds."""
+def forkrun(launches: list[tuple], *, worker: str = "dist_worker", timeout: int = 400) -> str:
+    """``launches`` (number of processes, arguments of ``<worker>.main``[, False: one plain process without
+    torchrun's environment]) one after the other, their ranks forked by one tests/forkrun.py launcher (the imports
+    paid once); returns the log. Every rank of every launch must exit 0; a hang fails with the log after
+    ``timeout`` seconds."""
     cmd = [sys.executable, str(REPO / "tests" / "forkrun.py"), "--worker", worker, "--stdin", "--"]
     # the environment torchrun gives even to one rank (DeepSpeed needs it)
     stdin = "".join(
-        json.dumps({"nproc": n, "argv": argv, "distributed": True}) + "\n" for n, argv in launches
+        json.dumps({"nproc": n, "argv": argv, "distributed": True if not rest else rest[0]}) + "\n"
+        for n, argv, *rest in launches
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
     try:

@@ -11,16 +11,13 @@ and over every rank's micro-batches.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from dist_worker import ListLoader, tiny_setup, train_batches
-from helpers import free_port
+from helpers import forkrun
 
 from videollama3_train.contract import IGNORE_INDEX
 from videollama3_train.trainer import TrainConfig, fit
@@ -28,7 +25,6 @@ from videollama3_train.trainer import loss as loss_mod
 from videollama3_train.trainer.metrics import StepLog, local_breakdown, reduce_breakdowns
 from videollama3_train.trainer.step import PER_SAMPLE_KEY, LossModule, per_sample_losses
 
-REPO = Path(__file__).resolve().parents[1]
 BREAKDOWN = ("loss/dataset/", "loss/modality/")
 
 
@@ -164,16 +160,6 @@ def test_fit_logs_the_breakdown_with_a_fused_kernel(tmp_path: Path, monkeypatch)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _run(cmd: list[str], timeout: int = 400) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-    except subprocess.TimeoutExpired as e:
-        raise AssertionError(f"did not finish within {timeout}s (hang?):\n{e.stdout}\n{e.stderr}") from e
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "WORKER DONE" in log, log[-6000:]
-
-
 def _rows(out: Path) -> list[dict]:
     lines = (out / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "loss" in r]
@@ -182,11 +168,12 @@ def _rows(out: Path) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_two_ranks_with_different_datasets_log_the_global_breakdown(tmp_path: Path) -> None:
-    worker = str(REPO / "tests" / "metrics_worker.py")
     two, one = tmp_path / "two", tmp_path / "one"
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-          str(free_port()), worker, "--out", str(two)])  # fmt: skip
-    _run([sys.executable, worker, "--out", str(one), "--single"])
+    # both launches forked by one launcher (tests/forkrun.py: the imports paid once); rank 0 prints WORKER DONE
+    log = forkrun(
+        [(2, ["--out", str(two)]), (1, ["--out", str(one), "--single"], False)], worker="metrics_worker"
+    )
+    assert log.count("WORKER DONE") == 2, log[-6000:]
     dist_rows, ref_rows = _rows(two), _rows(one)
     assert [r["step"] for r in dist_rows] == [r["step"] for r in ref_rows] == [1, 2]
     for got, ref in zip(dist_rows, ref_rows, strict=True):
