@@ -13,20 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_worker import RUN_SEPARATOR, grad_check_batches, run_logs, textonly_batches, tiny_setup
-from helpers import torchrun
+from dist_worker import RUN_SEPARATOR, grad_check_batches, launch_logs, run_logs, textonly_batches, tiny_setup
+from helpers import forkrun
 from test_fit import _adam_first_update, _reference_grads
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def _run(out: Path, *args: str, nproc: int = 2, timeout: int = 300, expect_ok: bool = True) -> str:
-    script = [str(REPO / "tests" / "fsdp2_worker.py"), "--out", str(out), *args]
-    log = torchrun(nproc, script, timeout=timeout, expect_ok=True if expect_ok else None)
-    if expect_ok:
-        assert "WORKER DONE" in log, log[-6000:]
-    return log
 
 
 def _clipped(grads: dict[str, torch.Tensor], max_norm: float) -> tuple[dict[str, torch.Tensor], float]:
@@ -77,7 +68,7 @@ def launched(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     for name, args in runs.items():
         argv += [RUN_SEPARATOR] if argv else []
         argv += ["--out", str(root / name), *args]
-    log = torchrun(2, [str(REPO / "tests" / "fsdp2_worker.py"), *argv], timeout=800)
+    log = forkrun([(2, argv)], worker="fsdp2_worker", timeout=800)  # the imports paid once (tests/forkrun.py)
     parts = run_logs(log)
     assert len(parts) == len(runs), log[-6000:]
     for name, part in zip(runs, parts):
@@ -131,10 +122,13 @@ def test_resume_at_another_world_size_reshards(tmp_path: Path, first: int, secon
     """DCP reshards the model and the optimizer, the loader's global cursor the data: 2 steps on ``first`` ranks
     then 2 on ``second`` equal 4 steps on one rank (the ``ranked`` plan: the same 2 packed rows per step, dealt over
     whatever ranks there are)."""
-    common = ("--plan", "ranked", "--save-every", "2", "--lr", "1e-3", "--eps", "1e-8")
-    _run(tmp_path / "ref", *common, "--steps", "4", nproc=1)
-    _run(tmp_path / "run", *common, "--steps", "2", nproc=first)
-    _run(tmp_path / "run", *common, "--steps", "4", nproc=second)
+    common = ["--plan", "ranked", "--save-every", "2", "--lr", "1e-3", "--eps", "1e-8"]
+    ref, run = ["--out", str(tmp_path / "ref"), *common], ["--out", str(tmp_path / "run"), *common]
+    # three launches forked by one launcher (tests/forkrun.py), each with torchrun's environment
+    log = forkrun([(1, [*ref, "--steps", "4"]), (first, [*run, "--steps", "2"]), (second, [*run, "--steps", "4"])],
+                  worker="fsdp2_worker", timeout=600)  # fmt: skip
+    parts = launch_logs(log)
+    assert len(parts) == 3 and all("WORKER DONE" in part for part in parts), log[-6000:]
     ref, got = _losses(tmp_path / "ref"), _losses(tmp_path / "run")
     for step in (3, 4):
         assert got[step] == pytest.approx(ref[step], rel=1e-4), (step, got, ref)
