@@ -119,7 +119,7 @@ def child(args: argparse.Namespace) -> dict:
 
         planner = packing.EpochPlanner(
             specs, full, seed=args.seed, max_tokens=max_tokens, max_patches=max_patches, grad_accum=args.rows,
-            world_size=1, activation=ActivationModel(FlopsShape(**SHAPE_2B), 16), max_activation_bytes=int(40.6e9),
+            world_size=1, activation=ActivationModel(FlopsShape(**SHAPE_2B), 16), max_activation_bytes=int(36.7e9),
         )  # fmt: skip
         plan = planner.plan(0)
     elif args.impl == "compute":  # rows dealt by predicted compute (the cost model sees every column)

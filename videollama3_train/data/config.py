@@ -134,7 +134,7 @@ class DataConfig:
     # packing budget: predicted activation memory of one packed row in GB (1e9 bytes; data/cost_model.py
     # ActivationModel, docs/packing.md "Memory"); a sample over it alone is reported oversized. None = derived from
     # the model's dimensions, trainer.gradient_checkpointing and the backend: an 80 GB device less 10% and the
-    # model states of one rank; 0 = no bound
+    # model states of one rank (18 bytes per parameter, sharded as the backend shards them); 0 = no bound
     max_activation_gb: float | None = None
     buffer_size: int = 2048  # samples per shuffle buffer of the best-fit-decreasing packer
     seed: int = 0  # mixture and packing order (same seed -> same micro-batches)

@@ -191,12 +191,14 @@ class ActivationModel:
 
     # --- per token / patch coefficients (bytes) -------------------------------------------------------------
     def llm_layer_elements(self) -> int:
-        """Elements one LLM layer saves per token for its backward (bf16 unless noted): the two RMSNorms upcast to
-        fp32 (input, normalised copy, ~6d in bf16 units each), the normed inputs of q/k/v and of the MLP (2d), q and
-        k before and after RoPE with the rotated halves (4(nq + nkv)hd, v and the attention output included), the
-        MLP's gate, SiLU(gate), up and their product (4ff)."""
+        """Elements one LLM layer saves per token for its backward (bf16 units): the two RMSNorms, which upcast to
+        fp32 (input, normalised copy and their product with the weight, ~7d each), the normed inputs of q/k/v and of
+        the MLP (2d), q and k before and after RoPE with the rotated halves (4(nq + nkv)hd, v and the attention
+        output included) and RoPE's fp32 cos / sin (4hd), the MLP's gate, SiLU(gate), up and their product (4ff).
+        Checked on CPU under bf16 autocast against the tensors autograd saves (B12: 136.8 KB per token and layer at
+        the 2B shape; this count 136.2 KB) and against the GPU anchor of docs/reference.md §5 (139 KB)."""
         s = self.shape
-        return 14 * s.d + 4 * (s.nq + s.nkv) * s.hd + 4 * s.ff
+        return 16 * s.d + 4 * (s.nq + s.nkv) * s.hd + 4 * s.hd + 4 * s.ff
 
     def vision_layer_elements(self) -> int:
         """Elements one tower layer saves per patch: LayerNorms in fp32 (4dv), q/k/v input (dv), q and k around the
@@ -319,11 +321,13 @@ def parameter_count(shape: FlopsShape, *, tied: bool = True) -> int:
     return int(llm + vit + projector)
 
 
-# bytes per parameter of the model states a rank holds: fp32 weights, fp32 gradients, AdamW's two fp32 moments
-_WEIGHTS, _GRADS, _ADAM = 4, 4, 8
-# which of them each backend shards over the data-parallel ranks
-_SHARDED = {"ddp": (), "zero1": ("adam",), "zero2": ("adam", "grads"), "zero3": ("adam", "grads", "weights")}
-_SHARDED["fsdp2"] = _SHARDED["zero3"]
+# bytes per parameter of the model states a rank holds: fp32 weights, fp32 gradients, AdamW's two fp32 moments, and
+# the bf16 copy of each weight that autocast makes and keeps for the backward (B12: 89 MB per 2B LLM layer, 2 bytes
+# for each of its 47M weights)
+_STATES = {"weights": 4, "grads": 4, "adam": 8, "bf16": 2}
+# which of them each backend shards over the data-parallel ranks (ZeRO-3 / FSDP2 gather one layer at a time)
+_SHARDED = {"ddp": (), "zero1": ("adam",), "zero2": ("adam", "grads")}
+_SHARDED["zero3"] = _SHARDED["fsdp2"] = tuple(_STATES)
 
 
 def default_activation_gb(
@@ -332,12 +336,9 @@ def default_activation_gb(
     """The default bound on a row's predicted activation peak (GB, 1e9 bytes): ``device_gb`` (80: an H100 / A100
     80GB, the recipes' device) less 10% kept free (CUDA context, allocator fragmentation, communication buffers)
     less the model states one rank holds under ``backend`` over ``world_size`` ranks (fp32 weights, gradients and
-    AdamW moments of every parameter, trainable or not: an upper bound for a stage that freezes a tower). At most 0
-    when the states alone do not fit (then every sample is reported over the bound: shard more)."""
+    AdamW moments and autocast's bf16 weight copies, 18 bytes per parameter, trainable or not: an upper bound for a
+    stage that freezes a tower). 0 when the states alone do not fit."""
     n = parameter_count(shape, tied=tied)
     sharded = _SHARDED.get(backend, ())
-    per_param = sum(
-        size / (world_size if name in sharded else 1)
-        for name, size in (("weights", _WEIGHTS), ("grads", _GRADS), ("adam", _ADAM))
-    )
+    per_param = sum(size / (world_size if name in sharded else 1) for name, size in _STATES.items())
     return max(0.0, 0.9 * device_gb - n * per_param / 1e9)
