@@ -84,10 +84,11 @@ def launch_once(tmp_path_factory) -> Path:
     """Every case of :data:`CASES` in one 2-process launch, once per pytest session (the test files that read the
     cases share it); returns the output root, with the launch's log in ``log.txt``."""
     if "out" not in _LAUNCHED:
-        from helpers import torchrun
+        from helpers import forkrun
 
         out = tmp_path_factory.mktemp("numerics")
-        log = torchrun(2, [__file__, "--out", str(out), *CASES], timeout=600)
+        # the ranks forked by tests/forkrun.py (the imports paid once), torchrun's environment
+        log = forkrun([(2, ["--out", str(out), *CASES])], worker="numerics_worker", timeout=600)
         assert "WORKER DONE" in log, log[-6000:]
         (out / "log.txt").write_text(log)
         _LAUNCHED["out"] = out
@@ -199,11 +200,11 @@ def _record_sp_modules() -> None:
     SequenceParallelLoss.__init__ = __init__
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("cases", nargs="+", choices=sorted(CASES))
-    args = p.parse_args()
+    args = p.parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     hooks = SimpleNamespace(
         out=args.out,

@@ -35,7 +35,7 @@ from dist_worker import (
     textonly_batches,
     tiny_setup,
 )
-from helpers import torchrun
+from helpers import forkrun
 from test_fit import _adam_first_update, _cfg, _reference_grads
 
 from videollama3_train.trainer import TrainConfig, fit
@@ -79,7 +79,7 @@ def launched(tmp_path_factory) -> dict[str, tuple[Path, str]]:
     for name, args in _runs().items():
         argv += [RUN_SEPARATOR] if argv else []
         argv += ["--out", str(root / name), *args]
-    log = torchrun(2, [str(REPO / "tests" / "dist_worker.py"), *argv], timeout=800)
+    log = forkrun([(2, argv)], timeout=800)  # the ranks forked by tests/forkrun.py: the imports paid once
     parts = run_logs(log)
     assert len(parts) == len(_runs()), log[-6000:]
     return {name: (root / name, part) for name, part in zip(_runs(), parts)}

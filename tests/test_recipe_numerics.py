@@ -12,8 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +25,7 @@ from dist_worker import (
     textonly_batches,
     tiny_setup,
 )
-from helpers import REPO, torchrun
+from helpers import forkrun
 from numerics_worker import launch_once
 from test_fit import _adam_first_update, _cfg, _reference_grads
 
@@ -206,17 +204,19 @@ def test_recipe_shaped_run_trains_through_the_train_command(tmp_path: Path) -> N
     """What every 2B/7B recipe runs (ZeRO-1, bf16, checkpointing of both towers, a global batch in samples), with the
     tiny preset on 2 processes through ``train``: the global batch becomes packed rows dealt as grad_accum per rank,
     every step is finite, and the checkpoint holds DeepSpeed's bf16 weights."""
+    from test_sample_data import gen
+
     data = tmp_path / "data"
-    subprocess.run([sys.executable, str(REPO / "data" / "generate_sample.py"), "--out", str(data)], check=True,
-                   cwd=REPO, capture_output=True)  # fmt: skip
+    gen.generate(data, seed=0, n_train=96, n_heldout=0)  # 3 global batches of 32 samples
     out, steps = tmp_path / "run", 2
-    log = torchrun(2, [
-        "-m", "videollama3_train.train", "stage=multitask_sft", "model=tiny", "data=sample",
+    # the ranks forked by tests/forkrun.py (the imports paid once), with torchrun's environment
+    log = forkrun([(2, [
+        "stage=multitask_sft", "model=tiny", "data=sample",
         f"data.path={data / 'train.jsonl'}", f"data.root={data}", "data.heldout_path=null", "eval.before=false",
         "logger=disabled", f"output_dir={out}", "trainer.backend=zero1", "trainer.precision=bf16",
         "trainer.gradient_checkpointing=both", "trainer.global_batch_samples=32", f"trainer.max_steps={steps}",
         "trainer.log_every=1",
-    ], timeout=600)  # fmt: skip
+    ])], worker="train", timeout=600)  # fmt: skip
     assert "= 2 rank(s) x grad_accum 2" in log, log[-4000:]  # 32 samples: 4 packed rows of ~8
     rows = _rows(out)
     assert sorted(rows) == list(range(1, steps + 1))
