@@ -122,3 +122,16 @@ def test_the_export_reads_the_layout_its_writer_wrote() -> None:
 
     saved = {"model.model.language_model.x": 1, "model.lm_head.weight": 2, "other": 3}
     assert native_state_dict(saved) == {"model.language_model.x": 1, "lm_head.weight": 2, "other": 3}
+
+
+def test_every_backend_names_the_model_states_it_shards() -> None:
+    """The default activation bound subtracts one rank's model states: every backend names which of the cost
+    model's states it divides among the ranks (a new backend without an entry fails here, not in a run)."""
+    from videollama3_train.data.cost_model import MODEL_STATES
+    from videollama3_train.trainer.backend import sharded_states
+    from videollama3_train.trainer.config import BACKENDS
+
+    for name in BACKENDS:
+        assert set(sharded_states(name)) <= set(MODEL_STATES), name
+    assert sharded_states("ddp") == ()
+    assert set(sharded_states("fsdp2")) == set(sharded_states("zero3")) == set(MODEL_STATES)

@@ -348,6 +348,7 @@ def activation_budget(cfg: RunConfig, world_size: int, sp: int = 1):
     from .data.cost_model import ActivationModel, FlopsShape, default_activation_gb
     from .model.api import flops_dimensions, memory_dimensions
     from .model.core import model_config_for
+    from .trainer.backend import sharded_states
 
     gb = cfg.data.max_activation_gb
     config = model_config_for(cfg.model)
@@ -367,7 +368,9 @@ def activation_budget(cfg: RunConfig, world_size: int, sp: int = 1):
         merge=cfg.encode.image_merge_size,
     )
     if gb is None:
-        gb = default_activation_gb(shape, tied=mem["tied"], backend=t.backend, world_size=world_size)
+        gb = default_activation_gb(
+            shape, tied=mem["tied"], sharded=sharded_states(t.backend), world_size=world_size
+        )
         if gb <= 0:
             log.warning(
                 "the model states of one rank alone exceed the 80 GB device data.max_activation_gb assumes by default "

@@ -16,6 +16,7 @@ image, an upper bound for a video, whose frames are separate segments).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "FlopsShape",
     "SampleCostModel",
     "default_activation_gb",
+    "MODEL_STATES",
     "parameter_count",
     "training_flops",
 ]
@@ -326,20 +328,19 @@ def parameter_count(shape: FlopsShape, *, tied: bool = True) -> int:
 # the bf16 copy of each weight that autocast makes and keeps for the backward (B12: 89 MB per 2B LLM layer, 2 bytes
 # for each of its 47M weights)
 _STATES = {"weights": 4, "grads": 4, "adam": 8, "bf16": 2}
-# which of them each backend shards over the data-parallel ranks (ZeRO-3 / FSDP2 gather one layer at a time)
-_SHARDED = {"ddp": (), "zero1": ("adam",), "zero2": ("adam", "grads")}
-_SHARDED["zero3"] = _SHARDED["fsdp2"] = tuple(_STATES)
+# the names of those states (a backend names the ones it shards: ``trainer.backend.sharded_states``)
+MODEL_STATES = tuple(_STATES)
 
 
 def default_activation_gb(
-    shape: FlopsShape, *, tied: bool, backend: str, world_size: int, device_gb: float = 80.0
+    shape: FlopsShape, *, tied: bool, sharded: Collection[str], world_size: int, device_gb: float = 80.0
 ) -> float:
     """The default bound on a row's predicted activation peak (GB, 1e9 bytes): ``device_gb`` (80: an H100 / A100
     80GB, the recipes' device) less 10% kept free (CUDA context, allocator fragmentation, communication buffers)
-    less the model states one rank holds under ``backend`` over ``world_size`` ranks (fp32 weights, gradients and
+    less the model states one rank holds over ``world_size`` ranks, those named in ``sharded`` (of
+    :data:`MODEL_STATES`) divided among them (fp32 weights, gradients and
     AdamW moments and autocast's bf16 weight copies, 18 bytes per parameter, trainable or not: an upper bound for a
     stage that freezes a tower). 0 when the states alone do not fit."""
     n = parameter_count(shape, tied=tied)
-    sharded = _SHARDED.get(backend, ())
     per_param = sum(size / (world_size if name in sharded else 1) for name, size in _STATES.items())
     return max(0.0, 0.9 * device_gb - n * per_param / 1e9)

@@ -440,6 +440,24 @@ class FSDP2Backend(Backend):
         return _fsdp2_whole(model)
 
 
+# the model states (``data.cost_model.MODEL_STATES``) each backend divides among the data-parallel ranks: the
+# default activation bound (``run.activation_budget``) is what a device holds beyond them; ZeRO-3 and FSDP2 gather
+# one layer's weights at a time (and autocast's bf16 copies with them)
+_SHARDED_STATES: dict[str, tuple[str, ...]] = {
+    "ddp": (),
+    "zero1": ("adam",),
+    "zero2": ("adam", "grads"),
+    "zero3": ("weights", "grads", "adam", "bf16"),
+    "fsdp2": ("weights", "grads", "adam", "bf16"),
+}
+
+
+def sharded_states(name: str) -> tuple[str, ...]:
+    """The model states ``trainer.backend=name`` divides among the data-parallel ranks."""
+    backend_class(name)  # the one error for an unknown name
+    return _SHARDED_STATES[name]
+
+
 _STRATEGIES: dict[str, type[Backend]] = {
     "ddp": DDPBackend,
     "zero1": DeepSpeedBackend,
