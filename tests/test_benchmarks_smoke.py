@@ -6,7 +6,7 @@ Each check runs in a fresh interpreter with a ``sys.meta_path`` finder that make
 ``import X`` raises ImportError naming the first project / benchmark line on the stack (the line to change), and
 ``importlib.util.find_spec("X")`` returns None, as on a machine without them (transformers probes optional
 packages that way). The benchmarks' ``main()`` runs inside the same guard, so a lazy import on their path is
-caught too.
+caught too. The three checks share one such interpreter (the import check runs first in it).
 """
 
 from __future__ import annotations
@@ -87,9 +87,11 @@ def run_guarded(body: str, timeout: int = 600) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_benchmark_imports_need_only_torch_transformers_accelerate():
-    out = run_guarded(
-        """
+# The three checks' bodies, each ending with ``result`` (JSON-able); one guarded interpreter runs them in turn (a
+# fresh interpreter with torch and transformers costs ~5 CPU-seconds): the import check first, before anything else
+# ran in it, then the two benchmarks' main().
+PARTS = {
+    "imports": """
         import importlib, importlib.util, json
         # the guard itself: a probe answers "absent", an import raises and names the importing line
         probe_absent = importlib.util.find_spec("wandb") is None
@@ -106,10 +108,45 @@ def test_benchmark_imports_need_only_torch_transformers_accelerate():
             except ImportError as e:
                 failed[m] = str(e)
         loaded = sorted({k.split(".")[0] for k in sys.modules} & BLOCKED)
-        print(json.dumps({"probe_absent": probe_absent, "guard_err": guard_err, "failed": failed,
-                          "loaded": loaded}))
-        """.replace("__MODULES__", repr(ALLOWED_MODULES))
-    )
+        result = {"probe_absent": probe_absent, "guard_err": guard_err, "failed": failed, "loaded": loaded}
+        """.replace("__MODULES__", repr(ALLOWED_MODULES)),
+    "step": """
+        import json, bench_step
+        r = bench_step.main(["--shape", "tiny", "--device", "cpu", "--max-tokens", "256", "--warmup", "1",
+                             "--steps", "1", "--baseline-batches", "2"])
+        rows = {x["name"]: x for x in r["results"]}
+        result = {k: {"tps": v["tokens_per_s"], "mfu": v["mfu"], "peak": v["peak_bytes"],
+                      "loss": v["loss"], "tokens": v["tokens_per_step"]} for k, v in rows.items()}
+        result["report"] = r["report"]
+        """,
+    "loss": """
+        import json, bench_loss
+        r = bench_loss.main(["--tokens", "96", "--vocab", "512", "--hidden", "32", "--chunk-size", "16",
+                             "--device", "cpu", "--label-fracs", "0.3,1.0"])
+        result = [{k: v for k, v in x.items()} for x in r["results"]]
+        """,
+}
+
+
+@pytest.fixture(scope="module")
+def guarded() -> dict:
+    """name -> the result of each of :data:`PARTS` (or ``{"error": traceback}``), from one guarded interpreter."""
+    script = "import json\nresults = {}\n"
+    for name, body in PARTS.items():
+        script += f"def _{name}():\n" + textwrap.indent(textwrap.dedent(body), "    ") + "    return result\n"
+        script += f"try:\n    results[{name!r}] = _{name}()\nexcept BaseException:\n"
+        script += f"    results[{name!r}] = {{'error': traceback.format_exc()}}\n"
+    return run_guarded(script + "print(json.dumps(results))\n")
+
+
+def _part(guarded: dict, name: str):
+    out = guarded[name]
+    assert not (isinstance(out, dict) and "error" in out), out
+    return out
+
+
+def test_benchmark_imports_need_only_torch_transformers_accelerate(guarded):
+    out = _part(guarded, "imports")
     assert out["probe_absent"] is True
     assert "blocked import of 'deepspeed'" in out["guard_err"]
     assert out["failed"] == {}, "\n".join(f"{m}: {e}" for m, e in out["failed"].items())
@@ -117,18 +154,8 @@ def test_benchmark_imports_need_only_torch_transformers_accelerate():
 
 
 @pytest.mark.slow
-def test_bench_step_main_tiny():
-    out = run_guarded(
-        """
-        import json, bench_step
-        r = bench_step.main(["--shape", "tiny", "--device", "cpu", "--max-tokens", "256", "--warmup", "1",
-                             "--steps", "1", "--baseline-batches", "2"])
-        rows = {x["name"]: x for x in r["results"]}
-        print(json.dumps({k: {"tps": v["tokens_per_s"], "mfu": v["mfu"], "peak": v["peak_bytes"],
-                              "loss": v["loss"], "tokens": v["tokens_per_step"]} for k, v in rows.items()}
-                         | {"report": r["report"]}))
-        """
-    )
+def test_bench_step_main_tiny(guarded):
+    out = _part(guarded, "step")
     assert set(out) == {"ours", "native baseline", "report"}
     for name in ("ours", "native baseline"):
         row = out[name]
@@ -139,15 +166,8 @@ def test_bench_step_main_tiny():
 
 
 @pytest.mark.slow
-def test_bench_loss_main_tiny_matches_transformers():
-    out = run_guarded(
-        """
-        import json, bench_loss
-        r = bench_loss.main(["--tokens", "96", "--vocab", "512", "--hidden", "32", "--chunk-size", "16",
-                             "--device", "cpu", "--label-fracs", "0.3,1.0"])
-        print(json.dumps([{k: v for k, v in x.items()} for x in r["results"]]))
-        """
-    )
+def test_bench_loss_main_tiny_matches_transformers(guarded):
+    out = _part(guarded, "loss")
     by = {(r["method"], r["label_frac"]): r for r in out}
     ref, ours = by[("transformers", 0.3)], by[("ours", 0.3)]
     assert abs(ref["loss"] - ours["loss"]) < 1e-4
