@@ -138,6 +138,10 @@ def test_dealing_by_compute_against_todays_dealing(mix, n, g, max_patches):
     # compute: the worst step better; the median too where the patch median leaves room (10k samples at G = 64,
     # 38 steps, does not: there it stays within 0.1%)
     assert b_new[2] < b_old[2] and b_new[5] <= b_old[5] + 0.001, (b_new.round(4), b_old.round(4))
+    if (
+        mix == "longvideo" and g == 64
+    ):  # light rows at the compute gap: only a chain move spreads them (1.078 without)
+        assert b_new[2] < 1.06, b_new.round(4)
 
 
 def test_level_steps_never_costs_token_or_patch_balance():

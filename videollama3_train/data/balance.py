@@ -14,7 +14,8 @@ count and cutting the order into steps of ``G`` makes that count level and leave
    beside text-and-image rows, ~240 against ~185 TFLOP at the 2B shape), as :func:`leftover_split` says.
 3. **Repair.** The worst step of each count (compute first, then patches, then tokens) swaps one row with a row of
    a step nearby in the band order, or of the partial step, while that lowers it, and no swap lets another count's
-   worst step exceed its bound (the patch order's worst or the current one, whichever is higher).
+   worst step exceed its bound (the patch order's worst or the current one, whichever is higher); for compute,
+   where no swap helps, a chain move passes its lightest row up the heavier steps (:meth:`_Repair._chain`).
 4. **Guard.** If the result's median token or patch balance is worse than the patch order's by more than ``TOL``
    (0.1%), or its worst step by more than ``TOL_WORST`` (1%), the patch order is dealt instead (logged): dealing by
    compute does not cost token or patch balance.
@@ -202,9 +203,59 @@ class _Repair:
                 a = int(np.argmax(self.excess[:, d]))
                 if self.excess[a, d] <= (1e-9 if d == COMPUTE else self.bound[d]):
                     break
-                if self._swap_once(d, a) is None:
+                if self._swap_once(d, a) is None and (d != COMPUTE or not self._chain(a)):
                     break
         return self.steps, self.left
+
+    def _chain(self, a: int) -> bool:
+        """A move along the heavier steps for the worst compute step ``a`` when no swap of two rows helps (its
+        light rows sit at a gap in compute: every row light enough to replace one is in ``a`` already). Step ``a``'s
+        lightest row goes to a heavier step ``c_k``; each step ``c_j`` of ``c_1 .. c_k`` (by mean compute, the
+        lightest first) passes its lightest core row (at least 95% of its median: not a light row placed there
+        earlier) down to ``c_{j-1}`` (``c_0`` = ``a``). The ``k`` with the least worst step is taken, under the same
+        bounds as a swap; False when none lowers ``a``. B3, 10k samples at G = 64: the worst step 1.078 -> 1.052."""
+        g, x = self.g, self.x
+        mean = self.sum[:, COMPUTE] / g
+        up = np.flatnonzero(mean > mean[a])
+        if len(up) == 0:
+            return False
+        up = up[np.argsort(mean[up], kind="stable")]
+        ia = int(np.argmin(x[self.steps[a], COMPUTE]))
+        light = self.steps[a, ia]
+        vals = x[self.steps[up]]  # (m, g, 3)
+        core = vals[..., COMPUTE] >= 0.95 * np.median(vals[..., COMPUTE], axis=1, keepdims=True)
+        lo = np.argmin(np.where(core, vals[..., COMPUTE], np.inf), axis=1)
+        give = self.steps[up, lo]
+        xg, xl = x[give], x[light]
+        keep = np.ones(vals.shape[:2], dtype=bool)
+        keep[np.arange(len(up)), lo] = False
+        rest_max = np.where(keep[..., None], vals, -np.inf).max(axis=1)
+        rest_sum = self.sum[up] - xg
+        nxt = np.vstack([xg[1:], np.zeros((1, 3))])  # c_j (j < k) takes c_{j+1}'s row
+        e_mid = _excess(np.maximum(rest_max, nxt), rest_sum + nxt, g)
+        e_mid[-1] = -np.inf  # the heaviest step of the chain is never in the middle
+        e_end = _excess(np.maximum(rest_max, xl), rest_sum + xl, g)  # c_k takes a's light row
+        in_a = np.ones(g, dtype=bool)
+        in_a[ia] = False
+        e_a = _excess(np.maximum(x[self.steps[a]][in_a].max(axis=0), xg[0]), self.sum[a] - xl + xg[0], g)
+        before_k = np.vstack([np.full((1, 3), -np.inf), np.maximum.accumulate(e_mid[:-1], axis=0)])
+        worst = np.maximum(np.maximum(before_k, e_end), e_a)  # (m, 3): the chain ending at c_k
+        ok = worst[:, COMPUTE] < self.excess[a, COMPUTE] - 1e-9
+        for c in (TOKENS, PATCHES):
+            ok &= worst[:, c] <= max(self.bound[c], self.excess[:, c].max()) + 1e-12
+            over = self.excess[:, c] > self.median[c]
+            now = int(over.sum())
+            was = over[a] + np.cumsum(over[up])
+            becomes = (e_a[c] > self.median[c]) + np.r_[0, np.cumsum(e_mid[:-1, c] > self.median[c])]
+            ok &= now - was + becomes + (e_end[:, c] > self.median[c]) <= max(self.room, now)
+        if not ok.any():
+            return False
+        k = int(np.argmin(np.where(ok, worst[:, COMPUTE], np.inf)))
+        self.steps[a, ia] = give[0]
+        self.steps[up[:k], lo[:k]] = give[1 : k + 1]
+        self.steps[up[k], lo[k]] = light
+        self._update(np.r_[a, up[: k + 1]])
+        return True
 
     def _swap_once(self, d: int, a: int) -> tuple[int, ...] | None:
         """One swap that lowers step ``a``'s max/mean of column ``d`` without another step's rising to it; the steps
