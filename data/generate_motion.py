@@ -9,8 +9,9 @@ A dataset apart from the bundled sample data (``data/generate_sample.py``), made
 left / right / up / down in a short clip and asks where it goes; the held-out clips are new draws of the same
 distribution (other frame sizes, scenes, square sizes, positions, speeds and frame rates), never a training clip
 (media are assigned to a split by a hash of their content, as in the sample data). Motion is ~40% of the records;
-the rest are the sample data's image (``colour``, ``shape``) and text (``opposite``, ``sum``) tasks, so the model
-learns motion while learning everything else, as in a real mixture.
+the rest are image (``colour``, ``shape``) and text (``opposite``, ``sum``) tasks, so the model learns motion while
+learning everything else, as in a real mixture (``colour`` and ``opposite`` are the sample data's; ``shape`` and
+``sum``, which the quickstart's budget does not teach the tiny preset, are defined here).
 
 What the clips are made of, and why (each measured with the tiny preset, B7 in BENCHMARKS.md):
 
@@ -55,6 +56,17 @@ FRAME_SIZES = (56, 70, 84)  # even sides (yuv420p)
 SPAN = (0.85, 1.0)  # share of the free span (frame side - square side) the square travels
 SQUARE = "blue"  # its colour (sample.COLOURS)
 CRF = 5  # x264 quality: near-lossless, so still regions stay still for DiffFP
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
+# "What is three plus four?": (pair, phrasing) combinations split between train and held-out as the sample's
+# opposites are (sample.heldout_combination); a held-out sum may be unseen in training.
+SUM_TEMPLATES = (
+    "What is {a} plus {b}?",
+    "How much is {a} plus {b}?",
+    "What do you get when you add {a} and {b}?",
+)
+SUM_HELDOUT_PER_INSTANCE = 1  # of 3 phrasings
+# Every ordered pair (a, b) with a + b <= 8, in a fixed order (the instance index used by heldout_combination).
+SUM_PAIRS = tuple((a, total - a) for total in range(len(NUMBER_WORDS)) for a in range(total + 1))
 
 
 def scene(rng: random.Random, size: int) -> np.ndarray:
@@ -87,6 +99,27 @@ def draw_motion(rng: random.Random, *, direction: str, colour: str) -> tuple[np.
     return frames, fps
 
 
+def make_shape(split, stem: str, answer: str) -> tuple[dict, str, tuple[str, ...]]:
+    rel = f"media/images/{stem}.png"
+    sample._image(split, rel, colour=None, shape=answer)
+    return {"image": rel}, "<image>\nWhat shape is shown?" + sample.SUFFIX, sample.SHAPES
+
+
+def make_sum(split, stem: str, answer: str) -> tuple[dict, str, tuple[str, ...]]:
+    total = NUMBER_WORDS.index(answer)
+    instances = [i for i, (a, b) in enumerate(SUM_PAIRS) if a + b == total]
+    prompt = sample._text_prompt(
+        split,
+        "sum",
+        answer,
+        instances,
+        SUM_TEMPLATES,
+        SUM_HELDOUT_PER_INSTANCE,
+        lambda i: {"a": NUMBER_WORDS[SUM_PAIRS[i][0]], "b": NUMBER_WORDS[SUM_PAIRS[i][1]]},
+    )
+    return {}, prompt, NUMBER_WORDS
+
+
 def make_motion(split, stem: str, answer: str) -> tuple[dict, str, tuple[str, ...]]:
     rel = f"media/videos/{stem}.mp4"
     rng = split.rng
@@ -101,8 +134,12 @@ def make_motion(split, stem: str, answer: str) -> tuple[dict, str, tuple[str, ..
 
 
 # task -> (modality, answer classes, maker), as in the sample data
-TASKS = {"motion": ("video", DIRECTIONS, make_motion)} | {
-    task: sample.TASKS[task] for task in ("colour", "shape", "opposite", "sum")
+TASKS = {
+    "motion": ("video", DIRECTIONS, make_motion),
+    "colour": sample.TASKS["colour"],
+    "shape": ("image", sample.SHAPES, make_shape),
+    "opposite": sample.TASKS["opposite"],
+    "sum": ("text", NUMBER_WORDS, make_sum),
 }
 TRAIN_SHARES = {"motion": 0.40, "colour": 0.20, "shape": 0.10, "opposite": 0.18, "sum": 0.12}
 # Held-out leans on motion: the number this set exists for needs enough records to be more than noise.

@@ -200,8 +200,26 @@ def default_sample(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_default_size_is_small(default_sample) -> None:
     _, summary = default_sample
-    assert (summary["train"], summary["heldout"]) == (360, 60)
+    assert (summary["train"], summary["heldout"]) == (360, 64)
     assert summary["media_bytes"] < 5e6
+
+
+def test_default_heldout_asks_each_heldout_opposite_once(default_sample) -> None:
+    """The default held-out split holds every held-out (pair, phrasing) prompt of the opposite task exactly once:
+    no prompt counts twice in its accuracy, none is missing."""
+    out, _ = default_sample
+    prompts = [
+        r["conversations"][0]["value"] for r in _read(out / "heldout.jsonl") if r["task"] == "opposite"
+    ]
+    n_templates, n_held = len(gen.OPPOSITE_TEMPLATES), gen.OPPOSITE_HELDOUT_PER_INSTANCE
+    expected = {
+        template.format(w=word) + gen.SUFFIX
+        for i, word in enumerate(gen.OPPOSITES)
+        for t, template in enumerate(gen.OPPOSITE_TEMPLATES)
+        if gen.heldout_combination(i, t, n_templates, n_held)
+    }
+    assert len(expected) == len(gen.OPPOSITES) * n_held
+    assert sorted(prompts) == sorted(expected)
 
 
 def _decoded_digest(path: Path) -> str:
