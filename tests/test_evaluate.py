@@ -220,7 +220,8 @@ def test_generation_accuracy_equals_teacher_forced_on_a_trained_model(
         out = greedy_answer(model, sample, tiny_tokenizer, "cpu", max_new_tokens=8, stops=stops)
         gen_exact = out["finished"] and out["text"] == raw["answer"]
         assert gen_exact == tf_exact, (raw, out)
-        unfinished += not out["finished"]  # records it did not memorise may ramble past 8 tokens: wrong both ways
+        # A record it did not memorise may ramble past 8 tokens: wrong by both measures, and counted.
+        unfinished += not out["finished"]
         if i in picks:
             assert gen_exact and out["finished"], (raw, out)  # memorised
     res = evaluate_heldout(model, encoded, tokenizer=tiny_tokenizer, max_new_tokens=8)
