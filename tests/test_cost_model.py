@@ -65,8 +65,15 @@ def test_dealing_by_predicted_compute_levels_an_adversarial_mix():
     level = EpochPlanner(specs, costs, cost_model=model, **kw).plan(0)
     plain.work = row_flops(model, plain.costs, plain.rows)  # the same yardstick for both plans
     before, after = plain.balance(), level.balance()
-    assert before["compute_step"] > 1.015 and after["compute_step"] < 1.005, (before, after)
-    assert after["compute_step_median"] <= 1.01 and after["compute_step_worst"] < before["compute_step_worst"]
+    # tokens may get no worse than the patch order's (worst step 1.00048 here), which keeps compute from levelling
+    # fully (mean step 1.012; 1.004 when the worst token step could rise by 1%)
+    assert before["compute_step"] > 1.02 and after["compute_step"] < 1.015, (before, after)
+    assert (
+        after["compute_step_median"] <= 1.001
+        and after["compute_step_worst"] < 0.9 * before["compute_step_worst"]
+    )
+    assert after["tokens_step_worst"] <= before["tokens_step_worst"] + 1e-9
+    assert after["tokens_step_median"] <= before["tokens_step_median"] + 1e-9
     # the rows are the same (dealing only moves them), the budgets hold, tokens stay as level
     assert sorted(map(tuple, level.rows.load.tolist())) == sorted(map(tuple, plain.rows.load.tolist()))
     assert (level.rows.load[:, 0] <= 16384).all() and after["tokens_step"] <= before["tokens_step"] + 0.01
@@ -116,8 +123,8 @@ def _step_balance(load: np.ndarray, steps: np.ndarray) -> np.ndarray:
 )
 def test_dealing_by_compute_against_todays_dealing(mix, n, g, max_patches):
     """Against a frozen copy of the dealing without a cost model (tests/packing_reference.py), on the same rows:
-    token and patch balance per step no worse (median within 0.1%, worst step within 1%: balance.TOL, TOL_WORST),
-    predicted compute better (worst step); every row dealt once, the rows (so the budgets) unchanged."""
+    token and patch balance per step no worse, worst step and median (but for float noise, balance.NOISE), predicted
+    compute no worse (worst step); every row dealt once, the rows (so the budgets) unchanged."""
     from packing_reference import patch_order_steps
 
     from videollama3_train.data.packing import bin_pack, deal, epoch_samples
@@ -133,22 +140,24 @@ def test_dealing_by_compute_against_todays_dealing(mix, n, g, max_patches):
     np.testing.assert_array_equal(dealt, np.arange(len(rows)))  # every row once
     assert (rows.load[:, 0] <= 16384).all() and (rows.load[:, 1] <= max_patches).all()
     b_new, b_old = _step_balance(load, new), _step_balance(load, patch_order_steps(rows.load, g))
-    for k, tol in ((0, 0.01), (1, 0.01), (3, 0.001), (4, 0.001)):  # tokens, patches: worst, median
-        assert b_new[k] <= b_old[k] + tol, (k, b_new.round(4), b_old.round(4))
-    # compute: the worst step better; the median too where the patch median leaves room (10k samples at G = 64,
-    # 38 steps, does not: there it stays within 0.1%)
-    assert b_new[2] < b_old[2] and b_new[5] <= b_old[5] + 0.001, (b_new.round(4), b_old.round(4))
+    for k in (0, 1, 3, 4):  # tokens, patches: worst, median
+        assert b_new[k] <= b_old[k] + 1e-9, (k, b_new.round(5), b_old.round(5))
+    # compute: the worst step better
+    assert b_new[2] <= b_old[2] + 1e-9 and b_new[5] <= b_old[5] + 0.001, (b_new.round(4), b_old.round(4))
+    assert b_new[2] < b_old[2], (b_new.round(4), b_old.round(4))
     if (
         mix == "longvideo" and g == 64
-    ):  # light rows at the compute gap: only a chain move spreads them (1.078 without)
-        assert b_new[2] < 1.06, b_new.round(4)
+    ):  # no band holds the patch median: the patch order repaired (1.157 -> 1.086)
+        assert b_new[2] < 1.1, b_new.round(4)
 
 
 def test_level_steps_never_costs_token_or_patch_balance():
     """The guard of balance.level_steps over random loads, some with compute against patches: whatever the rows,
-    the steps' token and patch balance stays within the tolerances of the patch order's."""
+    the steps' token and patch balance, worst step and median, is never worse than the patch order's (but for float
+    noise), and some loads keep a dealing other than the patch order (the guard does not always fall back)."""
     from videollama3_train.data import balance
 
+    kept = 0
     for seed in range(12):
         rng = np.random.default_rng(seed)
         r, g = int(rng.integers(20, 400)), int(rng.choice([2, 4, 8, 16]))
@@ -160,8 +169,9 @@ def test_level_steps_never_costs_token_or_patch_balance():
         assert sorted(np.concatenate([steps.ravel(), left])) == list(range(r))
         ref = balance.summary(balance.step_ratios(load, balance.patch_order(load, g)[0]))
         got = balance.summary(balance.step_ratios(load, steps))
-        allowed = [balance.TOL_WORST, balance.TOL_WORST, balance.TOL, balance.TOL]
-        assert (got[[0, 1, 3, 4]] <= ref[[0, 1, 3, 4]] + allowed).all(), (seed, got.round(4), ref.round(4))
+        assert (got[[0, 1, 3, 4]] <= ref[[0, 1, 3, 4]] + 1e-9).all(), (seed, got.round(5), ref.round(5))
+        kept += got[2] < ref[2]
+    assert kept > 0
 
 
 def test_the_plan_by_compute_does_not_depend_on_the_world_size():
