@@ -122,7 +122,9 @@ def test_prepare_then_train_costs_once(small_set, tmp_path, monkeypatch, capsys)
     )
     assert prepare_command(cfg) == 0
     out = capsys.readouterr().out
-    counts = json.loads(out[out.index("{") :])
+    # the command's last output is its JSON counts (indent=2: a line that is "{"); log lines before it may hold
+    # dicts of their own when an earlier test left a console handler on stdout
+    counts = json.loads(out[out.rindex("\n{\n") + 1 :] if "\n{\n" in out else out[out.index("{\n") :])
     assert (counts["cost_table_records"], counts["cost_table_failed"]) == (n, 2)
     tcfg = compose("train", [*overrides, f"output_dir={tmp_path / 'run'}"])
     processor = build_stage_processor(build_tokenizer_for(tcfg), tcfg.encode)
