@@ -33,6 +33,25 @@ __all__ = [
 ]
 
 
+def sample_columns(
+    costs: np.ndarray, merge: int, visual_tokens: np.ndarray | None, patches_sq: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(tokens, patches, visual, sq)`` per sample, float64, what the FLOPs and the memory model both read: tokens
+    and patches of ``costs`` (failed rows ``-1`` count 0), visual LLM tokens (given where >= 0, else ``patches /
+    merge^2``; never above the tokens) and the tower's ``sum P_f^2`` (given where >= 0, else one segment: ``P^2``)."""
+    c = np.maximum(np.asarray(costs, dtype=np.float64)[:, :2], 0.0)
+    tokens, patches = c[:, 0], c[:, 1]
+    visual = patches / merge**2
+    if visual_tokens is not None:
+        given = np.asarray(visual_tokens, dtype=np.float64)
+        visual = np.where(given >= 0, given, visual)
+    sq = patches * patches
+    if patches_sq is not None:
+        given = np.asarray(patches_sq, dtype=np.float64)
+        sq = np.where(given >= 0, given, sq)
+    return tokens, patches, np.minimum(visual, tokens), sq
+
+
 @dataclass(frozen=True)
 class FlopsShape:
     """The dimensions docs/reference.md §6 uses (names kept as there).
@@ -124,17 +143,7 @@ class SampleCostModel:
         0). ``visual_tokens`` / ``patches_sq`` per sample when known (a negative value: not known), else estimated
         (module docstring). A row's FLOPs are the sum of its samples' (every term of the formula is a sum over
         samples and segments)."""
-        c = np.maximum(np.asarray(costs, dtype=np.float64)[:, :2], 0.0)
-        tokens, patches = c[:, 0], c[:, 1]
-        visual = patches / self.merge**2
-        if visual_tokens is not None:
-            given = np.asarray(visual_tokens, dtype=np.float64)
-            visual = np.where(given >= 0, given, visual)
-        visual = np.minimum(visual, tokens)
-        sq = patches * patches
-        if patches_sq is not None:
-            given = np.asarray(patches_sq, dtype=np.float64)
-            sq = np.where(given >= 0, given, sq)
+        tokens, patches, visual, sq = sample_columns(costs, self.merge, visual_tokens, patches_sq)
         terms = training_flops(
             self.shape,
             tokens=tokens,
@@ -272,19 +281,10 @@ class ActivationModel:
         ``-1`` count 0); ``visual_tokens`` / ``patches_sq`` per sample where known (negative: not known), else
         estimated as for the FLOPs (visual ``patches / merge^2``, one tower segment). The largest segment's
         ``P_f^2`` is bounded by ``sum P_f^2`` (exact for one image, above it for several images or frames)."""
-        c = np.maximum(np.asarray(costs, dtype=np.float64)[:, :2], 0.0)
-        tokens, patches = c[:, 0], c[:, 1]
-        visual = patches / self.merge**2
-        if visual_tokens is not None:
-            given = np.asarray(visual_tokens, dtype=np.float64)
-            visual = np.where(given >= 0, given, visual)
-        sq = patches * patches
-        if patches_sq is not None:
-            given = np.asarray(patches_sq, dtype=np.float64)
-            sq = np.where(given >= 0, given, sq)
+        tokens, patches, visual, sq = sample_columns(costs, self.merge, visual_tokens, patches_sq)
         add = (
             tokens * self.per_token()
-            + np.minimum(visual, tokens) * self.per_visual_token()
+            + visual * self.per_visual_token()
             + patches * self.per_patch()
             + sq * self.per_segment_sq()
         )
